@@ -1,0 +1,35 @@
+//! The event ABI shared by the kernel programs and the userspace CLI.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel side fills it, the ring buffer
+//! carries it byte for byte, userspace reads it back. Kernel struct layouts are NOT part of
+//! this ABI; they vary per build and arrive as [`offsets::Offsets`] computed from BTF.
+#![no_std]
+
+pub mod ct;
+pub mod offsets;
+pub mod reason;
+pub mod verdict;
+pub mod window;
+
+/// Bytes of the packet, from its network header on, copied into each event.
+pub const SNAP_LEN: usize = 128;
+
+/// How deep `nf_conntrack_in` may nest on one CPU (process context interrupted by softirq,
+/// softirq by hardirq-triggered tunnels) before the tracer stops tracking the inner calls.
+pub const MAX_NEST: usize = 4;
+
+/// Every ring-buffer record starts with a `u32` saying what follows.
+pub mod kind {
+    pub const PACKET: u32 = 1;
+}
+
+/// Slots of the per-CPU `STATS` array the kernel side counts into.
+pub mod stat {
+    /// `bpf_ringbuf_output` failed: the event is lost, userspace reports it.
+    pub const LOST: u32 = 0;
+    /// `nf_conntrack_in` nested deeper than [`crate::MAX_NEST`]: inner calls not traced.
+    pub const NEST_OVERFLOW: u32 = 1;
+    /// A reason was logged for a packet whose `nf_conntrack_in` call we were not tracking.
+    pub const ORPHAN_REASON: u32 = 2;
+    pub const COUNT: u32 = 3;
+}

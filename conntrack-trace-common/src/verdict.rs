@@ -1,0 +1,47 @@
+//! What `nf_conntrack_in` decided about a packet: the one event per packet the tracer emits.
+
+use crate::{SNAP_LEN, ct::CtSnapshot, reason::Reason};
+
+/// `PacketEvent::verdict`.
+pub mod verdict {
+    /// Returned NF_ACCEPT with no conntrack entry: INVALID (not NATed, `invalid` counter).
+    pub const INVALID: u8 = 1;
+    /// A reason was logged but the packet kept its entry (6.1+ TCP IGNORE and friends).
+    pub const IGNORED: u8 = 2;
+    /// `nf_conntrack_in` returned NF_DROP.
+    pub const DROP: u8 = 3;
+}
+
+/// `PacketEvent::flags` bits: which optional parts were filled in.
+pub const HAS_REASON: u8 = 1;
+pub const HAS_NETNS: u8 = 2;
+pub const HAS_IFINDEX: u8 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PacketEvent {
+    /// Always `kind::PACKET`.
+    pub kind: u32,
+    pub verdict: u8,
+    /// `state->pf`: NFPROTO_IPV4 (2) or NFPROTO_IPV6 (10).
+    pub pf: u8,
+    /// `state->hook`: NF_INET_PRE_ROUTING (0) ... NF_INET_POST_ROUTING (4).
+    pub hook: u8,
+    pub flags: u8,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub ts_ns: u64,
+    pub netns: u32,
+    pub ifindex_in: u32,
+    pub ifindex_out: u32,
+    pub cpu: u32,
+    /// `skb->len` at the hook: how much of `headers` is real.
+    pub skb_len: u32,
+    pub _pad: u32,
+    /// The packet from its network header on (`skb->head + skb->network_header`).
+    pub headers: [u8; SNAP_LEN],
+    pub ct: CtSnapshot,
+    pub reason: Reason,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PacketEvent {}

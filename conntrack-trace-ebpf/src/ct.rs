@@ -1,0 +1,66 @@
+//! Snapshot of a `struct nf_conn`: tuples, TCP state and both directions' window.
+
+use conntrack_trace_common::ct::{CT_HAS_TCP, CT_VALID, CtSnapshot, TUPLE_SIZE};
+use conntrack_trace_common::window::TcpWindow;
+
+use crate::read::{bytes, field, offsets};
+
+/// `IP_CT_IS_REPLY`: ctinfo values at or above it are reply-direction packets.
+const IP_CT_IS_REPLY: u64 = 3;
+const NFCT_INFOMASK: u64 = 7;
+
+/// Reads `ct` into `snap`. `nfct` is the packet's `skb->_nfct` at the time, which says the
+/// packet's direction.
+#[inline(always)]
+pub fn snapshot(ct: u64, nfct: u64, snap: &mut CtSnapshot) {
+    let off = offsets();
+    if ct == 0 || !off.has_ct() {
+        return;
+    }
+    snap.status = field::<u32>(ct, off.ct_status).unwrap_or(0);
+    let mut ok = true;
+    for (i, toff) in [off.ct_tuple_orig, off.ct_tuple_reply].into_iter().enumerate() {
+        let Some(t) = snap.tuples.get_mut(i) else { return };
+        // SAFETY: Tuple is plain bytes of exactly TUPLE_SIZE.
+        let raw = unsafe { &mut *(t as *mut _ as *mut [u8; TUPLE_SIZE]) };
+        ok &= bytes(ct, toff, raw);
+    }
+    if !ok {
+        return;
+    }
+    snap.flags = CT_VALID;
+    snap.dir = u8::from(nfct & NFCT_INFOMASK >= IP_CT_IS_REPLY && nfct != 0);
+    if snap.tuples[0].protonum != 6 {
+        return;
+    }
+    if let Some(state) = field::<u8>(ct, off.ct_tcp_state) {
+        snap.tcp_state = state;
+        window(ct, off.ct_tcp_seen, &mut snap.seen[0]);
+        if off.ct_tcp_seen != u32::MAX && off.tcp_seen_size != u32::MAX {
+            window(ct, off.ct_tcp_seen + off.tcp_seen_size, &mut snap.seen[1]);
+        }
+        snap.flags |= CT_HAS_TCP;
+    }
+}
+
+#[inline(always)]
+fn window(ct: u64, seen: u32, w: &mut TcpWindow) {
+    let off = offsets();
+    if seen == u32::MAX {
+        return;
+    }
+    let base = ct + seen as u64;
+    w.end = field::<u32>(base, off.tcp_td_end).unwrap_or(0);
+    w.maxend = field::<u32>(base, off.tcp_td_maxend).unwrap_or(0);
+    w.maxwin = field::<u32>(base, off.tcp_td_maxwin).unwrap_or(0);
+    w.maxack = field::<u32>(base, off.tcp_td_maxack).unwrap_or(0);
+    w.scale = field::<u8>(base, off.tcp_td_scale).unwrap_or(0);
+    w.flags = field::<u8>(base, off.tcp_flags).unwrap_or(0);
+}
+
+/// `skb->_nfct` now, and the `nf_conn` it points to (0 when none or untracked).
+#[inline(always)]
+pub fn of_skb(skb: u64) -> (u64, u64) {
+    let nfct = field::<u64>(skb, offsets().skb_nfct).unwrap_or(0);
+    (nfct, nfct & !NFCT_INFOMASK)
+}

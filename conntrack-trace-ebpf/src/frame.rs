@@ -1,0 +1,88 @@
+//! Per-CPU stack of the `nf_conntrack_in` calls in flight, so that the reason logged inside a
+//! call and the verdict at its return become one event. A stack, not a single slot: a softirq
+//! can run `nf_conntrack_in` while the same CPU is inside it for a locally sent packet, and the
+//! idle task shares pid 0 across CPUs, so neither a slot nor a pid-keyed hash would be safe.
+//!
+//! With the kprobe pair, the entry probe pushes every call. With fexit there is no entry
+//! probe: a reason hook pushes a frame for its packet and the fexit program pops it.
+
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+use conntrack_trace_common::{MAX_NEST, stat, verdict::PacketEvent};
+
+use crate::ring::count;
+
+#[repr(C)]
+pub struct Frame {
+    pub skb: u64,
+    pub state: u64,
+    pub event: PacketEvent,
+}
+
+#[repr(C)]
+pub struct Frames {
+    pub depth: u32,
+    pub _pad: u32,
+    pub frame: [Frame; MAX_NEST],
+}
+
+#[map]
+static FRAMES: PerCpuArray<Frames> = PerCpuArray::with_max_entries(1, 0);
+
+/// Non-zero when the verdict probe is fexit (frames are pushed by the reason hooks).
+#[unsafe(no_mangle)]
+static LAZY_FRAMES: u8 = 0;
+
+#[inline(always)]
+pub fn frames() -> Option<&'static mut Frames> {
+    // SAFETY: the map value is valid per CPU for the duration of the program.
+    FRAMES.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Pushes a frame for a new call. The depth always counts up, even past MAX_NEST, so the
+/// matching pop stays balanced.
+#[inline(always)]
+pub fn push(frames: &mut Frames, skb: u64, state: u64) -> Option<&mut Frame> {
+    let d = frames.depth as usize;
+    frames.depth = d as u32 + 1;
+    let Some(f) = frames.frame.get_mut(d) else {
+        count(stat::NEST_OVERFLOW);
+        return None;
+    };
+    f.skb = skb;
+    f.state = state;
+    f.event.flags = 0;
+    f.event.ct.flags = 0;
+    Some(f)
+}
+
+/// Pops the innermost frame; None when the stack is empty or that call was not tracked.
+#[inline(always)]
+pub fn pop(frames: &mut Frames) -> Option<&mut Frame> {
+    let d = frames.depth as usize;
+    if d == 0 {
+        return None;
+    }
+    frames.depth = d as u32 - 1;
+    frames.frame.get_mut(d - 1)
+}
+
+/// The frame a reason for `skb` belongs in: the innermost call if it is this packet's; in
+/// lazy mode a new frame for it.
+#[inline(always)]
+pub fn for_reason(skb: u64, state: u64) -> Option<&'static mut Frame> {
+    let frames = frames()?;
+    // One index, bounds-checked and masked, so the verifier tracks it (MAX_NEST is 2^n).
+    let top = (frames.depth as usize).wrapping_sub(1);
+    if top < MAX_NEST {
+        let top = frames.frame.get_mut(top & (MAX_NEST - 1))?;
+        if top.skb == skb {
+            // SAFETY: re-borrow of the same per-CPU value; the first borrow ends here.
+            return Some(unsafe { &mut *(top as *mut Frame) });
+        }
+    }
+    // SAFETY: .rodata global patched by userspace; volatile so it is not constant-folded.
+    if unsafe { core::ptr::read_volatile(&raw const LAZY_FRAMES) } != 0 {
+        return push(frames, skb, state);
+    }
+    None
+}

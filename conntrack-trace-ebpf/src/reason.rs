@@ -1,0 +1,117 @@
+//! The generic invalid-packet loggers, `nf_ct_l4proto_log_invalid` (has the ct) and
+//! `nf_l4proto_log_invalid` (errors before lookup: flags, checksum, truncation; UDP, ICMP).
+//! On kernels before 6.1 they also carry the TCP window reasons, as a "%s" vararg.
+
+use aya_ebpf::{helpers::bpf_probe_read_kernel_str_bytes, macros::kprobe, programs::ProbeContext};
+use conntrack_trace_common::{
+    reason::{ARGS, LogArgs, Reason, TEXT_LEN, source},
+    stat,
+    verdict::HAS_REASON,
+    window::action,
+};
+
+use crate::{
+    ct,
+    frame::for_reason,
+    read::field,
+    ring::count,
+};
+
+#[unsafe(no_mangle)]
+static LOG_ARGS: LogArgs = LogArgs { ct_log_fmt: 3, l4_log_fmt: 3, _pad: [0; 2] };
+
+#[inline(always)]
+fn log_args() -> LogArgs {
+    // SAFETY: a .rodata global patched by userspace; volatile so it is not constant-folded.
+    unsafe { core::ptr::read_volatile(&raw const LOG_ARGS) }
+}
+
+#[kprobe]
+pub fn nf_ct_l4proto_log_invalid(ctx: ProbeContext) -> u32 {
+    let fmt = log_args().ct_log_fmt as u64;
+    // 5.14+ passes the hook state right before fmt; older kernels pass no state.
+    let state = if fmt == 3 { arg(&ctx, 2) } else { 0 };
+    record(&ctx, ctx.arg::<u64>(1).unwrap_or(0), state, 0, fmt)
+}
+
+#[kprobe]
+pub fn nf_l4proto_log_invalid(ctx: ProbeContext) -> u32 {
+    let fmt = log_args().l4_log_fmt as u64;
+    let proto = arg(&ctx, fmt.saturating_sub(1)) as u8;
+    let state = if fmt == 3 { arg(&ctx, 1) } else { 0 };
+    record(&ctx, 0, state, proto, fmt)
+}
+
+/// Records the first reason logged for the packet; later ones are the same reason re-logged
+/// through "%pV" by the more specific logger that ran first.
+#[inline(always)]
+fn record(ctx: &ProbeContext, conn: u64, state: u64, proto: u8, fmt_idx: u64) -> u32 {
+    let skb = arg(ctx, 0);
+    let Some(f) = for_reason(skb, state) else { return orphan() };
+    if f.event.flags & HAS_REASON != 0 {
+        return 0;
+    }
+    let r: &mut Reason = &mut f.event.reason;
+    r.source = source::L4PROTO_LOG;
+    r.action = action::UNKNOWN;
+    r.log_type = 0;
+    let (nfct, skb_ct) = ct::of_skb(skb);
+    let conn = if conn != 0 { conn } else { skb_ct };
+    r.l4proto = proto;
+    let fmt = arg(ctx, fmt_idx);
+    fmt_into(fmt, &mut r.fmt);
+    for i in 0..ARGS {
+        r.args[i] = arg(ctx, fmt_idx + 1 + i as u64);
+    }
+    // Before 6.1 the whole reason is a "%s" argument. Other "%s" (the TCP state name) are
+    // rebuilt in userspace from the ct snapshot, which keeps a format scan out of the kernel.
+    r.arg[0] = 0;
+    if r.fmt[0] == b'%' && r.fmt[1] == b's' {
+        fmt_into(r.args[0], &mut r.arg);
+    }
+    ct::snapshot(conn, nfct, &mut f.event.ct);
+    if r.l4proto == 0 {
+        r.l4proto = f.event.ct.tuples[0].protonum;
+    }
+    f.event.flags |= HAS_REASON;
+    0
+}
+
+/// A reason for a packet whose `nf_conntrack_in` call is not being tracked.
+#[inline(always)]
+pub fn orphan() -> u32 {
+    count(stat::ORPHAN_REASON);
+    0
+}
+
+/// Copies a kernel C string (a format string or "%s" argument), NUL-terminated.
+#[inline(always)]
+pub fn fmt_into(ptr: u64, dst: &mut [u8; TEXT_LEN]) {
+    dst[0] = 0;
+    if ptr != 0 {
+        // SAFETY: the helper checks the address and always NUL-terminates.
+        let _ = unsafe { bpf_probe_read_kernel_str_bytes(ptr as *const u8, dst) };
+    }
+}
+
+/// Argument `n` of the probed function, x86-64 SysV: six registers, then the stack. `n` is
+/// only known at run time, and the verifier refuses variable offsets into the context, so
+/// each register is loaded at its constant offset and one is selected.
+#[inline(always)]
+pub fn arg(ctx: &ProbeContext, n: u64) -> u64 {
+    let regs = ctx.regs;
+    // SAFETY: regs is this hit's pt_regs; each read is a fixed-offset context load.
+    let r = |p: *const u64| unsafe { core::ptr::read_volatile(p) };
+    unsafe {
+        match n {
+            0 => r(&raw const (*regs).rdi),
+            1 => r(&raw const (*regs).rsi),
+            2 => r(&raw const (*regs).rdx),
+            3 => r(&raw const (*regs).rcx),
+            4 => r(&raw const (*regs).r8),
+            5 => r(&raw const (*regs).r9),
+            // At entry rsp points at the return address; stack arguments follow it.
+            _ => field::<u64>(r(&raw const (*regs).rsp), (8 * (n - 5)) as u32).unwrap_or(0),
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! `nf_conntrack_in`: the one place every packet passes and the verdict is decided.
+//! Entry pushes a frame (the hot path: a map lookup and a few stores), return pops it and,
+//! only for INVALID / IGNORED / dropped packets, fills in the packet and emits one event.
+
+use aya_ebpf::{
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::{fexit, kprobe, kretprobe},
+    programs::{FExitContext, ProbeContext, RetProbeContext},
+};
+use conntrack_trace_common::{
+    MAX_NEST,
+    verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, verdict},
+};
+
+use crate::{
+    frame::{Frame, frames, pop, push},
+    read::{bytes, field, offsets},
+    ring::emit,
+};
+
+const NF_DROP: i32 = 0;
+const NF_ACCEPT: i32 = 1;
+
+#[kprobe]
+pub fn nf_conntrack_in(ctx: ProbeContext) -> u32 {
+    if let Some(frames) = frames() {
+        push(frames, ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0));
+    }
+    0
+}
+
+#[kretprobe]
+pub fn nf_conntrack_in_ret(ctx: RetProbeContext) -> u32 {
+    let Some(f) = frames().and_then(pop) else { return 0 };
+    decide(f, ctx.ret::<i32>());
+    0
+}
+
+/// One program instead of the pair, where fexit can attach (nf_conntrack built in, or a
+/// loader that can target module BTF). Frames are pushed only by reason hooks, so the
+/// innermost one is this call's only if it holds this skb.
+#[fexit(function = "nf_conntrack_in")]
+pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
+    let skb: u64 = ctx.arg(0);
+    let state: u64 = ctx.arg(1);
+    let ret: u64 = ctx.arg(2);
+    let Some(frames) = frames() else { return 0 };
+    let d = frames.depth as usize;
+    let mine = d > 0 && d <= MAX_NEST && frames.frame.get(d - 1).is_some_and(|f| f.skb == skb);
+    if !mine {
+        // No reason was logged for this call: decide on a fresh frame.
+        push(frames, skb, state);
+    }
+    let f = pop(frames);
+    if let Some(f) = f {
+        f.state = state;
+        decide(f, ret as i32);
+    }
+    0
+}
+
+/// The exit rule: NF_ACCEPT with no `_nfct` is INVALID, NF_DROP is a drop, and a logged
+/// reason on a packet that kept its entry is IGNORED. Anything else is a normal packet.
+#[inline(always)]
+fn decide(f: &mut Frame, ret: i32) {
+    let verdict = match (ret, field::<u64>(f.skb, offsets().skb_nfct)) {
+        (NF_ACCEPT, Some(0)) => verdict::INVALID,
+        (NF_DROP, _) => verdict::DROP,
+        _ if f.event.flags & HAS_REASON != 0 => verdict::IGNORED,
+        _ => return,
+    };
+    fill(f, verdict);
+    emit(&f.event);
+}
+
+/// Everything about the packet that the reason hooks did not already record.
+#[inline(always)]
+fn fill(f: &mut Frame, verdict: u8) {
+    let off = offsets();
+    let e = &mut f.event;
+    e.kind = conntrack_trace_common::kind::PACKET;
+    e.verdict = verdict;
+    e.ts_ns = unsafe { bpf_ktime_get_ns() };
+    e.cpu = unsafe { bpf_get_smp_processor_id() };
+    e.hook = field::<u8>(f.state, off.state_hook).unwrap_or(u8::MAX);
+    e.pf = field::<u8>(f.state, off.state_pf).unwrap_or(0);
+    e.ifindex_in = ifindex(field::<u64>(f.state, off.state_in));
+    e.ifindex_out = ifindex(field::<u64>(f.state, off.state_out));
+    if e.ifindex_in != 0 || e.ifindex_out != 0 {
+        e.flags |= HAS_IFINDEX;
+    }
+    let net = field::<u64>(f.state, off.state_net).unwrap_or(0);
+    if let Some(inum) = field::<u32>(net, off.net_ns_inum) {
+        e.netns = inum;
+        e.flags |= HAS_NETNS;
+    }
+    e.skb_len = field::<u32>(f.skb, off.skb_len).unwrap_or(0);
+    let head = field::<u64>(f.skb, off.skb_head).unwrap_or(0);
+    let nh = field::<u16>(f.skb, off.skb_network_header).unwrap_or(0);
+    if !bytes(head, nh as u32, &mut e.headers) {
+        e.skb_len = 0;
+    }
+}
+
+#[inline(always)]
+fn ifindex(dev: Option<u64>) -> u32 {
+    dev.and_then(|d| field::<u32>(d, offsets().dev_ifindex)).unwrap_or(0)
+}

@@ -1,0 +1,168 @@
+//! `conntrack-trace check`: load every program into the running kernel without attaching,
+//! report the verifier's verdict, and say what this kernel offers to attach to.
+
+use std::{io::Write, path::Path};
+
+use anyhow::Result;
+use aya::{
+    Btf,
+    programs::{FExit, KProbe, ProgramError},
+};
+
+use crate::{ebpf, plan::Plan, privs, symbols::Symbols};
+
+/// Functions whose presence decides the attach plan, with what each gives.
+const ATTACH_POINTS: &[(&str, &str)] = &[
+    ("nf_conntrack_in", "the verdict for every packet"),
+    ("tcp_in_window", "the TCP window check (inlined on most builds)"),
+    ("nf_tcp_log_invalid", "TCP window reasons with the kernel's bound (6.1+)"),
+    ("nf_ct_l4proto_log_invalid", "reasons for tracked packets"),
+    ("nf_l4proto_log_invalid", "reasons for packets rejected before lookup"),
+    ("early_drop", "table-full drops"),
+    ("nf_ct_resolve_clash", "insert clashes at confirm"),
+];
+
+pub struct ProgramReport {
+    pub name: String,
+    pub kind: String,
+    pub outcome: Outcome,
+}
+
+pub enum Outcome {
+    Verified { instructions: Option<u32> },
+    Rejected(String),
+    /// Could not be submitted here for a reason that is not the verifier's (no fentry).
+    NotLoadable(String),
+}
+
+pub fn run(out: &mut impl Write) -> Result<bool> {
+    privs::check()?;
+    let (plan, btf) = Plan::for_running_kernel()?;
+    let syms = Symbols::from_proc()?;
+    writeln!(out, "kernel {}", plan.release)?;
+    writeln!(out, "BTF: conntrack types {:?}", btf.conntrack_source)?;
+
+    let kprobes = kprobes_available();
+    writeln!(out, "\nattach points")?;
+    writeln!(
+        out,
+        "  {:<28} {}",
+        "kprobes",
+        if kprobes { "available".into() } else { format!("UNAVAILABLE: {}", KPROBES_MISSING) }
+    )?;
+    let reports = load_all(&mut ebpf::open(&plan, 1 << 16)?, &plan)?;
+    let fentry = reports.iter().find(|r| r.kind == "fexit").map(|r| match &r.outcome {
+        Outcome::Verified { .. } => "available".to_string(),
+        Outcome::Rejected(e) | Outcome::NotLoadable(e) => format!("UNAVAILABLE: {e}"),
+    });
+    writeln!(out, "  {:<28} {}", "fentry/fexit", fentry.as_deref().unwrap_or("not tried"))?;
+    for (name, what) in ATTACH_POINTS {
+        let found = match syms.find(name) {
+            Some(sym) => {
+                let module = syms.module_of(name).map(|m| format!(" [{m}]")).unwrap_or_default();
+                let proto = btf
+                    .func(name)
+                    .map(|p| format!(" ({}{})", p.params.join(", "), if p.variadic { ", ..." } else { "" }))
+                    .unwrap_or_else(|| " (no BTF prototype)".into());
+                format!("{sym}{module}{proto}")
+            }
+            None => "absent".into(),
+        };
+        writeln!(out, "  {name:<28} {found}  -- {what}")?;
+    }
+
+    writeln!(out, "\nprograms (loaded, verified, not attached)")?;
+    let mut all_ok = true;
+    for r in &reports {
+        let text = match &r.outcome {
+            Outcome::Verified { instructions: Some(n) } => format!("verifier OK, {n} instructions"),
+            Outcome::Verified { instructions: None } => "verifier OK".into(),
+            Outcome::Rejected(log) => {
+                all_ok = false;
+                format!("REJECTED by the verifier:\n{log}")
+            }
+            Outcome::NotLoadable(why) => format!("not loadable here: {why}"),
+        };
+        writeln!(out, "  {:<30} {:<10} {text}", r.name, r.kind)?;
+    }
+
+    let plan = if plan.uses_fexit() && fentry.as_deref() != Some("available") {
+        plan.without_fexit()
+    } else {
+        plan
+    };
+    writeln!(out, "\nattach plan for this kernel (window reasons from {:?})", plan.window)?;
+    for a in &plan.attach {
+        writeln!(out, "  {:<10} {:<30} -> {}", a.flavor.to_string(), a.program, a.target)?;
+    }
+    for n in &plan.notes {
+        writeln!(out, "  note: {n}")?;
+    }
+    if !kprobes {
+        writeln!(
+            out,
+            "\nAttaching is impossible on this kernel: {KPROBES_MISSING}. The programs above \
+             pass the verifier; run the tracer on a kernel with kprobes (any distribution \
+             kernel), or see it work with `cargo xtask demo`, which boots one under QEMU."
+        )?;
+    }
+    writeln!(out, "\n{}", if all_ok { "all programs passed the verifier" } else { "some programs were REJECTED" })?;
+    Ok(all_ok)
+}
+
+const KPROBES_MISSING: &str = "no kprobe PMU (/sys/bus/event_source/devices/kprobe) and no \
+    kprobe_events in tracefs: the kernel was built without CONFIG_KPROBES";
+
+pub fn kprobes_available() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
+        || ["/sys/kernel/tracing/kprobe_events", "/sys/kernel/debug/tracing/kprobe_events"]
+            .iter()
+            .any(|p| Path::new(p).exists())
+}
+
+/// Loads every program in the object (kprobes need no target to load; fexit needs the
+/// function's BTF, which aya 0.14 reads from vmlinux only).
+fn load_all(bpf: &mut aya::Ebpf, plan: &Plan) -> Result<Vec<ProgramReport>> {
+    let vmlinux = Btf::from_sys_fs().ok();
+    let mut names: Vec<String> = bpf.programs().map(|(n, _)| n.to_string()).collect();
+    names.sort();
+    let mut reports = Vec::new();
+    for name in names {
+        let prog = bpf.program_mut(&name).expect("listed program");
+        let (kind, result) = if let Ok(k) = <&mut KProbe>::try_from(&mut *prog) {
+            let kind = match k.kind() {
+                aya::programs::ProbeKind::Entry => "kprobe",
+                _ => "kretprobe",
+            };
+            (kind, Some(k.load()))
+        } else if let Ok(f) = <&mut FExit>::try_from(&mut *prog) {
+            let target = plan.attach.iter().find(|a| a.program == name).map(|a| a.target.clone());
+            match (&vmlinux, target) {
+                (Some(btf), Some(t)) => ("fexit", Some(f.load(&t, btf))),
+                _ => ("fexit", None),
+            }
+        } else {
+            ("other", None)
+        };
+        let outcome = match result {
+            None => Outcome::NotLoadable(
+                "its target is in module BTF, which aya 0.14 cannot attach fexit to".into(),
+            ),
+            Some(Ok(())) => Outcome::Verified {
+                instructions: prog.info().ok().and_then(|i| i.verified_instruction_count()),
+            },
+            Some(Err(ProgramError::LoadError { io_error, verifier_log })) => {
+                if io_error.raw_os_error() == Some(libc::EPERM) && kind == "fexit" {
+                    Outcome::NotLoadable(format!(
+                        "the kernel refused to load fexit ({io_error}): no fentry/fexit support"
+                    ))
+                } else {
+                    Outcome::Rejected(format!("{io_error}\n{verifier_log}"))
+                }
+            }
+            Some(Err(e)) => Outcome::Rejected(format!("{e:#}")),
+        };
+        reports.push(ProgramReport { name, kind: kind.into(), outcome });
+    }
+    Ok(reports)
+}

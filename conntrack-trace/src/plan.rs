@@ -1,0 +1,243 @@
+//! The attach plan: the one place that knows how kernel versions differ. Computed once at
+//! start-up from kallsyms and BTF; everything else just follows it.
+
+use std::{fmt, path::Path};
+
+use anyhow::{Result, bail};
+use conntrack_trace_common::{offsets::Offsets, reason::LogArgs};
+
+use crate::{
+    btf::{ConntrackBtf, KernelBtf},
+    symbols::Symbols,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    KProbe,
+    KRetProbe,
+    FExit,
+}
+
+impl fmt::Display for Flavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Flavor::KProbe => "kprobe",
+            Flavor::KRetProbe => "kretprobe",
+            Flavor::FExit => "fexit",
+        })
+    }
+}
+
+/// One program attached to one kernel function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attach {
+    /// Program name in the eBPF object.
+    pub program: &'static str,
+    pub flavor: Flavor,
+    /// Kernel symbol (with any `.isra.N` suffix kallsyms shows).
+    pub target: String,
+}
+
+/// Where the TCP window verdict and its numbers come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowSource {
+    /// 6.1+: `nf_tcp_log_invalid(skb, ct, state, sender, ret, fmt, ...)`.
+    LogVariadic,
+    /// Debian 6.1.187+, 6.12: `nf_tcp_log_invalid(skb, ct, state, log)`.
+    LogStruct,
+    /// Before 6.1: the reason string goes through `nf_ct_l4proto_log_invalid("%s", ...)`; the
+    /// bound is recomputed from the conntrack window snapshot.
+    L4ProtoLog,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub release: String,
+    pub offsets: Offsets,
+    pub log_args: LogArgs,
+    pub window: WindowSource,
+    pub attach: Vec<Attach>,
+    /// What is degraded on this kernel, in words a user can act on.
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    /// Reads the running kernel.
+    pub fn for_running_kernel() -> Result<(Self, KernelBtf)> {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let syms = Symbols::from_proc()?;
+        let btf = KernelBtf::from_sys()?;
+        Ok((Self::new(&release, &syms, &btf)?, btf))
+    }
+
+    pub fn new(release: &str, syms: &Symbols, btf: &KernelBtf) -> Result<Self> {
+        let mut notes = Vec::new();
+        let Some(ct_in) = syms.find("nf_conntrack_in") else {
+            bail!("{}", not_loaded_message(release));
+        };
+        if let Some(p) = btf.func("nf_conntrack_in")
+            && p.params.first().map(String::as_str) != Some("skb")
+        {
+            bail!(
+                "nf_conntrack_in({}) is the pre-4.20 prototype; conntrack-trace supports 4.20+",
+                p.params.join(", ")
+            );
+        }
+        let (offsets, offset_notes) = btf.offsets()?;
+        notes.extend(offset_notes);
+        if !offsets.has_ct() {
+            notes.push(format!(
+                "no BTF for the conntrack structs ({}): events carry the packet, verdict and \
+                 reason, but not the conntrack tuples, TCP state or window numbers",
+                match &btf.conntrack_source {
+                    ConntrackBtf::Missing => "this kernel has no module BTF",
+                    _ => "struct nf_conn not described",
+                }
+            ));
+        }
+
+        let mut attach = Vec::new();
+        let mut add = |program, flavor, target: &str| {
+            attach.push(Attach { program, flavor, target: target.to_string() })
+        };
+        // fexit is one cheap probe, but aya 0.14 loads it against vmlinux BTF only (it does
+        // not pass the module's BTF object fd), so it is used when nf_conntrack is built in.
+        let fexit = btf.conntrack_source == ConntrackBtf::BuiltIn;
+        if fexit {
+            add("nf_conntrack_in_fexit", Flavor::FExit, ct_in);
+        } else {
+            add("nf_conntrack_in", Flavor::KProbe, ct_in);
+            add("nf_conntrack_in_ret", Flavor::KRetProbe, ct_in);
+        }
+
+        let window = match (syms.find("nf_tcp_log_invalid"), btf.func("nf_tcp_log_invalid")) {
+            (Some(sym), Some(p)) if p.variadic => {
+                add("nf_tcp_log_invalid_variadic", Flavor::KProbe, sym);
+                WindowSource::LogVariadic
+            }
+            (Some(sym), Some(p)) if p.params.len() == 4 && offsets.log_type != u32::MAX => {
+                add("nf_tcp_log_invalid_struct", Flavor::KProbe, sym);
+                WindowSource::LogStruct
+            }
+            (Some(_), p) => {
+                notes.push(format!(
+                    "nf_tcp_log_invalid has an unknown prototype ({p:?}): TCP window reasons \
+                     come only from the generic logger, without the kernel's bound"
+                ));
+                WindowSource::L4ProtoLog
+            }
+            (None, _) => WindowSource::L4ProtoLog,
+        };
+        if syms.find("tcp_in_window").is_some() {
+            notes.push(
+                "tcp_in_window is a symbol here, but its verdict is read where it is logged, \
+                 which carries the same reason and bound"
+                    .into(),
+            );
+        }
+
+        // The generic loggers gained a `state` argument in 5.14, moving fmt one slot later.
+        let pre_5_14 = kernel_before(release, 5, 14);
+        let fmt_index = |name: &str, fallback_old: u8, fallback_new: u8| -> u8 {
+            match btf.func(name) {
+                Some(p) => p.params.len().saturating_sub(1) as u8,
+                None if pre_5_14 => fallback_old,
+                None => fallback_new,
+            }
+        };
+        let log_args = LogArgs {
+            ct_log_fmt: fmt_index("nf_ct_l4proto_log_invalid", 2, 3),
+            l4_log_fmt: fmt_index("nf_l4proto_log_invalid", 4, 3),
+            _pad: [0; 2],
+        };
+        for (program, base) in [
+            ("nf_ct_l4proto_log_invalid", "nf_ct_l4proto_log_invalid"),
+            ("nf_l4proto_log_invalid", "nf_l4proto_log_invalid"),
+        ] {
+            match syms.find(base) {
+                Some(sym) => add(program, Flavor::KProbe, sym),
+                None => notes.push(format!("{base} not found: its reasons are not reported")),
+            }
+        }
+        Ok(Self { release: release.to_string(), offsets, log_args, window, attach, notes })
+    }
+
+    pub fn uses_fexit(&self) -> bool {
+        self.attach.iter().any(|a| a.flavor == Flavor::FExit)
+    }
+
+    /// The same plan with the kprobe pair in place of fexit (when fexit cannot load).
+    pub fn without_fexit(&self) -> Self {
+        let mut p = self.clone();
+        if let Some(i) = p.attach.iter().position(|a| a.flavor == Flavor::FExit) {
+            let target = p.attach.remove(i).target;
+            p.attach.insert(i, Attach { program: "nf_conntrack_in_ret", flavor: Flavor::KRetProbe, target: target.clone() });
+            p.attach.insert(i, Attach { program: "nf_conntrack_in", flavor: Flavor::KProbe, target });
+        }
+        p
+    }
+}
+
+/// `release` is older than `major.minor` (unparseable releases count as new).
+fn kernel_before(release: &str, major: u32, minor: u32) -> bool {
+    let mut it = release.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse::<u32>().ok());
+    match (it.next(), it.next()) {
+        (Some(a), Some(b)) => (a, b) < (major, minor),
+        _ => false,
+    }
+}
+
+fn not_loaded_message(release: &str) -> String {
+    let ko = Path::new("/lib/modules").join(release).join("kernel/net/netfilter");
+    let shipped = std::fs::read_dir(&ko)
+        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("nf_conntrack.ko")))
+        .unwrap_or(false);
+    if shipped {
+        "nf_conntrack is not loaded, so no packet is being connection-tracked and there is \
+         nothing to trace. It loads with the first conntrack/NAT rule (or `modprobe nf_conntrack`)."
+            .into()
+    } else {
+        "this kernel has no nf_conntrack_in: connection tracking is neither built in nor loaded \
+         as a module (CONFIG_NF_CONNTRACK), so there is nothing to trace"
+            .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_compare() {
+        assert!(kernel_before("5.10.0-35-cloud-amd64", 5, 14));
+        assert!(!kernel_before("6.1.0-31-cloud-amd64", 5, 14));
+        assert!(!kernel_before("5.14.0", 5, 14));
+        assert!(!kernel_before("garbage", 5, 14));
+    }
+
+    #[test]
+    fn host_plan_is_complete() {
+        let (plan, _) = Plan::for_running_kernel().expect("plan for the test machine's kernel");
+        let programs: Vec<_> = plan.attach.iter().map(|a| a.program).collect();
+        assert!(programs.iter().any(|p| p.starts_with("nf_conntrack_in")), "{programs:?}");
+        assert!(programs.contains(&"nf_ct_l4proto_log_invalid"), "{programs:?}");
+        // Every named program must exist in the object the CLI embeds.
+        let obj = aya_obj::Object::parse(crate::ebpf::OBJECT).unwrap();
+        for p in programs {
+            assert!(obj.programs.contains_key(p), "plan names {p}, which the object lacks");
+        }
+        let fallback = plan.without_fexit();
+        assert!(!fallback.uses_fexit());
+    }
+
+    #[test]
+    fn missing_conntrack_is_explained() {
+        let btf = KernelBtf::from_sys().unwrap();
+        let syms = Symbols::parse("ffffffff81000000 T tcp_v4_rcv\n");
+        let err = Plan::new("6.1.0-1-amd64", &syms, &btf).unwrap_err().to_string();
+        assert!(err.contains("nf_conntrack"), "{err}");
+    }
+}
