@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod ct;
+pub mod filter;
 pub mod offsets;
 pub mod reason;
 pub mod verdict;

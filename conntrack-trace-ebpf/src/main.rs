@@ -4,6 +4,7 @@
 #![no_main]
 
 mod ct;
+mod filter;
 mod frame;
 mod ring;
 mod read;

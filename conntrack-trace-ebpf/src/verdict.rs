@@ -13,6 +13,7 @@ use conntrack_trace_common::{
 };
 
 use crate::{
+    filter,
     frame::{Frame, frames, pop, push},
     read::{bytes, field, offsets},
     ring::emit,
@@ -70,7 +71,9 @@ fn decide(f: &mut Frame, ret: i32) {
         _ => return,
     };
     fill(f, verdict);
-    emit(&f.event);
+    if filter::matches(&f.event) {
+        emit(&f.event);
+    }
 }
 
 /// Everything about the packet that the reason hooks did not already record.

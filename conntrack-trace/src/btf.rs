@@ -275,7 +275,7 @@ mod tests {
         // tuplehash[1] follows tuplehash[0] by one nf_conntrack_tuple_hash.
         let hash = k.struct_size("nf_conntrack_tuple_hash").unwrap() as u32;
         assert_eq!(o.ct_tuple_reply - o.ct_tuple_orig, hash);
-        assert_eq!(o.tcp_seen_size, 24, "ip_ct_tcp_state: four u32, two u8, padded");
+        assert_eq!(o.tcp_seen_size, 20, "ip_ct_tcp_state: four u32, two u8, padded to 4");
         assert_eq!((o.tcp_td_end, o.tcp_td_maxend, o.tcp_td_maxwin, o.tcp_td_maxack), (0, 4, 8, 12));
     }
 

@@ -50,7 +50,7 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
         "kprobes",
         if kprobes { "available".into() } else { format!("UNAVAILABLE: {}", KPROBES_MISSING) }
     )?;
-    let reports = load_all(&mut ebpf::open(&plan, 1 << 16)?, &plan)?;
+    let reports = load_all(&mut ebpf::open(&plan, 1 << 16, &conntrack_trace_common::filter::Filter::any())?, &plan)?;
     let fentry = reports.iter().find(|r| r.kind == "fexit").map(|r| match &r.outcome {
         Outcome::Verified { .. } => "available".to_string(),
         Outcome::Rejected(e) | Outcome::NotLoadable(e) => format!("UNAVAILABLE: {e}"),
@@ -110,7 +110,7 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
     Ok(all_ok)
 }
 
-const KPROBES_MISSING: &str = "no kprobe PMU (/sys/bus/event_source/devices/kprobe) and no \
+pub const KPROBES_MISSING: &str = "no kprobe PMU (/sys/bus/event_source/devices/kprobe) and no \
     kprobe_events in tracefs: the kernel was built without CONFIG_KPROBES";
 
 pub fn kprobes_available() -> bool {

@@ -2,23 +2,79 @@
 
 mod btf;
 mod check;
+mod counters;
+mod ct;
 mod ebpf;
+mod filter;
+mod output;
 mod plan;
 mod privs;
+mod reason;
+mod summary;
 mod symbols;
+mod trace;
+mod verdict;
+mod window;
 
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode, time::Duration};
 
+use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+use crate::output::{Output, json::Json, text::Text};
 
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Print the attach plan and debug logs.
+    /// Print one JSON object per line (stable keys, see README) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Stop after N events.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Stop after this long (e.g. 30s, 5m).
+    #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Only packets from or to this address or CIDR.
+    #[arg(long, value_name = "CIDR")]
+    host: Option<String>,
+    /// Only packets from this address or CIDR.
+    #[arg(long, value_name = "CIDR")]
+    src: Option<String>,
+    /// Only packets to this address or CIDR.
+    #[arg(long, value_name = "CIDR")]
+    dst: Option<String>,
+    /// Only packets with this source or destination port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// Only packets with this source port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    sport: Option<u16>,
+    /// Only packets with this destination port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    dport: Option<u16>,
+    /// Only this protocol: tcp, udp, icmp, icmpv6, sctp, or a number.
+    #[arg(long)]
+    proto: Option<String>,
+    /// Only this network namespace (its inode, as `ls -L -i /proc/PID/ns/net` shows).
+    #[arg(long, value_name = "INODE", value_parser = clap::value_parser!(u32).range(1..))]
+    netns: Option<u32>,
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    #[arg(long, default_value_t = 8 << 20, value_parser = ring_size)]
+    ring_size: u32,
+    /// Print the attach plan (-v) and debug logs (-vv).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+fn ring_size(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v < 4096 || !v.is_power_of_two() {
+        return Err(format!("{v} is not a power of two of at least 4096"));
+    }
+    Ok(v)
 }
 
 #[derive(Subcommand)]
@@ -28,19 +84,48 @@ enum Command {
     Check,
 }
 
+fn trace(cli: &Cli) -> Result<bool> {
+    let filter = filter::build(&filter::Flags {
+        host: cli.host.as_deref(),
+        src: cli.src.as_deref(),
+        dst: cli.dst.as_deref(),
+        proto: cli.proto.as_deref(),
+        port: cli.port,
+        sport: cli.sport,
+        dport: cli.dport,
+        netns: cli.netns,
+    })?;
+    let opts = trace::Options {
+        count: cli.count,
+        duration: cli.duration,
+        filter,
+        ring_bytes: cli.ring_size,
+        verbose: cli.verbose > 0,
+    };
+    let stdout = std::io::stdout();
+    let mut out: Box<dyn Output> = if cli.json {
+        Box::new(Json::new(stdout.lock()))
+    } else {
+        let colour = stdout.is_terminal();
+        Box::new(Text::new(stdout.lock(), colour))
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(trace::run(opts, out.as_mut()))?;
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::new()
         .filter_level(match cli.verbose {
-            0 => log::LevelFilter::Warn,
-            1 => log::LevelFilter::Info,
+            0 | 1 => log::LevelFilter::Warn,
             _ => log::LevelFilter::Debug,
         })
         .parse_env("RUST_LOG")
         .init();
     let result = match cli.command {
         Some(Command::Check) => check::run(&mut std::io::stdout().lock()),
-        None => todo!(),
+        None => trace(&cli),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

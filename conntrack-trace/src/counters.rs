@@ -1,0 +1,126 @@
+//! The kernel's own conntrack counters: `/proc/net/stat/nf_conntrack` (per CPU, hex, one
+//! file per network namespace) and the table fill. The tracer's ground truth.
+
+use std::{collections::BTreeMap, collections::HashSet, fs, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Column name -> value, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats(pub BTreeMap<String, u64>);
+
+impl Stats {
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().context("empty stat file")?.split_whitespace().collect();
+        let mut sums = BTreeMap::new();
+        for line in lines {
+            let vals: Vec<&str> = line.split_whitespace().collect();
+            if vals.len() != header.len() {
+                bail!("stat row has {} columns, header {}", vals.len(), header.len());
+            }
+            for (name, v) in header.iter().zip(vals) {
+                // `entries` is the global count repeated on every row, not a per-CPU counter.
+                let v = u64::from_str_radix(v, 16).with_context(|| format!("bad hex {v:?}"))?;
+                let e = sums.entry((*name).to_string()).or_insert(0);
+                *e = if *name == "entries" { v } else { *e + v };
+            }
+        }
+        Ok(Self(sums))
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        Self::parse(&fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
+    }
+
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.0.get(name).copied()
+    }
+
+    /// `self - before`, column by column (counters only grow; a wrapped one reads as 0).
+    pub fn delta(&self, before: &Stats) -> Stats {
+        Stats(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.saturating_sub(before.get(k).unwrap_or(0))))
+                .collect(),
+        )
+    }
+
+    pub fn add(&mut self, other: &Stats) {
+        for (k, v) in &other.0 {
+            *self.0.entry(k.clone()).or_insert(0) += v;
+        }
+    }
+}
+
+/// Counters of every network namespace some process lives in, keyed by netns inode. The
+/// tracer sees all namespaces, so its totals compare against the sum of these.
+pub fn all_namespaces() -> BTreeMap<u64, Stats> {
+    let mut seen = HashSet::new();
+    let mut out = BTreeMap::new();
+    let Ok(procs) = fs::read_dir("/proc") else { return out };
+    for p in procs.flatten() {
+        let name = p.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(meta) = fs::metadata(p.path().join("ns/net")) else { continue };
+        let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+        if !seen.insert(ino) {
+            continue;
+        }
+        if let Ok(s) = Stats::read(&p.path().join("net/stat/nf_conntrack")) {
+            out.insert(ino, s);
+        }
+    }
+    out
+}
+
+/// Delta of the sum over namespaces present both times (ones created or destroyed in
+/// between would make the difference meaningless).
+pub fn delta_common(before: &BTreeMap<u64, Stats>, after: &BTreeMap<u64, Stats>) -> Stats {
+    let mut total = Stats::default();
+    for (ns, a) in after {
+        if let Some(b) = before.get(ns) {
+            total.add(&a.delta(b));
+        }
+    }
+    total
+}
+
+/// `nf_conntrack_count` / `nf_conntrack_max` of this namespace.
+pub fn table_fill() -> Option<(u64, u64)> {
+    let read = |n: &str| {
+        fs::read_to_string(format!("/proc/sys/net/netfilter/{n}")).ok()?.trim().parse().ok()
+    };
+    Some((read("nf_conntrack_count")?, read("nf_conntrack_max")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_cpus_and_keeps_entries() {
+        let text = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart\n\
+                    00000005  00000000 00000000 00000000 0000000a 00000001 00000000 00000000 00000000 00000000 00000002 00000000 00000000  00000000 00000000 00000000 00000000\n\
+                    00000005  00000000 00000000 00000000 00000010 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000  00000000 00000000 00000000 00000000\n";
+        let s = Stats::parse(text).unwrap();
+        assert_eq!(s.get("invalid"), Some(0x1a));
+        assert_eq!(s.get("entries"), Some(5));
+        assert_eq!(s.get("drop"), Some(2));
+        let mut later = s.clone();
+        later.0.insert("invalid".into(), 0x20);
+        assert_eq!(later.delta(&s).get("invalid"), Some(6));
+        assert!(Stats::parse("a b\n1\n").is_err());
+    }
+
+    #[test]
+    fn reads_the_host_kernel() {
+        // The test machine's kernel has conntrack (built in): its counters must parse.
+        let s = Stats::read(Path::new("/proc/net/stat/nf_conntrack")).unwrap();
+        assert!(s.get("invalid").is_some() && s.get("ignore").is_some(), "{s:?}");
+        assert!(!all_namespaces().is_empty());
+    }
+}

@@ -1,0 +1,75 @@
+//! The conntrack entry a packet was checked against, decoded from `CtSnapshot`.
+
+use std::net::IpAddr;
+
+use conntrack_trace_common::ct::{CT_HAS_TCP, CT_VALID, CtSnapshot, Tuple};
+
+use crate::verdict::addr;
+
+/// `enum tcp_conntrack`, in kernel order.
+const TCP_STATES: [&str; 14] = [
+    "NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK",
+    "TIME_WAIT", "CLOSE", "SYN_SENT2", "MAX", "IGNORE", "RETRANS", "UNACK",
+];
+
+pub fn tcp_state_name(state: u8) -> &'static str {
+    TCP_STATES.get(state as usize).copied().unwrap_or("?")
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+}
+
+impl Endpoints {
+    fn from_tuple(t: &Tuple) -> Option<Self> {
+        let family = match t.l3num {
+            2 => 4,
+            10 => 6,
+            _ => return None,
+        };
+        // Ports are only ports for port-carrying protocols; for ICMP they are id / type+code.
+        let ports = matches!(t.protonum, 6 | 17 | 33 | 132 | 136);
+        let port = |b: [u8; 2]| if ports { u16::from_be_bytes(b) } else { 0 };
+        Some(Self {
+            saddr: addr(family, &t.src),
+            sport: port(t.src_u),
+            daddr: addr(family, &t.dst),
+            dport: port(t.dst_u),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conntrack {
+    /// TCP state name, for TCP entries.
+    pub state: Option<&'static str>,
+    pub original: Endpoints,
+    pub reply: Endpoints,
+    /// The packet's direction: false = original, true = reply.
+    pub reply_dir: bool,
+    pub status: u32,
+}
+
+impl Conntrack {
+    pub fn decode(s: &CtSnapshot) -> Option<Self> {
+        if s.flags & CT_VALID == 0 {
+            return None;
+        }
+        Some(Self {
+            state: (s.flags & CT_HAS_TCP != 0).then(|| tcp_state_name(s.tcp_state)),
+            original: Endpoints::from_tuple(&s.tuples[0])?,
+            reply: Endpoints::from_tuple(&s.tuples[1])?,
+            reply_dir: s.dir != 0,
+            status: s.status,
+        })
+    }
+
+    /// Whether the entry is DNAT'd: the reply does not come from where the original went.
+    pub fn dnat(&self) -> bool {
+        self.original.daddr != self.reply.saddr || self.original.dport != self.reply.sport
+    }
+}

@@ -1,0 +1,214 @@
+//! `--json`: one object per line, flushed per event, for jq. Keys are stable and documented in
+//! README.md; a field the kernel did not provide is omitted, never invented.
+
+use std::{collections::BTreeMap, io::{self, Write}, net::IpAddr};
+
+use serde::Serialize;
+
+use super::Output;
+use crate::{ct::Endpoints, summary::Summary, verdict::Record};
+
+pub struct Json<W: Write> {
+    out: W,
+}
+
+impl<W: Write> Json<W> {
+    pub fn new(out: W) -> Self {
+        Self { out }
+    }
+
+    fn line<T: Serialize>(&mut self, v: &T) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, v)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+}
+
+#[derive(Serialize)]
+struct Event<'a> {
+    event: &'static str,
+    time: String,
+    ts_ns: u64,
+    reason: &'a str,
+    reason_code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    family: Option<&'static str>,
+    proto: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    saddr: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daddr: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp: Option<Tcp<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    icmp: Option<Icmp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window: Option<Window<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ct: Option<Ct<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ifindex: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hook: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Tcp<'a> {
+    flags: &'a str,
+    seq: u32,
+    ack: u32,
+    win: u16,
+    len: u16,
+}
+
+#[derive(Serialize)]
+struct Icmp {
+    r#type: u8,
+    code: u8,
+}
+
+#[derive(Serialize)]
+struct Side {
+    end: u32,
+    maxend: u32,
+    maxwin: u32,
+    maxack: u32,
+    scale: u8,
+}
+
+impl From<&conntrack_trace_common::window::TcpWindow> for Side {
+    fn from(w: &conntrack_trace_common::window::TcpWindow) -> Self {
+        Self { end: w.end, maxend: w.maxend, maxwin: w.maxwin, maxack: w.maxack, scale: w.scale }
+    }
+}
+
+#[derive(Serialize)]
+struct Window<'a> {
+    sender: Side,
+    receiver: Side,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bound: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    excess: Option<u32>,
+    explain: &'a str,
+}
+
+#[derive(Serialize)]
+struct Ct<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'static str>,
+    original: &'a Endpoints,
+    reply: &'a Endpoints,
+    dnat: bool,
+}
+
+#[derive(Serialize)]
+struct Lost {
+    event: &'static str,
+    count: u64,
+}
+
+#[derive(Serialize)]
+struct SummaryLine<'a> {
+    event: &'static str,
+    seconds: f64,
+    invalid: u64,
+    ignored: u64,
+    drop: u64,
+    lost: u64,
+    untracked: u64,
+    counts: &'a BTreeMap<String, u64>,
+    top_flows: Vec<Flow<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernel: Option<&'a BTreeMap<String, u64>>,
+    namespaces: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    table_start: Option<Fill>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    table_end: Option<Fill>,
+}
+
+#[derive(Serialize)]
+struct Flow<'a> {
+    flow: &'a str,
+    events: u64,
+}
+
+#[derive(Serialize)]
+struct Fill {
+    count: u64,
+    max: u64,
+}
+
+impl Serialize for Endpoints {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Endpoints", 4)?;
+        st.serialize_field("saddr", &self.saddr)?;
+        st.serialize_field("sport", &self.sport)?;
+        st.serialize_field("daddr", &self.daddr)?;
+        st.serialize_field("dport", &self.dport)?;
+        st.end()
+    }
+}
+
+impl<W: Write> Output for Json<W> {
+    fn event(&mut self, r: &Record) -> io::Result<()> {
+        let e = Event {
+            event: r.verdict.as_str(),
+            time: humantime::format_rfc3339_micros(r.time).to_string(),
+            ts_ns: r.ts_ns,
+            reason: r.reason_text(),
+            reason_code: r.reason_code(),
+            family: r.family,
+            proto: r.proto_name(),
+            saddr: r.saddr,
+            sport: r.sport,
+            daddr: r.daddr,
+            dport: r.dport,
+            tcp: r.tcp.as_ref().map(|t| Tcp { flags: &t.flags, seq: t.seq, ack: t.ack, win: t.win, len: t.len }),
+            icmp: r.icmp.map(|(t, c)| Icmp { r#type: t, code: c }),
+            window: r.window.as_ref().map(|w| Window {
+                sender: (&w.sender).into(),
+                receiver: (&w.receiver).into(),
+                bound: w.bound,
+                excess: w.excess,
+                explain: &w.text,
+            }),
+            ct: r.ct.as_ref().map(|c| Ct { state: c.state, original: &c.original, reply: &c.reply, dnat: c.dnat() }),
+            netns: r.netns,
+            ifindex: r.ifindex,
+            hook: r.hook,
+        };
+        self.line(&e)
+    }
+
+    fn lost(&mut self, n: u64) -> io::Result<()> {
+        self.line(&Lost { event: "lost", count: n })
+    }
+
+    fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        let fill = |f: Option<(u64, u64)>| f.map(|(count, max)| Fill { count, max });
+        self.line(&SummaryLine {
+            event: "summary",
+            seconds: s.seconds,
+            invalid: s.invalid,
+            ignored: s.ignored,
+            drop: s.drops,
+            lost: s.lost,
+            untracked: s.untracked,
+            counts: &s.by_code,
+            top_flows: s.top_flows(10).into_iter().map(|(flow, events)| Flow { flow, events }).collect(),
+            kernel: s.kernel.as_ref().map(|k| &k.0),
+            namespaces: s.namespaces,
+            table_start: fill(s.fill_start),
+            table_end: fill(s.fill_end),
+        })
+    }
+}

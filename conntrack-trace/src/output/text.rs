@@ -1,0 +1,142 @@
+//! Human output: one aligned line per event, coloured when stdout is a terminal.
+
+use std::io::{self, Write};
+
+use super::Output;
+use crate::{
+    summary::Summary,
+    verdict::{Record, Verdict},
+};
+
+pub struct Text<W: Write> {
+    out: W,
+    colour: bool,
+}
+
+const RED: &str = "\x1b[31m";
+const YELLOW: &str = "\x1b[33m";
+const DIM: &str = "\x1b[2m";
+const RESET: &str = "\x1b[0m";
+
+impl<W: Write> Text<W> {
+    pub fn new(out: W, colour: bool) -> Self {
+        Self { out, colour }
+    }
+
+    fn paint(&self, code: &'static str) -> &'static str {
+        if self.colour { code } else { "" }
+    }
+}
+
+fn endpoint(addr: Option<std::net::IpAddr>, port: Option<u16>) -> String {
+    match (addr, port) {
+        (Some(std::net::IpAddr::V6(a)), Some(p)) => format!("[{a}]:{p}"),
+        (Some(a), Some(p)) => format!("{a}:{p}"),
+        (Some(a), None) => a.to_string(),
+        _ => "?".into(),
+    }
+}
+
+/// "HH:MM:SS.micros" of an RFC 3339 timestamp.
+fn clock(r: &Record) -> String {
+    let full = humantime::format_rfc3339_micros(r.time).to_string();
+    full.get(11..26).unwrap_or(&full).to_string()
+}
+
+impl<W: Write> Output for Text<W> {
+    fn event(&mut self, r: &Record) -> io::Result<()> {
+        let (label, colour) = match r.verdict {
+            Verdict::Invalid => ("INVALID", self.paint(RED)),
+            Verdict::Ignored => ("IGNORED", self.paint(YELLOW)),
+            Verdict::Drop => ("DROP", self.paint(RED)),
+        };
+        let (dim, reset) = (self.paint(DIM), self.paint(RESET));
+        let flow = format!("{} > {}", endpoint(r.saddr, r.sport), endpoint(r.daddr, r.dport));
+        let mut line = format!(
+            "{} {colour}{label:<7}{reset} {:<13} {:<4} {flow:<45}",
+            clock(r),
+            r.reason_code(),
+            r.proto_name()
+        );
+        if let Some(t) = &r.tcp {
+            line += &format!(" [{}] seq {} ack {} win {} len {}", t.flags, t.seq, t.ack, t.win, t.len);
+        }
+        if let Some((t, c)) = r.icmp {
+            line += &format!(" type {t} code {c}");
+        }
+        line += &format!(" | {}", r.reason_text());
+        if let Some(w) = &r.window {
+            line += &format!(": {}", w.text);
+        }
+        if let Some(ct) = &r.ct {
+            let o = &ct.original;
+            line += &format!(
+                " {dim}| ct {} {} > {}",
+                ct.state.unwrap_or("-"),
+                endpoint(Some(o.saddr), Some(o.sport)),
+                endpoint(Some(o.daddr), Some(o.dport))
+            );
+            if ct.dnat() {
+                line += &format!(" DNAT to {}", endpoint(Some(ct.reply.saddr), Some(ct.reply.sport)));
+            }
+            line += reset;
+        }
+        let mut tail = Vec::new();
+        if let Some(h) = r.hook {
+            tail.push(h.to_string());
+        }
+        if let Some(n) = r.netns {
+            tail.push(format!("netns {n}"));
+        }
+        if let Some(i) = r.ifindex {
+            tail.push(format!("if {i}"));
+        }
+        if !tail.is_empty() {
+            line += &format!(" {dim}| {}{reset}", tail.join(" "));
+        }
+        writeln!(self.out, "{line}")?;
+        self.out.flush()
+    }
+
+    fn lost(&mut self, n: u64) -> io::Result<()> {
+        let (c, reset) = (self.paint(RED), self.paint(RESET));
+        writeln!(self.out, "{c}WARNING: {n} events lost (ring buffer full); raise --ring-size{reset}")?;
+        self.out.flush()
+    }
+
+    fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        let o = &mut self.out;
+        writeln!(o, "\n--- conntrack-trace summary ({:.1} s) ---", s.seconds)?;
+        writeln!(o, "events: {} invalid, {} ignored, {} dropped; {} lost", s.invalid, s.ignored, s.drops, s.lost)?;
+        if s.untracked > 0 {
+            writeln!(o, "WARNING: {} nf_conntrack_in calls nested too deep to track", s.untracked)?;
+        }
+        for (code, n) in &s.by_code {
+            writeln!(o, "  {code:<16} {n}")?;
+        }
+        let top = s.top_flows(10);
+        if !top.is_empty() {
+            writeln!(o, "top flows:")?;
+            for (flow, n) in top {
+                writeln!(o, "  {n:>6}  {flow}")?;
+            }
+        }
+        if let Some(k) = &s.kernel {
+            let g = |n: &str| k.get(n).map_or("n/a".to_string(), |v| v.to_string());
+            writeln!(
+                o,
+                "kernel counters over the same period ({} namespaces): invalid +{}, ignore +{}, drop +{}, early_drop +{}, insert_failed +{}",
+                s.namespaces,
+                g("invalid"),
+                g("ignore"),
+                g("drop"),
+                g("early_drop"),
+                g("insert_failed")
+            )?;
+        }
+        if let (Some((c0, m0)), Some((c1, m1))) = (s.fill_start, s.fill_end) {
+            writeln!(o, "conntrack table: {c0}/{m0} at start, {c1}/{m1} at end")?;
+        }
+        o.flush()
+    }
+}

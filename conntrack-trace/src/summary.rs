@@ -1,0 +1,59 @@
+//! What a tracing session saw, printed when it ends: per reason, top flows, losses, and the
+//! kernel's own counter deltas over the same period so the user can check nothing was missed.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::{counters::Stats, verdict::{Record, Verdict}};
+
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub by_code: BTreeMap<String, u64>,
+    pub invalid: u64,
+    pub ignored: u64,
+    pub drops: u64,
+    pub lost: u64,
+    /// `nf_conntrack_in` calls nested too deep to track (their verdicts were not seen).
+    pub untracked: u64,
+    flows: HashMap<String, u64>,
+    /// Kernel counter deltas summed over the namespaces present at start and end.
+    pub kernel: Option<Stats>,
+    pub namespaces: usize,
+    pub fill_start: Option<(u64, u64)>,
+    pub fill_end: Option<(u64, u64)>,
+    pub seconds: f64,
+}
+
+impl Summary {
+    pub fn record(&mut self, r: &Record) {
+        match r.verdict {
+            Verdict::Invalid => self.invalid += 1,
+            Verdict::Ignored => self.ignored += 1,
+            Verdict::Drop => self.drops += 1,
+        }
+        *self.by_code.entry(r.reason_code().to_string()).or_insert(0) += 1;
+        let flow = match (r.saddr, r.daddr) {
+            (Some(s), Some(d)) => format!(
+                "{} {}:{} > {}:{}",
+                r.proto_name(),
+                s,
+                r.sport.unwrap_or(0),
+                d,
+                r.dport.unwrap_or(0)
+            ),
+            _ => "(unparsed)".into(),
+        };
+        *self.flows.entry(flow).or_insert(0) += 1;
+    }
+
+    pub fn events(&self) -> u64 {
+        self.invalid + self.ignored + self.drops
+    }
+
+    /// Up to `n` flows with the most events, most first.
+    pub fn top_flows(&self, n: usize) -> Vec<(&str, u64)> {
+        let mut v: Vec<(&str, u64)> = self.flows.iter().map(|(k, &c)| (k.as_str(), c)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        v.truncate(n);
+        v
+    }
+}

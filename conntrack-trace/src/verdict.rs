@@ -1,0 +1,239 @@
+//! Decoding the one event per packet that `nf_conntrack_in`'s probes emit: the verdict, the
+//! packet's headers, the reason and, for TCP, the window math.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Result, bail};
+use conntrack_trace_common::{
+    SNAP_LEN,
+    verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, PacketEvent, verdict},
+};
+use etherparse::{LaxPacketHeaders, NetHeaders, TransportHeader};
+
+use crate::{ct::Conntrack, reason, window};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Invalid,
+    Ignored,
+    Drop,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Invalid => "invalid",
+            Verdict::Ignored => "ignored",
+            Verdict::Drop => "drop",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tcp {
+    /// Set flags, in tcpdump order: "S", "F", "R", "P", "A", "U", "E", "C" (e.g. "PA").
+    pub flags: String,
+    pub seq: u32,
+    pub ack: u32,
+    pub win: u16,
+    /// Payload bytes (from the IP length, so right even when the snapshot is shorter).
+    pub len: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub verdict: Verdict,
+    pub ts_ns: u64,
+    pub time: SystemTime,
+    pub family: Option<&'static str>,
+    pub proto: Option<u8>,
+    pub saddr: Option<IpAddr>,
+    pub daddr: Option<IpAddr>,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    pub tcp: Option<Tcp>,
+    /// ICMP type and code.
+    pub icmp: Option<(u8, u8)>,
+    pub reason: Option<reason::Explained>,
+    pub window: Option<window::Explained>,
+    pub ct: Option<Conntrack>,
+    pub netns: Option<u32>,
+    pub ifindex: Option<u32>,
+    pub hook: Option<&'static str>,
+    /// The headers as captured, for `--pcap`-style evidence and debugging.
+    pub headers: Vec<u8>,
+}
+
+impl Record {
+    pub fn reason_code(&self) -> &'static str {
+        self.reason.as_ref().map_or("unknown", |r| r.code)
+    }
+
+    pub fn reason_text(&self) -> &str {
+        match &self.reason {
+            Some(r) => &r.text,
+            // Conntrack logs nothing for e.g. an ICMP error that matches no connection.
+            None => "no reason logged by the kernel",
+        }
+    }
+
+    pub fn proto_name(&self) -> String {
+        match self.proto {
+            Some(6) => "tcp".into(),
+            Some(17) => "udp".into(),
+            Some(1) => "icmp".into(),
+            Some(58) => "icmpv6".into(),
+            Some(132) => "sctp".into(),
+            Some(n) => n.to_string(),
+            None => "?".into(),
+        }
+    }
+}
+
+/// Converts `bpf_ktime_get_ns` (CLOCK_MONOTONIC) to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    boot_wall: SystemTime,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+        Self { boot_wall: SystemTime::now() - mono }
+    }
+
+    pub fn wall(&self, ts_ns: u64) -> SystemTime {
+        self.boot_wall + Duration::from_nanos(ts_ns)
+    }
+}
+
+pub fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
+    if family == 4 {
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*b))
+    }
+}
+
+const HOOKS_INET: [&str; 5] = ["PRE_ROUTING", "LOCAL_IN", "FORWARD", "LOCAL_OUT", "POST_ROUTING"];
+const HOOKS_BRIDGE: [&str; 5] = ["BR_PRE_ROUTING", "BR_LOCAL_IN", "BR_FORWARD", "BR_LOCAL_OUT", "BR_POST_ROUTING"];
+
+fn hook_name(pf: u8, hook: u8) -> Option<&'static str> {
+    // NFPROTO_BRIDGE = 7; conntrack is also called from bridge, OVS and tc act_ct.
+    let names = if pf == 7 { &HOOKS_BRIDGE } else { &HOOKS_INET };
+    names.get(hook as usize).copied()
+}
+
+fn tcp_flags(h: &etherparse::TcpHeader) -> String {
+    [(h.syn, 'S'), (h.fin, 'F'), (h.rst, 'R'), (h.psh, 'P'), (h.ack, 'A'), (h.urg, 'U'), (h.ece, 'E'), (h.cwr, 'C')]
+        .iter()
+        .filter_map(|&(on, c)| on.then_some(c))
+        .collect()
+}
+
+/// Reads a ring-buffer record as a `PacketEvent`.
+pub fn parse(bytes: &[u8]) -> Result<PacketEvent> {
+    if bytes.len() < size_of::<PacketEvent>() {
+        bail!("short event: {} bytes, expected {}", bytes.len(), size_of::<PacketEvent>());
+    }
+    // SAFETY: PacketEvent is repr(C) plain data, every bit pattern is valid, length checked.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<PacketEvent>()) })
+}
+
+pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
+    let verdict = match e.verdict {
+        verdict::IGNORED => Verdict::Ignored,
+        verdict::DROP => Verdict::Drop,
+        _ => Verdict::Invalid,
+    };
+    let caplen = (e.skb_len as usize).min(SNAP_LEN);
+    let headers = e.headers[..caplen].to_vec();
+    let mut r = Record {
+        verdict,
+        ts_ns: e.ts_ns,
+        time: clock.wall(e.ts_ns),
+        family: None,
+        proto: None,
+        saddr: None,
+        daddr: None,
+        sport: None,
+        dport: None,
+        tcp: None,
+        icmp: None,
+        reason: None,
+        window: None,
+        ct: Conntrack::decode(&e.ct),
+        netns: (e.flags & HAS_NETNS != 0).then_some(e.netns),
+        ifindex: (e.flags & HAS_IFINDEX != 0)
+            .then_some(if e.ifindex_in != 0 { e.ifindex_in } else { e.ifindex_out }),
+        hook: hook_name(e.pf, e.hook),
+        headers,
+    };
+    if let Ok(p) = LaxPacketHeaders::from_ip(&r.headers) {
+        let mut l4_len = None;
+        match &p.net {
+            Some(NetHeaders::Ipv4(h, _)) => {
+                r.family = Some("ipv4");
+                r.proto = Some(h.protocol.0);
+                r.saddr = Some(IpAddr::V4(h.source.into()));
+                r.daddr = Some(IpAddr::V4(h.destination.into()));
+                l4_len = (h.total_len as usize).checked_sub(h.header_len());
+            }
+            Some(NetHeaders::Ipv6(h, ext)) => {
+                r.family = Some("ipv6");
+                // The transport header, below, corrects this when extension headers follow.
+                r.proto = Some(h.next_header.0);
+                r.saddr = Some(IpAddr::V6(h.source.into()));
+                r.daddr = Some(IpAddr::V6(h.destination.into()));
+                l4_len = (h.payload_length as usize).checked_sub(ext.header_len());
+            }
+            _ => {}
+        }
+        match &p.transport {
+            Some(TransportHeader::Tcp(t)) => {
+                r.proto = Some(6);
+                r.sport = Some(t.source_port);
+                r.dport = Some(t.destination_port);
+                let len = l4_len.and_then(|l| l.checked_sub(t.header_len())).unwrap_or(0);
+                r.tcp = Some(Tcp {
+                    flags: tcp_flags(t),
+                    seq: t.sequence_number,
+                    ack: t.acknowledgment_number,
+                    win: t.window_size,
+                    len: len as u16,
+                });
+            }
+            Some(TransportHeader::Udp(u)) => {
+                r.proto = Some(17);
+                r.sport = Some(u.source_port);
+                r.dport = Some(u.destination_port);
+            }
+            Some(TransportHeader::Icmpv4(h)) => {
+                let b = h.to_bytes();
+                r.icmp = Some((b[0], b[1]));
+            }
+            Some(TransportHeader::Icmpv6(h)) => {
+                r.proto = Some(58);
+                let b = h.to_bytes();
+                r.icmp = Some((b[0], b[1]));
+            }
+            _ => {}
+        }
+    }
+    if e.flags & HAS_REASON != 0 {
+        let state = r.ct.as_ref().and_then(|c| c.state);
+        r.reason = reason::explain(&e.reason, state);
+    }
+    if let (Some(reason), Some(tcp), Some(ct)) = (&r.reason, &r.tcp, &r.ct)
+        && ct.state.is_some()
+    {
+        r.window = window::explain(reason.code, reason.value, e.ct.seen, ct.reply_dir, tcp);
+    }
+    r
+}

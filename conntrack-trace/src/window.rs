@@ -1,0 +1,150 @@
+//! The TCP window math: which bound a segment failed and by how much, from both directions'
+//! window state as conntrack saw it. Formulas are `tcp_in_window`'s (unchanged since 4.x
+//! apart from 6.1 turning some failures into IGNORE).
+
+use conntrack_trace_common::window::TcpWindow;
+
+use crate::verdict::Tcp;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explained {
+    /// The packet's sender's window state (`seen[dir]`) and the receiver's (`seen[!dir]`).
+    pub sender: TcpWindow,
+    pub receiver: TcpWindow,
+    /// The bound the check compared against: the kernel's own `%u` when it logged one,
+    /// otherwise recomputed from the window state.
+    pub bound: Option<u32>,
+    /// How far past the bound the packet was, in bytes (at least 1 when the check failed).
+    pub excess: Option<u32>,
+    /// One sentence with the numbers.
+    pub text: String,
+}
+
+/// `MAXACKWINDOW(sender)`: how far below `td_end` an ACK may be before it is "too old".
+fn max_ack_window(sender: &TcpWindow) -> u32 {
+    sender.maxwin.max(66000)
+}
+
+/// `seg_end`: the sequence number after the segment (SYN and FIN count as one byte).
+fn seg_end(t: &Tcp) -> u32 {
+    t.seq
+        .wrapping_add(t.len as u32)
+        .wrapping_add(u32::from(t.flags.contains('S')))
+        .wrapping_add(u32::from(t.flags.contains('F')))
+}
+
+pub fn explain(code: &str, kernel_bound: Option<u32>, seen: [TcpWindow; 2], reply_dir: bool, tcp: &Tcp) -> Option<Explained> {
+    let (sender, receiver) = if reply_dir { (seen[1], seen[0]) } else { (seen[0], seen[1]) };
+    let end = seg_end(tcp);
+    // (bound the kernel computes, excess, sentence)
+    let (bound, excess, text) = match code {
+        "seq_over" => {
+            let bound = kernel_bound.unwrap_or(sender.maxend.wrapping_add(1));
+            let excess = tcp.seq.wrapping_sub(bound).wrapping_add(1);
+            let text = format!(
+                "seq {} is {excess} bytes past the receiver's window end {} (td_maxend of the sender)",
+                tcp.seq,
+                bound.wrapping_sub(1)
+            );
+            (bound, excess, text)
+        }
+        "ack_over" => {
+            let bound = kernel_bound.unwrap_or(receiver.end.wrapping_add(1));
+            let excess = tcp.ack.wrapping_sub(bound).wrapping_add(1);
+            let text = format!(
+                "ack {} is {excess} bytes past the highest sequence the other side sent ({})",
+                tcp.ack,
+                bound.wrapping_sub(1)
+            );
+            (bound, excess, text)
+        }
+        "seq_under" => {
+            let bound = kernel_bound
+                .unwrap_or(sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1));
+            let excess = bound.wrapping_sub(end).wrapping_add(1);
+            let text = format!(
+                "segment ends at {end}, {excess} bytes below the lower edge {} of the window \
+                 (sender end {} - receiver max window {}): data already acknowledged",
+                bound.wrapping_add(1),
+                sender.end,
+                receiver.maxwin
+            );
+            (bound, excess, text)
+        }
+        "ack_under" => {
+            let bound = kernel_bound.unwrap_or(
+                receiver.end.wrapping_sub(max_ack_window(&sender)).wrapping_sub(1),
+            );
+            let excess = bound.wrapping_sub(tcp.ack).wrapping_add(1);
+            let text = format!(
+                "ack {} is {excess} bytes below the oldest acceptable ACK {}",
+                tcp.ack,
+                bound.wrapping_add(1)
+            );
+            (bound, excess, text)
+        }
+        "overshot" => {
+            let over = kernel_bound.unwrap_or(end.wrapping_sub(sender.maxend));
+            let text = format!(
+                "segment ends at {end}, {over} bytes past the receiver's window end {}",
+                sender.maxend
+            );
+            (sender.maxend, over, text)
+        }
+        _ => return None,
+    };
+    let scaled = (tcp.win as u64) << sender.scale.min(14);
+    let text = if sender.scale > 0 {
+        format!("{text}; advertised window {} << scale {} = {scaled}", tcp.win, sender.scale)
+    } else {
+        text
+    };
+    Some(Explained { sender, receiver, bound: Some(bound), excess: Some(excess), text })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(end: u32, maxend: u32, maxwin: u32) -> TcpWindow {
+        TcpWindow { end, maxend, maxwin, maxack: 0, scale: 7, flags: 0, _pad: [0; 2] }
+    }
+
+    fn tcp(seq: u32, ack: u32, len: u16, flags: &str) -> Tcp {
+        Tcp { flags: flags.into(), seq, ack, win: 502, len }
+    }
+
+    #[test]
+    fn seq_over_uses_kernel_bound_and_counts_excess() {
+        let seen = [w(1000, 966 + 0, 65535), w(5000, 70000, 64000)];
+        let e = explain("seq_over", Some(967), seen, false, &tcp(1000, 5000, 10, "PA")).unwrap();
+        assert_eq!((e.bound, e.excess), (Some(967), Some(34)));
+        assert!(e.text.starts_with("seq 1000 is 34 bytes past"), "{}", e.text);
+        assert!(e.text.contains("502 << scale 7 = 64256"), "{}", e.text);
+        // Same numbers recomputed from the window when the kernel logged no bound (pre-6.1).
+        let e2 = explain("seq_over", None, seen, false, &tcp(1000, 5000, 10, "PA")).unwrap();
+        assert_eq!((e2.bound, e2.excess), (Some(967), Some(34)));
+    }
+
+    #[test]
+    fn direction_picks_sender_and_receiver() {
+        let seen = [w(100, 200, 300), w(1000, 2000, 3000)];
+        let e = explain("ack_over", None, seen, true, &tcp(0, 150, 0, "A")).unwrap();
+        assert_eq!(e.sender, seen[1]);
+        assert_eq!(e.bound, Some(101), "receiver (original dir) end + 1");
+        assert_eq!(e.excess, Some(50));
+    }
+
+    #[test]
+    fn seq_under_and_ack_under_with_wraparound() {
+        // Sender end just past zero: the lower edge wraps below 2^32.
+        let seen = [w(10, 0, 0), w(0, 0, 100)];
+        let e = explain("seq_under", None, seen, false, &tcp(u32::MAX - 200, 0, 50, "A")).unwrap();
+        assert_eq!(e.bound, Some(10u32.wrapping_sub(101)));
+        assert_eq!(e.excess, Some(10u32.wrapping_sub(101).wrapping_sub(u32::MAX - 150) + 1));
+        let e = explain("ack_under", None, [w(0, 0, 70000), w(100000, 0, 0)], false, &tcp(0, 10, 0, "A")).unwrap();
+        assert_eq!(e.bound, Some(100000 - 70000 - 1));
+        assert_eq!(e.excess, Some(29999 - 10 + 1));
+        assert!(explain("bad_flags", None, seen, false, &tcp(0, 0, 0, "SR")).is_none());
+    }
+}
