@@ -1,1 +1,199 @@
-fn main(){}
+//! `cargo xtask`: set-up, the VM test suite on real Debian kernels, the demo, and the one
+//! test command the README gives.
+
+mod apt;
+mod cpio;
+mod guest_build;
+mod initramfs;
+mod kernels;
+mod modules;
+mod qemu;
+mod setup;
+mod summary;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, builder::PossibleValuesParser};
+
+use crate::{qemu::Mode, summary::Tally};
+
+#[derive(Parser)]
+#[command(about = "Developer tasks for conntrack-trace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything the build and the VM tests need (idempotent).
+    Setup,
+    /// Boot Debian kernels under QEMU and run the scenario suite against the real tracer.
+    VmTest {
+        /// Kernels to test (repeatable); default: all.
+        #[arg(long = "kernel", value_parser = PossibleValuesParser::new(kernels::names()))]
+        kernels: Vec<String>,
+        /// Seconds a guest may run before it counts as hung and is killed.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Boot a kernel and reproduce a kube-proxy-style incident with the tracer's live output.
+    Demo {
+        #[arg(long, value_parser = PossibleValuesParser::new(kernels::names()), default_value = kernels::DEFAULT)]
+        kernel: String,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Set up, run the host tests, then the VM suite on every kernel.
+    Test {
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Build the tracer and run it live here (as root), or the demo where this kernel cannot.
+    Run {
+        /// Arguments for conntrack-trace.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().command) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Returns whether everything passed.
+fn run(task: Task) -> Result<bool> {
+    match task {
+        Task::Setup => setup::run().map(|()| true),
+        Task::VmTest { kernels, timeout } => {
+            setup::run()?;
+            vm_test(&kernels, timeout)
+        }
+        Task::Demo { kernel, timeout } => {
+            setup::run()?;
+            demo(&kernel, timeout)
+        }
+        Task::Test { timeout } => {
+            setup::run()?;
+            let host_ok = host_tests()?;
+            let vm_ok = vm_test(&[], timeout)?;
+            println!(
+                "\nxtask test: host tests {}, VM tests {}",
+                verdict(host_ok),
+                verdict(vm_ok)
+            );
+            Ok(host_ok && vm_ok)
+        }
+        Task::Run { args } => run_live(&args),
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "ok" } else { "FAILED" }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").into()
+}
+
+/// Runs a command, inheriting stdio; fails with the command line when it does not succeed.
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Unit tests of the host crates; the eBPF crate is never built for the host.
+fn host_tests() -> Result<bool> {
+    println!("xtask: cargo test (host crates)");
+    let status = setup::cargo()
+        .current_dir(workspace_root())
+        .args(["test", "-p", "conntrack-trace", "-p", "conntrack-trace-common"])
+        .status()
+        .context("cannot run cargo test")?;
+    Ok(status.success())
+}
+
+fn vm_test(names: &[String], timeout: u64) -> Result<bool> {
+    let selected = kernels::select(names)?;
+    let started = Instant::now();
+    let bins = guest_build::build()?;
+    let mut total = Tally::default();
+    let mut times = Vec::new();
+    for kernel in selected {
+        let tally = boot(kernel, &bins, Mode::Test, timeout)?;
+        times.push((kernel.name, tally.wall));
+        total.add(&tally);
+    }
+    println!("\nvm-test wall time per kernel:");
+    for (name, wall) in &times {
+        println!("  {name:<14} {:>7.1}s", wall.as_secs_f64());
+    }
+    total.wall = started.elapsed();
+    println!("\nvm-test total ({} kernels):", times.len());
+    total.print_result();
+    Ok(total.ok())
+}
+
+fn demo(name: &str, timeout: u64) -> Result<bool> {
+    let kernel = kernels::select(&[name.to_string()])?[0];
+    let bins = guest_build::build()?;
+    let tally = boot(kernel, &bins, Mode::Demo, timeout)?;
+    Ok(tally.ok())
+}
+
+/// Fetches the kernel, builds its initramfs and runs one guest.
+fn boot(kernel: &kernels::Kernel, bins: &guest_build::GuestBins, mode: Mode, timeout: u64) -> Result<Tally> {
+    let unpacked = kernels::fetch(kernel)?;
+    let initrd = initramfs::build(kernel, &unpacked, bins)?;
+    qemu::run(kernel, &unpacked.vmlinuz, &initrd, mode, std::time::Duration::from_secs(timeout))
+}
+
+fn run_live(args: &[String]) -> Result<bool> {
+    setup::run()?;
+    if !kprobes_available() {
+        println!(
+            "xtask run: this kernel has no kprobes, so the tracer cannot attach here; \
+             running `cargo xtask demo` (kernel {}) instead",
+            kernels::DEFAULT
+        );
+        return demo(kernels::DEFAULT, 600);
+    }
+    run_cmd(
+        setup::cargo()
+            .current_dir(workspace_root())
+            .args(["build", "--release", "-p", "conntrack-trace"]),
+    )?;
+    let tracer = workspace_root().join("target/release/conntrack-trace");
+    let mut cmd = if setup::is_root() {
+        Command::new(&tracer)
+    } else {
+        println!("xtask run: the tracer needs root; running it through sudo");
+        let mut c = Command::new("sudo");
+        c.arg(&tracer);
+        c
+    };
+    let status = cmd.args(args).status().with_context(|| format!("cannot start {cmd:?}"))?;
+    Ok(status.success())
+}
+
+fn kprobes_available() -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
+        || ["/sys/kernel/tracing/kprobe_events", "/sys/kernel/debug/tracing/kprobe_events"]
+            .iter()
+            .any(|p| Path::new(p).exists())
+}

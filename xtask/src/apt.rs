@@ -1,0 +1,107 @@
+//! A private apt configuration under our cache dir, so kernel packages from bookworm AND
+//! bullseye can be downloaded without touching the system's apt sources or lists.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{run_cmd, setup};
+
+const SOURCES: &str = "\
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main
+";
+
+pub struct PrivateApt {
+    dir: PathBuf,
+}
+
+impl PrivateApt {
+    pub fn new() -> Result<Self> {
+        let dir = setup::cache_dir().join("apt");
+        for sub in ["sources.list.d", "lists/partial", "cache/archives/partial"] {
+            fs::create_dir_all(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+        }
+        let sources = dir.join("sources.list");
+        if fs::read_to_string(&sources).ok().as_deref() != Some(SOURCES) {
+            fs::write(&sources, SOURCES).with_context(|| format!("cannot write {}", sources.display()))?;
+        }
+        // apt wants a dpkg status file; an empty one means "nothing installed", which is all
+        // a download needs.
+        let status = dir.join("status");
+        if !status.exists() {
+            fs::write(&status, "").with_context(|| format!("cannot write {}", status.display()))?;
+        }
+        Ok(Self { dir })
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let d = |sub: &str| self.dir.join(sub).display().to_string();
+        let mut cmd = Command::new(program);
+        for opt in [
+            format!("Dir::Etc::SourceList={}", d("sources.list")),
+            format!("Dir::Etc::SourceParts={}", d("sources.list.d")),
+            format!("Dir::State::Lists={}", d("lists")),
+            format!("Dir::State::status={}", d("status")),
+            format!("Dir::Cache={}", d("cache")),
+            // Our dirs belong to the invoking user; apt's _apt sandbox user cannot write them.
+            "APT::Sandbox::User=root".into(),
+            "Acquire::Languages=none".into(),
+            "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false".into(),
+        ] {
+            cmd.arg("-o").arg(opt);
+        }
+        cmd
+    }
+
+    /// Whether the private lists know `package` at exactly `version`.
+    pub fn knows(&self, package: &str, version: &str) -> bool {
+        self.command("apt-cache")
+            .arg("show")
+            .arg(format!("{package}={version}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    pub fn update(&self) -> Result<()> {
+        println!("kernels: apt-get update (private lists in {})", self.dir.display());
+        run_cmd(self.command("apt-get").arg("-qq").arg("update"))
+    }
+
+    /// Downloads `package=version` into `dir` and returns the .deb's path.
+    pub fn download(&self, package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
+        if !self.knows(package, version) {
+            self.update()?;
+            if !self.knows(package, version) {
+                bail!(
+                    "{package} {version} is no longer in the Debian archive (bookworm, bullseye and \
+                     their security suites were searched); pick a current build and update the \
+                     table in xtask/src/kernels.rs"
+                );
+            }
+        }
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        run_cmd(
+            self.command("apt-get")
+                .current_dir(dir)
+                .arg("-q")
+                .arg("download")
+                .arg(format!("{package}={version}")),
+        )?;
+        let deb = fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .with_context(|| format!("apt-get download left no .deb in {}", dir.display()))?;
+        Ok(deb)
+    }
+}

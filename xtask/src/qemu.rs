@@ -1,0 +1,207 @@
+//! Boots one kernel under QEMU (TCG), streams its console, and turns the guest's CT- lines
+//! into test results. A guest that never finishes is killed at the deadline.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::Path,
+    process::{Command, Stdio},
+    sync::mpsc::{self, RecvTimeoutError},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+
+use crate::{kernels::Kernel, summary::Tally};
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// ct-scenarios runs every scenario and reports each.
+    Test,
+    /// `ct-scenarios demo`: the tracer's live output is the point; success is its exit status.
+    Demo,
+}
+
+/// How long a guest that has printed CT-DONE may take to power off before it is killed.
+const POWEROFF_GRACE: Duration = Duration::from_secs(30);
+
+pub fn run(kernel: &Kernel, vmlinuz: &Path, initrd: &Path, mode: Mode, timeout: Duration) -> Result<Tally> {
+    println!("\nrunning VM tests on {}: {} {} ({})", kernel.name, kernel.package, kernel.version, kernel.why);
+    let mode_arg = match mode {
+        Mode::Test => "test",
+        Mode::Demo => "demo",
+    };
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2"])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 ct.kernel={} ct.mode={mode_arg}", kernel.name))
+        // The guest's networks are namespaces over veth inside it; it needs no host NIC.
+        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (run `cargo xtask setup`)")?;
+
+    let (tx, rx) = mpsc::channel();
+    let forward = |stream: Box<dyn Read + Send>, from_qemu: bool| {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut buf = Vec::new();
+            // The console is not guaranteed to be UTF-8; read bytes, convert lossily.
+            while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+                let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+                if tx.send((from_qemu, line)).is_err() {
+                    break;
+                }
+                buf.clear();
+            }
+        })
+    };
+    forward(Box::new(child.stdout.take().expect("piped")), false);
+    forward(Box::new(child.stderr.take().expect("piped")), true);
+    drop(tx);
+
+    let mut guest = Protocol::new(kernel.name);
+    let mut deadline = started + timeout;
+    let mut timed_out = false;
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((from_qemu, line)) => {
+                println!("[{}{}] {line}", kernel.name, if from_qemu { " qemu" } else { "" });
+                if !from_qemu && guest.line(&line, started.elapsed()) == Event::Done {
+                    deadline = deadline.min(Instant::now() + POWEROFF_GRACE);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                timed_out = true;
+                break;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    if timed_out {
+        // Killing qemu closes its pipes, which ends the reader threads.
+        let _ = child.kill();
+    }
+    let status = child.wait().context("waiting for qemu")?;
+    let wall = started.elapsed();
+
+    let name = kernel.name;
+    let mut tally = guest.tally;
+    match mode {
+        Mode::Test if !guest.done => {
+            let reason = if timed_out {
+                format!("no CT-DONE within {}s; qemu was killed", timeout.as_secs())
+            } else {
+                match guest.scenarios_exit {
+                    Some(code) => format!("ct-scenarios exited with status {code} without printing CT-DONE"),
+                    None => format!("the guest stopped before ct-scenarios finished (qemu {status}; kernel panic?)"),
+                }
+            };
+            tally.fail(&format!("vm::{name}::ct-scenarios"), &reason);
+        }
+        Mode::Test => {
+            if timed_out {
+                println!("[{name}] note: the guest printed CT-DONE but did not power off; qemu was killed");
+            }
+        }
+        Mode::Demo => match guest.scenarios_exit {
+            Some(0) => tally.pass(&format!("vm::{name}::demo")),
+            Some(code) => tally.fail(&format!("vm::{name}::demo"), &format!("ct-scenarios demo exited with status {code}")),
+            None if timed_out => tally.fail(&format!("vm::{name}::demo"), &format!("did not finish within {}s; qemu was killed", timeout.as_secs())),
+            None => tally.fail(&format!("vm::{name}::demo"), &format!("the guest stopped before the demo finished (qemu {status})")),
+        },
+    }
+    match guest.booted {
+        Some(boot) => println!("[{name}] booted to /init in {:.1}s; guest finished in {:.1}s", boot.as_secs_f64(), wall.as_secs_f64()),
+        None => println!("[{name}] never reached /init; stopped after {:.1}s", wall.as_secs_f64()),
+    }
+    tally.wall = wall;
+    tally.print_result();
+    Ok(tally)
+}
+
+#[derive(PartialEq, Debug)]
+enum Event {
+    Other,
+    Done,
+}
+
+/// The guest protocol: `CT-BOOTED ...`, `CT-RESULT <scenario> ok|ignored|FAILED <reason>`,
+/// `CT-DONE`, `CT-SCENARIOS-EXIT <status>`. Markers are found anywhere in a line because
+/// kernel messages can share a console line with them.
+struct Protocol {
+    kernel: &'static str,
+    tally: Tally,
+    booted: Option<Duration>,
+    done: bool,
+    scenarios_exit: Option<i32>,
+}
+
+impl Protocol {
+    fn new(kernel: &'static str) -> Self {
+        Self { kernel, tally: Tally::default(), booted: None, done: false, scenarios_exit: None }
+    }
+
+    fn line(&mut self, line: &str, elapsed: Duration) -> Event {
+        if line.contains("CT-BOOTED") {
+            self.booted.get_or_insert(elapsed);
+        } else if let Some(rest) = marker(line, "CT-RESULT ") {
+            let mut words = rest.splitn(3, ' ');
+            let (scenario, verdict) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let name = format!("vm::{}::{scenario}", self.kernel);
+            match verdict {
+                _ if scenario.is_empty() => {}
+                "ok" => self.tally.pass(&name),
+                "ignored" => self.tally.ignore(&name),
+                "FAILED" => self.tally.fail(&name, words.next().unwrap_or("no reason given").trim()),
+                other => self.tally.fail(&name, &format!("unknown verdict '{other}' in: {}", line.trim())),
+            }
+        } else if let Some(rest) = marker(line, "CT-SCENARIOS-EXIT ") {
+            self.scenarios_exit = rest.trim().parse().ok();
+        } else if marker(line, "CT-DONE").is_some() {
+            self.done = true;
+            return Event::Done;
+        }
+        Event::Other
+    }
+}
+
+fn marker<'a>(line: &'a str, tag: &str) -> Option<&'a str> {
+    line.find(tag).map(|i| &line[i + tag.len()..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_lines_become_results() {
+        let mut p = Protocol::new("6.12");
+        let t = Duration::from_secs(1);
+        p.line("CT-BOOTED 6.12 6.12.115+deb12-cloud-amd64", t);
+        p.line("CT-RESULT seq_over ok", t);
+        p.line("[   12.3] nf_ct_tcp: bad thing CT-RESULT ack_over FAILED expected 1 event, got 0", t);
+        p.line("CT-RESULT old_retransmit ignored", t);
+        p.line("CT-RESULT weird maybe", t);
+        p.line("CT-RESULT", t);
+        assert_eq!(p.line("CT-DONE", t), Event::Done);
+        p.line("CT-SCENARIOS-EXIT 1", t);
+        assert_eq!(p.booted, Some(t));
+        assert!(p.done);
+        assert_eq!(p.scenarios_exit, Some(1));
+        assert_eq!(p.tally.passed, 1);
+        assert_eq!(p.tally.ignored, 1);
+        let failed: Vec<_> = p.tally.failures.iter().map(|(n, r)| (n.as_str(), r.as_str())).collect();
+        assert_eq!(failed[0], ("vm::6.12::ack_over", "expected 1 event, got 0"));
+        assert_eq!(failed[1].0, "vm::6.12::weird");
+        assert_eq!(failed.len(), 2);
+    }
+}

@@ -1,0 +1,190 @@
+//! `cargo xtask setup`: every set-up step, idempotent, each printed with whether it ran.
+
+use std::{
+    ffi::OsString,
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::run_cmd;
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The nightly toolchain's LLVM major version, which bpf-linker's cargo feature must name.
+const LLVM_MAJOR: &str = "22";
+
+/// Debian packages the VM tests use on the host (qemu) or copy into the guest (the rest).
+const APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "iproute2",
+    "iptables",
+    "conntrack",
+    "nftables",
+    "xz-utils",
+    "zstd",
+    "kmod",
+    "ca-certificates",
+];
+
+/// `$XDG_CACHE_HOME/conntrack-trace` (or `~/.cache/...`): outside `target/` so `cargo clean`
+/// keeps bpf-linker (whose RUNPATH points here) and the kernel downloads.
+pub fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
+    base.join("conntrack-trace")
+}
+
+fn bin_dir() -> PathBuf {
+    cache_dir().join("bin")
+}
+
+/// A `cargo` whose PATH starts with our bin dir: conntrack-trace's build.rs runs aya-build,
+/// whose nightly rustc links the kernel programs with `bpf-linker`.
+pub fn cargo() -> Command {
+    let mut path = OsString::from(bin_dir());
+    if let Some(old) = std::env::var_os("PATH") {
+        path.push(":");
+        path.push(old);
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.env("PATH", path);
+    cmd
+}
+
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn run() -> Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    apt_packages()
+}
+
+fn rust_src() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("cannot run rustup (is it installed and on PATH?)")?;
+    if !out.status.success() {
+        bail!(
+            "`rustup component list --toolchain nightly` failed (is the nightly toolchain installed?): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: rust-src for nightly: already installed, skipped");
+        return Ok(());
+    }
+    println!("setup: rust-src for nightly: installing");
+    run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let linker = bin_dir().join("bpf-linker");
+    let have = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if have.as_deref() == Some(&format!("bpf-linker {BPF_LINKER_VERSION}")) {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION}: already at {}, skipped", linker.display());
+        return Ok(());
+    }
+    println!(
+        "setup: bpf-linker {BPF_LINKER_VERSION}: building against the nightly toolchain's libLLVM \
+         (found {}; takes a few minutes)",
+        have.as_deref().unwrap_or("none")
+    );
+    let prefix = llvm_prefix()?;
+    run_cmd(
+        Command::new("cargo")
+            .env("LLVM_PREFIX", &prefix)
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+            .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+            .arg("--force")
+            .arg("--root")
+            .arg(cache_dir()),
+    )
+}
+
+/// Makes `PREFIX/lib` hold `libLLVM.so` and the library's own name, both pointing at the
+/// nightly sysroot's libLLVM, which is exactly rustc's LLVM.
+fn llvm_prefix() -> Result<PathBuf> {
+    let out = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()
+        .context("cannot run rustc +nightly")?;
+    if !out.status.success() {
+        bail!("`rustc +nightly --print sysroot` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let sysroot_lib = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("lib");
+    let wanted = format!("libLLVM.so.{LLVM_MAJOR}");
+    let lib = fs::read_dir(&sysroot_lib)
+        .with_context(|| format!("cannot list {}", sysroot_lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&wanted)))
+        .with_context(|| {
+            format!("no {wanted}* in {}: the nightly toolchain's LLVM is not {LLVM_MAJOR}", sysroot_lib.display())
+        })?;
+    let prefix = cache_dir().join("llvm");
+    let dir = prefix.join("lib");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for name in [Path::new("libLLVM.so"), Path::new(lib.file_name().expect("has a name"))] {
+        let link = dir.join(name);
+        if fs::read_link(&link).ok().as_deref() == Some(lib.as_path()) {
+            continue;
+        }
+        let _ = fs::remove_file(&link);
+        symlink(&lib, &link).with_context(|| format!("cannot create {}", link.display()))?;
+    }
+    Ok(prefix)
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    if missing.is_empty() {
+        println!("setup: Debian packages ({}): all installed, skipped", APT_PACKAGES.join(" "));
+        return Ok(());
+    }
+    println!("setup: Debian packages: installing {}", missing.join(" "));
+    if !is_root() {
+        bail!("installing Debian packages needs root: run `sudo apt-get install {}` or rerun as root", missing.join(" "));
+    }
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing);
+        cmd
+    };
+    // Only refresh the package lists when the install cannot proceed without it.
+    if install().status().is_ok_and(|s| s.success()) {
+        return Ok(());
+    }
+    println!("setup: apt-get install failed; running apt-get update and retrying");
+    run_cmd(Command::new("apt-get").arg("update"))?;
+    run_cmd(&mut install())
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", package])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout == b"installed")
+}
