@@ -6,9 +6,11 @@
 #![no_std]
 
 pub mod ct;
+pub mod drops;
 pub mod filter;
 pub mod offsets;
 pub mod reason;
+pub mod reset;
 pub mod verdict;
 pub mod window;
 
@@ -21,7 +23,10 @@ pub const MAX_NEST: usize = 4;
 
 /// Every ring-buffer record starts with a `u32` saying what follows.
 pub mod kind {
+    /// `verdict::PacketEvent`: an INVALID, IGNORED or dropped packet.
     pub const PACKET: u32 = 1;
+    /// `reset::ResetEvent`: a TCP stack answered a packet that had no socket with an RST.
+    pub const RESET: u32 = 2;
 }
 
 /// Slots of the per-CPU `STATS` array the kernel side counts into.

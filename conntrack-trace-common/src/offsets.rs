@@ -12,6 +12,7 @@ pub struct Offsets {
     pub skb_head: u32,
     pub skb_network_header: u32,
     pub skb_len: u32,
+    pub skb_dev: u32,
     // struct nf_hook_state
     pub state_hook: u32,
     pub state_pf: u32,
@@ -20,6 +21,8 @@ pub struct Offsets {
     pub state_net: u32,
     // struct net_device / struct net
     pub dev_ifindex: u32,
+    /// `nd_net.net`: the device's namespace, for hooks that have no `nf_hook_state`.
+    pub dev_nd_net: u32,
     pub net_ns_inum: u32,
     /// `net->ct.nf_ct_proto.tcp.tcp_be_liberal`: the per-netns sysctl.
     pub net_tcp_be_liberal: u32,
@@ -53,12 +56,14 @@ impl Offsets {
             skb_head: UNKNOWN,
             skb_network_header: UNKNOWN,
             skb_len: UNKNOWN,
+            skb_dev: UNKNOWN,
             state_hook: UNKNOWN,
             state_pf: UNKNOWN,
             state_in: UNKNOWN,
             state_out: UNKNOWN,
             state_net: UNKNOWN,
             dev_ifindex: UNKNOWN,
+            dev_nd_net: UNKNOWN,
             net_ns_inum: UNKNOWN,
             net_tcp_be_liberal: UNKNOWN,
             ct_status: UNKNOWN,

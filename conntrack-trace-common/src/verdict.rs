@@ -8,7 +8,7 @@ pub mod verdict {
     pub const INVALID: u8 = 1;
     /// A reason was logged but the packet kept its entry (6.1+ TCP IGNORE and friends).
     pub const IGNORED: u8 = 2;
-    /// `nf_conntrack_in` returned NF_DROP.
+    /// `nf_conntrack_in` returned NF_DROP, or the entry could not be inserted at confirm.
     pub const DROP: u8 = 3;
 }
 
@@ -36,7 +36,9 @@ pub struct PacketEvent {
     pub cpu: u32,
     /// `skb->len` at the hook: how much of `headers` is real.
     pub skb_len: u32,
-    pub _pad: u32,
+    /// `drops::reason` for DROP verdicts.
+    pub drop_reason: u8,
+    pub _pad: [u8; 3],
     /// The packet from its network header on (`skb->head + skb->network_header`).
     pub headers: [u8; SNAP_LEN],
     pub ct: CtSnapshot,

@@ -4,20 +4,18 @@
 use conntrack_trace_common::{
     SNAP_LEN,
     filter::{Cidr, Filter},
-    verdict::PacketEvent,
 };
 
 #[unsafe(no_mangle)]
 static FILTER: Filter = Filter::any();
 
 #[inline(always)]
-pub fn matches(e: &PacketEvent) -> bool {
+pub fn matches(h: &[u8; SNAP_LEN], netns: u32) -> bool {
     // SAFETY: .rodata global patched by userspace; volatile so it is not constant-folded.
     let f: &Filter = unsafe { &*core::ptr::read_volatile(&&raw const FILTER) };
-    if f.netns != 0 && f.netns != e.netns {
+    if f.netns != 0 && f.netns != netns {
         return false;
     }
-    let h = &e.headers;
     // (family, l4 protocol, offset of saddr, offset of daddr, address length, l4 offset)
     let (family, proto, l4) = match h[0] >> 4 {
         4 => (4u8, h[9], ((h[0] & 0x0f) as usize) * 4),

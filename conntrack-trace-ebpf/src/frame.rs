@@ -21,7 +21,11 @@ pub struct Frame {
 #[repr(C)]
 pub struct Frames {
     pub depth: u32,
-    pub _pad: u32,
+    /// Set by `early_drop` inside the call in flight; taken by its return.
+    pub drop_reason: u8,
+    pub _pad: [u8; 3],
+    /// The skb `nf_ct_resolve_clash` is deciding about (confirm does not nest: BH is off).
+    pub clash_skb: u64,
     pub frame: [Frame; MAX_NEST],
 }
 

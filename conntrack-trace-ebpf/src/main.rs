@@ -4,11 +4,14 @@
 #![no_main]
 
 mod ct;
+mod drops;
 mod filter;
 mod frame;
-mod ring;
 mod read;
 mod reason;
+mod reset;
+mod ring;
+mod skb;
 mod verdict;
 mod window;
 

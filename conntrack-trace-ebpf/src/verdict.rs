@@ -14,8 +14,9 @@ use conntrack_trace_common::{
 
 use crate::{
     filter,
-    frame::{Frame, frames, pop, push},
-    read::{bytes, field, offsets},
+    frame::{Frame, Frames, frames, pop, push},
+    skb,
+    read::{field, offsets},
     ring::emit,
 };
 
@@ -32,9 +33,22 @@ pub fn nf_conntrack_in(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn nf_conntrack_in_ret(ctx: RetProbeContext) -> u32 {
-    let Some(f) = frames().and_then(pop) else { return 0 };
-    decide(f, ctx.ret::<i32>());
+    let Some(frames) = frames() else { return 0 };
+    let drop_reason = take_drop_reason(frames);
+    if let Some(f) = pop(frames) {
+        decide(f, ctx.ret::<i32>(), drop_reason);
+    }
     0
+}
+
+/// The drop reason `early_drop` left for the call returning now (cleared for the next one).
+#[inline(always)]
+fn take_drop_reason(frames: &mut Frames) -> u8 {
+    let r = frames.drop_reason;
+    if r != 0 {
+        frames.drop_reason = 0;
+    }
+    r
 }
 
 /// One program instead of the pair, where fexit can attach (nf_conntrack built in, or a
@@ -46,6 +60,7 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
     let state: u64 = ctx.arg(1);
     let ret: u64 = ctx.arg(2);
     let Some(frames) = frames() else { return 0 };
+    let drop_reason = take_drop_reason(frames);
     let d = frames.depth as usize;
     let mine = d > 0 && d <= MAX_NEST && frames.frame.get(d - 1).is_some_and(|f| f.skb == skb);
     if !mine {
@@ -55,7 +70,7 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
     let f = pop(frames);
     if let Some(f) = f {
         f.state = state;
-        decide(f, ret as i32);
+        decide(f, ret as i32, drop_reason);
     }
     0
 }
@@ -63,7 +78,7 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
 /// The exit rule: NF_ACCEPT with no `_nfct` is INVALID, NF_DROP is a drop, and a logged
 /// reason on a packet that kept its entry is IGNORED. Anything else is a normal packet.
 #[inline(always)]
-fn decide(f: &mut Frame, ret: i32) {
+fn decide(f: &mut Frame, ret: i32, drop_reason: u8) {
     let verdict = match (ret, field::<u64>(f.skb, offsets().skb_nfct)) {
         (NF_ACCEPT, Some(0)) => verdict::INVALID,
         (NF_DROP, _) => verdict::DROP,
@@ -71,7 +86,8 @@ fn decide(f: &mut Frame, ret: i32) {
         _ => return,
     };
     fill(f, verdict);
-    if filter::matches(&f.event) {
+    f.event.drop_reason = drop_reason;
+    if filter::matches(&f.event.headers, f.event.netns) {
         emit(&f.event);
     }
 }
@@ -87,25 +103,15 @@ fn fill(f: &mut Frame, verdict: u8) {
     e.cpu = unsafe { bpf_get_smp_processor_id() };
     e.hook = field::<u8>(f.state, off.state_hook).unwrap_or(u8::MAX);
     e.pf = field::<u8>(f.state, off.state_pf).unwrap_or(0);
-    e.ifindex_in = ifindex(field::<u64>(f.state, off.state_in));
-    e.ifindex_out = ifindex(field::<u64>(f.state, off.state_out));
+    e.ifindex_in = field::<u64>(f.state, off.state_in).map_or(0, skb::ifindex);
+    e.ifindex_out = field::<u64>(f.state, off.state_out).map_or(0, skb::ifindex);
     if e.ifindex_in != 0 || e.ifindex_out != 0 {
         e.flags |= HAS_IFINDEX;
     }
     let net = field::<u64>(f.state, off.state_net).unwrap_or(0);
-    if let Some(inum) = field::<u32>(net, off.net_ns_inum) {
+    if let Some(inum) = skb::net_inum(net) {
         e.netns = inum;
         e.flags |= HAS_NETNS;
     }
-    e.skb_len = field::<u32>(f.skb, off.skb_len).unwrap_or(0);
-    let head = field::<u64>(f.skb, off.skb_head).unwrap_or(0);
-    let nh = field::<u16>(f.skb, off.skb_network_header).unwrap_or(0);
-    if !bytes(head, nh as u32, &mut e.headers) {
-        e.skb_len = 0;
-    }
-}
-
-#[inline(always)]
-fn ifindex(dev: Option<u64>) -> u32 {
-    dev.and_then(|d| field::<u32>(d, offsets().dev_ifindex)).unwrap_or(0)
+    e.skb_len = skb::headers(f.skb, &mut e.headers);
 }

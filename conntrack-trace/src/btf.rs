@@ -187,12 +187,14 @@ impl KernelBtf {
         o.skb_head = self.field("sk_buff", "head", 8)?;
         o.skb_network_header = self.field("sk_buff", "network_header", 2)?;
         o.skb_len = self.field("sk_buff", "len", 4)?;
+        o.skb_dev = self.field("sk_buff", "dev", 8)?;
         o.state_hook = self.field("nf_hook_state", "hook", 1)?;
         o.state_pf = self.field("nf_hook_state", "pf", 1)?;
         o.state_in = self.field("nf_hook_state", "in", 8)?;
         o.state_out = self.field("nf_hook_state", "out", 8)?;
         o.state_net = self.field("nf_hook_state", "net", 8)?;
         o.dev_ifindex = self.field("net_device", "ifindex", 4)?;
+        o.dev_nd_net = self.field("net_device", "nd_net.net", 8)?;
         o.net_ns_inum = self.field("net", "ns.inum", 4)?;
 
         o.net_tcp_be_liberal =

@@ -6,7 +6,7 @@ use std::{io::Write, path::Path};
 use anyhow::Result;
 use aya::{
     Btf,
-    programs::{FExit, KProbe, ProgramError},
+    programs::{FExit, KProbe, ProgramError, TracePoint},
 };
 
 use crate::{ebpf, plan::Plan, privs, symbols::Symbols};
@@ -135,6 +135,8 @@ fn load_all(bpf: &mut aya::Ebpf, plan: &Plan) -> Result<Vec<ProgramReport>> {
                 _ => "kretprobe",
             };
             (kind, Some(k.load()))
+        } else if let Ok(t) = <&mut TracePoint>::try_from(&mut *prog) {
+            ("tracepoint", Some(t.load()))
         } else if let Ok(f) = <&mut FExit>::try_from(&mut *prog) {
             let target = plan.attach.iter().find(|a| a.program == name).map(|a| a.target.clone());
             match (&vmlinux, target) {

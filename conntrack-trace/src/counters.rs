@@ -1,7 +1,7 @@
 //! The kernel's own conntrack counters: `/proc/net/stat/nf_conntrack` (per CPU, hex, one
 //! file per network namespace) and the table fill. The tracer's ground truth.
 
-use std::{collections::BTreeMap, collections::HashSet, fs, path::Path};
+use std::{collections::BTreeMap, fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -54,27 +54,33 @@ impl Stats {
     }
 }
 
-/// Counters of every network namespace some process lives in, keyed by netns inode. The
-/// tracer sees all namespaces, so its totals compare against the sum of these.
-pub fn all_namespaces() -> BTreeMap<u64, Stats> {
-    let mut seen = HashSet::new();
+/// One process per network namespace: netns inode -> pid.
+fn namespaces() -> BTreeMap<u64, u32> {
     let mut out = BTreeMap::new();
     let Ok(procs) = fs::read_dir("/proc") else { return out };
     for p in procs.flatten() {
-        let name = p.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(meta) = fs::metadata(p.path().join("ns/net")) else { continue };
-        let ino = std::os::unix::fs::MetadataExt::ino(&meta);
-        if !seen.insert(ino) {
-            continue;
-        }
-        if let Ok(s) = Stats::read(&p.path().join("net/stat/nf_conntrack")) {
-            out.insert(ino, s);
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if let Ok(meta) = fs::metadata(p.path().join("ns/net")) {
+            out.entry(std::os::unix::fs::MetadataExt::ino(&meta)).or_insert(pid);
         }
     }
     out
+}
+
+/// A process living in namespace `ino`, through which its /proc/PID/net files are read.
+pub fn pid_in_netns(ino: u64) -> Option<u32> {
+    namespaces().get(&ino).copied()
+}
+
+/// Counters of every network namespace some process lives in, keyed by netns inode. The
+/// tracer sees all namespaces, so its totals compare against the sum of these.
+pub fn all_namespaces() -> BTreeMap<u64, Stats> {
+    namespaces()
+        .into_iter()
+        .filter_map(|(ino, pid)| {
+            Stats::read(Path::new(&format!("/proc/{pid}/net/stat/nf_conntrack"))).ok().map(|s| (ino, s))
+        })
+        .collect()
 }
 
 /// Delta of the sum over namespaces present both times (ones created or destroyed in

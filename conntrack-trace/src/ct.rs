@@ -12,6 +12,11 @@ const TCP_STATES: [&str; 14] = [
     "TIME_WAIT", "CLOSE", "SYN_SENT2", "MAX", "IGNORE", "RETRANS", "UNACK",
 ];
 
+/// The static name for a state word read back from `/proc/net/nf_conntrack`.
+pub fn static_state(word: &str) -> Option<&'static str> {
+    TCP_STATES.iter().copied().find(|s| *s == word)
+}
+
 pub fn tcp_state_name(state: u8) -> &'static str {
     TCP_STATES.get(state as usize).copied().unwrap_or("?")
 }

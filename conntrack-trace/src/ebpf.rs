@@ -18,6 +18,7 @@ pub fn open(plan: &Plan, ring_bytes: u32, filter: &Filter) -> Result<Ebpf> {
         .override_global("LOG_ARGS", &plan.log_args, true)
         .override_global("LAZY_FRAMES", &lazy, true)
         .override_global("FILTER", filter, true)
+        .override_global("RESET_TP", &plan.reset_tp, true)
         .map_max_entries("EVENTS", ring_bytes)
         .load(OBJECT)
         .context("creating the eBPF maps")

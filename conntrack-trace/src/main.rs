@@ -4,12 +4,14 @@ mod btf;
 mod check;
 mod counters;
 mod ct;
+mod drops;
 mod ebpf;
 mod filter;
 mod output;
 mod plan;
 mod privs;
 mod reason;
+mod reset;
 mod summary;
 mod symbols;
 mod trace;
@@ -61,6 +63,10 @@ struct Cli {
     /// Only this network namespace (its inode, as `ls -L -i /proc/PID/ns/net` shows).
     #[arg(long, value_name = "INODE", value_parser = clap::value_parser!(u32).range(1..))]
     netns: Option<u32>,
+    /// Also print RSTs sent for packets with no socket that no INVALID packet explains
+    /// (those that answer an INVALID packet are always shown, as incidents).
+    #[arg(long)]
+    resets: bool,
     /// Ring buffer size in bytes (a power of two, at least one page).
     #[arg(long, default_value_t = 8 << 20, value_parser = ring_size)]
     ring_size: u32,
@@ -101,6 +107,7 @@ fn trace(cli: &Cli) -> Result<bool> {
         filter,
         ring_bytes: cli.ring_size,
         verbose: cli.verbose > 0,
+        resets: cli.resets,
     };
     let stdout = std::io::stdout();
     let mut out: Box<dyn Output> = if cli.json {

@@ -4,7 +4,7 @@
 use std::{fmt, path::Path};
 
 use anyhow::{Result, bail};
-use conntrack_trace_common::{offsets::Offsets, reason::LogArgs};
+use conntrack_trace_common::{offsets::Offsets, reason::LogArgs, reset::ResetTp};
 
 use crate::{
     btf::{ConntrackBtf, KernelBtf},
@@ -16,6 +16,8 @@ pub enum Flavor {
     KProbe,
     KRetProbe,
     FExit,
+    /// A tracepoint; the target is "category/name".
+    TracePoint,
 }
 
 impl fmt::Display for Flavor {
@@ -24,6 +26,7 @@ impl fmt::Display for Flavor {
             Flavor::KProbe => "kprobe",
             Flavor::KRetProbe => "kretprobe",
             Flavor::FExit => "fexit",
+            Flavor::TracePoint => "tracepoint",
         })
     }
 }
@@ -55,6 +58,7 @@ pub struct Plan {
     pub release: String,
     pub offsets: Offsets,
     pub log_args: LogArgs,
+    pub reset_tp: ResetTp,
     pub window: WindowSource,
     pub attach: Vec<Attach>,
     /// What is degraded on this kernel, in words a user can act on.
@@ -70,10 +74,13 @@ impl Plan {
             .to_string();
         let syms = Symbols::from_proc()?;
         let btf = KernelBtf::from_sys()?;
-        Ok((Self::new(&release, &syms, &btf)?, btf))
+        let tp = tracefs()
+            .and_then(|t| std::fs::read_to_string(t.join("events/tcp/tcp_send_reset/format")).ok());
+        Ok((Self::new(&release, &syms, &btf, tp.as_deref())?, btf))
     }
 
-    pub fn new(release: &str, syms: &Symbols, btf: &KernelBtf) -> Result<Self> {
+    /// `reset_format` is the `tcp:tcp_send_reset` tracepoint's format file, if it exists.
+    pub fn new(release: &str, syms: &Symbols, btf: &KernelBtf, reset_format: Option<&str>) -> Result<Self> {
         let mut notes = Vec::new();
         let Some(ct_in) = syms.find("nf_conntrack_in") else {
             bail!("{}", not_loaded_message(release));
@@ -162,7 +169,39 @@ impl Plan {
                 None => notes.push(format!("{base} not found: its reasons are not reported")),
             }
         }
-        Ok(Self { release: release.to_string(), offsets, log_args, window, attach, notes })
+
+        match syms.find("early_drop") {
+            Some(ed) => add("early_drop_ret", Flavor::KRetProbe, ed),
+            None => notes.push(
+                "early_drop not found: table-full drops are reported as conntrack_drop".into(),
+            ),
+        }
+        match syms.find("nf_ct_resolve_clash") {
+            Some(rc) => {
+                add("nf_ct_resolve_clash_ret", Flavor::KRetProbe, rc);
+                add("nf_ct_resolve_clash", Flavor::KProbe, rc);
+            }
+            None => notes.push("nf_ct_resolve_clash not found (before 5.10): insert_failed drops are not reported".into()),
+        }
+
+        // 6.10+ traces socketless resets (and names a reason); before, the tracepoint fires
+        // only with a full socket, so the send functions are probed instead.
+        let mut reset_tp = ResetTp::default();
+        match reset_format.and_then(tracepoint_offsets) {
+            Some((tp, true)) => {
+                reset_tp = tp;
+                add("tcp_send_reset_tp", Flavor::TracePoint, "tcp/tcp_send_reset");
+            }
+            _ => {
+                for f in ["tcp_v4_send_reset", "tcp_v6_send_reset"] {
+                    match syms.find(f) {
+                        Some(sym) => add("tcp_send_reset_kprobe", Flavor::KProbe, sym),
+                        None => notes.push(format!("{f} not found: those resets are not reported")),
+                    }
+                }
+            }
+        }
+        Ok(Self { release: release.to_string(), offsets, log_args, reset_tp, window, attach, notes })
     }
 
     pub fn uses_fexit(&self) -> bool {
@@ -179,6 +218,32 @@ impl Plan {
         }
         p
     }
+}
+
+/// Offsets of `skbaddr` and `skaddr` in a tracepoint format, and whether it has a `reason`
+/// field (the 6.10 version that also fires without a socket).
+fn tracepoint_offsets(format: &str) -> Option<(ResetTp, bool)> {
+    let offset_of = |name: &str| {
+        format.lines().find(|l| l.contains(&format!(" {name};"))).and_then(|l| {
+            l.split(';').find_map(|p| p.trim().strip_prefix("offset:")).and_then(|v| v.parse().ok())
+        })
+    };
+    let tp = ResetTp { skb: offset_of("skbaddr")?, sk: offset_of("skaddr")? };
+    Some((tp, offset_of("reason").is_some()))
+}
+
+/// Where tracefs is mounted, mounting it at /sys/kernel/tracing if it is not.
+pub fn tracefs() -> Option<std::path::PathBuf> {
+    for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if Path::new(p).join("events").exists() {
+            return Some(p.into());
+        }
+    }
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then(|| "/sys/kernel/tracing".into())
 }
 
 /// `release` is older than `major.minor` (unparseable releases count as new).
@@ -211,6 +276,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reset_tracepoint_format() {
+        // 6.18's format (this host's); 6.1's lacks the reason field.
+        let new = "\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:enum sk_rst_reason reason;\toffset:28;\tsize:4;\tsigned:0;\n";
+        assert_eq!(tracepoint_offsets(new), Some((ResetTp { skb: 8, sk: 16 }, true)));
+        let old = "\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;\n";
+        assert_eq!(tracepoint_offsets(old), Some((ResetTp { skb: 8, sk: 16 }, false)));
+        assert_eq!(tracepoint_offsets("garbage"), None);
+    }
+
+    #[test]
     fn version_compare() {
         assert!(kernel_before("5.10.0-35-cloud-amd64", 5, 14));
         assert!(!kernel_before("6.1.0-31-cloud-amd64", 5, 14));
@@ -237,7 +312,7 @@ mod tests {
     fn missing_conntrack_is_explained() {
         let btf = KernelBtf::from_sys().unwrap();
         let syms = Symbols::parse("ffffffff81000000 T tcp_v4_rcv\n");
-        let err = Plan::new("6.1.0-1-amd64", &syms, &btf).unwrap_err().to_string();
+        let err = Plan::new("6.1.0-1-amd64", &syms, &btf, None).unwrap_err().to_string();
         assert!(err.contains("nf_conntrack"), "{err}");
     }
 }

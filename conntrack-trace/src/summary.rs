@@ -14,6 +14,9 @@ pub struct Summary {
     pub lost: u64,
     /// `nf_conntrack_in` calls nested too deep to track (their verdicts were not seen).
     pub untracked: u64,
+    /// Socketless RSTs seen, and how many of them answered an INVALID packet.
+    pub resets: u64,
+    pub incidents: u64,
     flows: HashMap<String, u64>,
     /// Kernel counter deltas summed over the namespaces present at start and end.
     pub kernel: Option<Stats>,
@@ -31,14 +34,14 @@ impl Summary {
             Verdict::Drop => self.drops += 1,
         }
         *self.by_code.entry(r.reason_code().to_string()).or_insert(0) += 1;
-        let flow = match (r.saddr, r.daddr) {
+        let flow = match (r.pkt.saddr, r.pkt.daddr) {
             (Some(s), Some(d)) => format!(
                 "{} {}:{} > {}:{}",
-                r.proto_name(),
+                r.pkt.proto_name(),
                 s,
-                r.sport.unwrap_or(0),
+                r.pkt.sport.unwrap_or(0),
                 d,
-                r.dport.unwrap_or(0)
+                r.pkt.dport.unwrap_or(0)
             ),
             _ => "(unparsed)".into(),
         };

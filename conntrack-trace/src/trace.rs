@@ -10,9 +10,9 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Btf, Ebpf,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{FExit, KProbe},
+    programs::{FExit, KProbe, TracePoint},
 };
-use conntrack_trace_common::{filter::Filter, stat};
+use conntrack_trace_common::{filter::Filter, kind, stat};
 use tokio::{io::unix::AsyncFd, signal::unix::{SignalKind, signal}};
 
 use crate::{
@@ -20,6 +20,7 @@ use crate::{
     output::Output,
     plan::{Flavor, Plan},
     privs,
+    reset::{self, Correlator},
     summary::Summary,
     verdict::{self, Clock},
 };
@@ -30,6 +31,8 @@ pub struct Options {
     pub filter: Filter,
     pub ring_bytes: u32,
     pub verbose: bool,
+    /// Print RSTs that no INVALID packet explains (linked ones always print as incidents).
+    pub resets: bool,
 }
 
 /// Loads and attaches every program in the plan. The return probe goes on before the entry
@@ -45,10 +48,21 @@ fn attach(bpf: &mut Ebpf, plan: &Plan) -> Result<()> {
         match a.flavor {
             Flavor::KProbe | Flavor::KRetProbe => {
                 let p: &mut KProbe = prog.try_into()?;
-                p.load().with_context(what)?;
+                // One program may attach to several functions (tcp_v4/v6_send_reset).
+                if p.fd().is_err() {
+                    p.load().with_context(what)?;
+                }
                 p.attach(&a.target, 0).with_context(|| {
                     format!("{}: the symbol may have moved or been inlined in this kernel build; run `conntrack-trace check`", what())
                 })?;
+            }
+            Flavor::TracePoint => {
+                let p: &mut TracePoint = prog.try_into()?;
+                let (category, name) = a.target.split_once('/').unwrap_or(("", &a.target));
+                if p.fd().is_err() {
+                    p.load().with_context(what)?;
+                }
+                p.attach(category, name).with_context(what)?;
             }
             Flavor::FExit => {
                 let p: &mut FExit = prog.try_into()?;
@@ -116,18 +130,46 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let mut reported_lost = 0u64;
     let mut closed = false;
 
-    // Handles one record; Err(()) means stop (count reached or stdout closed).
-    let handle = |bytes: &[u8], summary: &mut Summary, out: &mut dyn Output| -> std::result::Result<(), bool> {
-        let ev = match verdict::parse(bytes) {
-            Ok(ev) => ev,
-            Err(e) => {
-                log::warn!("{e}");
+    let mut corr = Correlator::default();
+    // Handles one record; Err(closed) means stop (count reached, or stdout closed).
+    let mut handle = |bytes: &[u8], summary: &mut Summary, out: &mut dyn Output| -> std::result::Result<(), bool> {
+        let written = match bytes.get(..4).map(|k| u32::from_ne_bytes(k.try_into().unwrap())) {
+            Some(kind::PACKET) => match verdict::parse(bytes) {
+                Ok(ev) => {
+                    let r = verdict::decode(&ev, &clock);
+                    summary.record(&r);
+                    corr.invalid(&r);
+                    out.event(&r)
+                }
+                Err(e) => {
+                    log::warn!("{e}");
+                    return Ok(());
+                }
+            },
+            Some(kind::RESET) => match reset::parse(bytes) {
+                Ok(ev) => {
+                    let rst = reset::decode(&ev, &clock);
+                    summary.resets += 1;
+                    match corr.reset(&rst) {
+                        Some(incident) => {
+                            summary.incidents += 1;
+                            out.incident(&incident)
+                        }
+                        None if opts.resets => out.reset(&rst),
+                        None => Ok(()),
+                    }
+                }
+                Err(e) => {
+                    log::warn!("{e}");
+                    return Ok(());
+                }
+            },
+            other => {
+                log::warn!("unknown event kind {other:?}");
                 return Ok(());
             }
         };
-        let r = verdict::decode(&ev, &clock);
-        summary.record(&r);
-        if let Err(e) = out.event(&r) {
+        if let Err(e) = written {
             return Err(e.kind() == io::ErrorKind::BrokenPipe);
         }
         match opts.count {

@@ -13,7 +13,7 @@ use conntrack_trace_common::{
 };
 use etherparse::{LaxPacketHeaders, NetHeaders, TransportHeader};
 
-use crate::{ct::Conntrack, reason, window};
+use crate::{ct::Conntrack, drops, reason, window};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verdict {
@@ -43,11 +43,9 @@ pub struct Tcp {
     pub len: u16,
 }
 
-#[derive(Clone, Debug)]
-pub struct Record {
-    pub verdict: Verdict,
-    pub ts_ns: u64,
-    pub time: SystemTime,
+/// What the captured headers say about a packet.
+#[derive(Clone, Debug, Default)]
+pub struct Packet {
     pub family: Option<&'static str>,
     pub proto: Option<u8>,
     pub saddr: Option<IpAddr>,
@@ -57,27 +55,50 @@ pub struct Record {
     pub tcp: Option<Tcp>,
     /// ICMP type and code.
     pub icmp: Option<(u8, u8)>,
+    /// The headers as captured (from the network header, at most SNAP_LEN bytes).
+    pub headers: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub verdict: Verdict,
+    pub ts_ns: u64,
+    pub time: SystemTime,
+    pub pkt: Packet,
     pub reason: Option<reason::Explained>,
     pub window: Option<window::Explained>,
     pub ct: Option<Conntrack>,
     pub netns: Option<u32>,
     pub ifindex: Option<u32>,
     pub hook: Option<&'static str>,
-    /// The headers as captured, for `--pcap`-style evidence and debugging.
-    pub headers: Vec<u8>,
+    /// For DROP verdicts: which drop path (`drops::code`).
+    pub drop_reason: u8,
 }
 
 impl Record {
     pub fn reason_code(&self) -> &'static str {
-        self.reason.as_ref().map_or("unknown", |r| r.code)
+        match (&self.reason, self.verdict) {
+            (Some(r), _) => r.code,
+            (None, Verdict::Drop) => drops::code(self.drop_reason),
+            (None, _) => "unknown",
+        }
     }
 
     pub fn reason_text(&self) -> &str {
-        match &self.reason {
-            Some(r) => &r.text,
+        match (&self.reason, self.verdict) {
+            (Some(r), _) => &r.text,
+            (None, Verdict::Drop) => drops::text(self.drop_reason),
             // Conntrack logs nothing for e.g. an ICMP error that matches no connection.
-            None => "no reason logged by the kernel",
+            (None, _) => "no reason logged by the kernel",
         }
+    }
+
+}
+
+impl Packet {
+    /// (source, source port, destination, destination port), for matching across events.
+    pub fn tuple(&self) -> Option<(IpAddr, u16, IpAddr, u16)> {
+        Some((self.saddr?, self.sport?, self.daddr?, self.dport?))
     }
 
     pub fn proto_name(&self) -> String {
@@ -152,20 +173,11 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
         verdict::DROP => Verdict::Drop,
         _ => Verdict::Invalid,
     };
-    let caplen = (e.skb_len as usize).min(SNAP_LEN);
-    let headers = e.headers[..caplen].to_vec();
     let mut r = Record {
         verdict,
         ts_ns: e.ts_ns,
         time: clock.wall(e.ts_ns),
-        family: None,
-        proto: None,
-        saddr: None,
-        daddr: None,
-        sport: None,
-        dport: None,
-        tcp: None,
-        icmp: None,
+        pkt: Packet::parse(&e.headers, e.skb_len),
         reason: None,
         window: None,
         ct: Conntrack::decode(&e.ct),
@@ -173,8 +185,24 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
         ifindex: (e.flags & HAS_IFINDEX != 0)
             .then_some(if e.ifindex_in != 0 { e.ifindex_in } else { e.ifindex_out }),
         hook: hook_name(e.pf, e.hook),
-        headers,
+        drop_reason: e.drop_reason,
     };
+    if e.flags & HAS_REASON != 0 {
+        let state = r.ct.as_ref().and_then(|c| c.state);
+        r.reason = reason::explain(&e.reason, state);
+    }
+    if let (Some(reason), Some(tcp), Some(ct)) = (&r.reason, &r.pkt.tcp, &r.ct)
+        && ct.state.is_some()
+    {
+        r.window = window::explain(reason.code, reason.value, e.ct.seen, ct.reply_dir, tcp);
+    }
+    r
+}
+
+impl Packet {
+    /// Decodes the first `min(len, SNAP_LEN)` captured bytes.
+    pub fn parse(captured: &[u8; SNAP_LEN], len: u32) -> Self {
+        let mut r = Packet { headers: captured[..(len as usize).min(SNAP_LEN)].to_vec(), ..Default::default() };
     if let Ok(p) = LaxPacketHeaders::from_ip(&r.headers) {
         let mut l4_len = None;
         match &p.net {
@@ -226,14 +254,6 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
             _ => {}
         }
     }
-    if e.flags & HAS_REASON != 0 {
-        let state = r.ct.as_ref().and_then(|c| c.state);
-        r.reason = reason::explain(&e.reason, state);
+        r
     }
-    if let (Some(reason), Some(tcp), Some(ct)) = (&r.reason, &r.tcp, &r.ct)
-        && ct.state.is_some()
-    {
-        r.window = window::explain(reason.code, reason.value, e.ct.seen, ct.reply_dir, tcp);
-    }
-    r
 }

@@ -6,7 +6,12 @@ use std::{collections::BTreeMap, io::{self, Write}, net::IpAddr};
 use serde::Serialize;
 
 use super::Output;
-use crate::{ct::Endpoints, summary::Summary, verdict::Record};
+use crate::{
+    ct::Endpoints,
+    reset::{Incident, Reset},
+    summary::Summary,
+    verdict::Record,
+};
 
 pub struct Json<W: Write> {
     out: W,
@@ -123,6 +128,8 @@ struct SummaryLine<'a> {
     drop: u64,
     lost: u64,
     untracked: u64,
+    resets: u64,
+    incidents: u64,
     counts: &'a BTreeMap<String, u64>,
     top_flows: Vec<Flow<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -158,22 +165,21 @@ impl Serialize for Endpoints {
     }
 }
 
-impl<W: Write> Output for Json<W> {
-    fn event(&mut self, r: &Record) -> io::Result<()> {
-        let e = Event {
+fn event_of(r: &Record) -> Event<'_> {
+    Event {
             event: r.verdict.as_str(),
             time: humantime::format_rfc3339_micros(r.time).to_string(),
             ts_ns: r.ts_ns,
             reason: r.reason_text(),
             reason_code: r.reason_code(),
-            family: r.family,
-            proto: r.proto_name(),
-            saddr: r.saddr,
-            sport: r.sport,
-            daddr: r.daddr,
-            dport: r.dport,
-            tcp: r.tcp.as_ref().map(|t| Tcp { flags: &t.flags, seq: t.seq, ack: t.ack, win: t.win, len: t.len }),
-            icmp: r.icmp.map(|(t, c)| Icmp { r#type: t, code: c }),
+            family: r.pkt.family,
+            proto: r.pkt.proto_name(),
+            saddr: r.pkt.saddr,
+            sport: r.pkt.sport,
+            daddr: r.pkt.daddr,
+            dport: r.pkt.dport,
+            tcp: r.pkt.tcp.as_ref().map(|t| Tcp { flags: &t.flags, seq: t.seq, ack: t.ack, win: t.win, len: t.len }),
+            icmp: r.pkt.icmp.map(|(t, c)| Icmp { r#type: t, code: c }),
             window: r.window.as_ref().map(|w| Window {
                 sender: (&w.sender).into(),
                 receiver: (&w.receiver).into(),
@@ -185,8 +191,95 @@ impl<W: Write> Output for Json<W> {
             netns: r.netns,
             ifindex: r.ifindex,
             hook: r.hook,
-        };
-        self.line(&e)
+        }
+}
+
+#[derive(Serialize)]
+struct ResetLine<'a> {
+    event: &'static str,
+    time: String,
+    ts_ns: u64,
+    /// The RST's own addresses: from the answered packet's destination to its source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    saddr: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daddr: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dport: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ifindex: Option<u32>,
+    /// The packet it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trigger: Option<Tcp<'a>>,
+}
+
+fn reset_of(r: &Reset) -> ResetLine<'_> {
+    let t = &r.trigger;
+    ResetLine {
+        event: "reset",
+        time: humantime::format_rfc3339_micros(r.time).to_string(),
+        ts_ns: r.ts_ns,
+        saddr: t.daddr,
+        sport: t.dport,
+        daddr: t.saddr,
+        dport: t.sport,
+        netns: r.netns,
+        ifindex: r.ifindex,
+        trigger: t.tcp.as_ref().map(|t| Tcp { flags: &t.flags, seq: t.seq, ack: t.ack, win: t.win, len: t.len }),
+    }
+}
+
+#[derive(Serialize)]
+struct Addr {
+    addr: IpAddr,
+    port: u16,
+}
+
+#[derive(Serialize)]
+struct IncidentLine<'a> {
+    event: &'static str,
+    time: String,
+    ts_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ct: Option<Ct<'a>>,
+    invalid: Event<'a>,
+    reset: ResetLine<'a>,
+    explain: String,
+}
+
+impl<W: Write> Output for Json<W> {
+    fn event(&mut self, r: &Record) -> io::Result<()> {
+        self.line(&event_of(r))
+    }
+
+    fn reset(&mut self, r: &Reset) -> io::Result<()> {
+        self.line(&reset_of(r))
+    }
+
+    fn incident(&mut self, i: &Incident) -> io::Result<()> {
+        let roles = i.roles();
+        self.line(&IncidentLine {
+            event: "incident",
+            time: humantime::format_rfc3339_micros(i.reset.time).to_string(),
+            ts_ns: i.reset.ts_ns,
+            client: roles.map(|(c, _, _)| Addr { addr: c.saddr, port: c.sport }),
+            service: roles.map(|(_, s, _)| Addr { addr: s.0, port: s.1 }),
+            backend: roles.map(|(_, _, b)| Addr { addr: b.0, port: b.1 }),
+            ct: i.ct.as_ref().map(|c| Ct { state: c.state, original: &c.original, reply: &c.reply, dnat: c.dnat() }),
+            invalid: event_of(&i.invalid),
+            reset: reset_of(&i.reset),
+            explain: super::incident_story(i),
+        })
     }
 
     fn lost(&mut self, n: u64) -> io::Result<()> {
@@ -203,6 +296,8 @@ impl<W: Write> Output for Json<W> {
             drop: s.drops,
             lost: s.lost,
             untracked: s.untracked,
+            resets: s.resets,
+            incidents: s.incidents,
             counts: &s.by_code,
             top_flows: s.top_flows(10).into_iter().map(|(flow, events)| Flow { flow, events }).collect(),
             kernel: s.kernel.as_ref().map(|k| &k.0),

@@ -5,11 +5,47 @@ pub mod text;
 
 use std::io;
 
-use crate::{summary::Summary, verdict::Record};
+use crate::{
+    reset::{Incident, Reset},
+    summary::Summary,
+    verdict::Record,
+};
 
 pub trait Output {
     fn event(&mut self, r: &Record) -> io::Result<()>;
     /// `n` events the kernel could not put in the ring buffer since the last report.
     fn lost(&mut self, n: u64) -> io::Result<()>;
+    /// An RST for a packet with no socket that no INVALID packet explains.
+    fn reset(&mut self, r: &Reset) -> io::Result<()>;
+    /// An INVALID packet and the RST that answered it.
+    fn incident(&mut self, i: &Incident) -> io::Result<()>;
     fn summary(&mut self, s: &Summary) -> io::Result<()>;
+}
+
+/// One sentence a reader can act on: what happened to the connection, with the roles.
+pub fn incident_story(i: &Incident) -> String {
+    let inv = &i.invalid;
+    let trig = &i.reset.trigger;
+    let ep = |a: Option<std::net::IpAddr>, p: Option<u16>| match (a, p) {
+        (Some(a), Some(p)) => format!("{a}:{p}"),
+        _ => "?".into(),
+    };
+    let head = match i.roles() {
+        Some((client, svc, backend)) => format!(
+            "client {}:{} -> Service {}:{} -> backend {}:{}: ",
+            client.saddr, client.sport, svc.0, svc.1, backend.0, backend.1
+        ),
+        None => String::new(),
+    };
+    format!(
+        "{head}segment {} > {} was INVALID ({}) in netns {}, so it was not NATed; netns {} had no \
+         socket for it and answered RST {} > {}, which resets the real connection",
+        ep(inv.pkt.saddr, inv.pkt.sport),
+        ep(inv.pkt.daddr, inv.pkt.dport),
+        inv.reason_code(),
+        inv.netns.map_or("?".into(), |n| n.to_string()),
+        i.reset.netns.map_or("?".into(), |n| n.to_string()),
+        ep(trig.daddr, trig.dport),
+        ep(trig.saddr, trig.sport),
+    )
 }

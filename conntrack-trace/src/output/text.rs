@@ -4,6 +4,7 @@ use std::io::{self, Write};
 
 use super::Output;
 use crate::{
+    reset::{Incident, Reset},
     summary::Summary,
     verdict::{Record, Verdict},
 };
@@ -51,17 +52,17 @@ impl<W: Write> Output for Text<W> {
             Verdict::Drop => ("DROP", self.paint(RED)),
         };
         let (dim, reset) = (self.paint(DIM), self.paint(RESET));
-        let flow = format!("{} > {}", endpoint(r.saddr, r.sport), endpoint(r.daddr, r.dport));
+        let flow = format!("{} > {}", endpoint(r.pkt.saddr, r.pkt.sport), endpoint(r.pkt.daddr, r.pkt.dport));
         let mut line = format!(
             "{} {colour}{label:<7}{reset} {:<13} {:<4} {flow:<45}",
             clock(r),
             r.reason_code(),
-            r.proto_name()
+            r.pkt.proto_name()
         );
-        if let Some(t) = &r.tcp {
+        if let Some(t) = &r.pkt.tcp {
             line += &format!(" [{}] seq {} ack {} win {} len {}", t.flags, t.seq, t.ack, t.win, t.len);
         }
-        if let Some((t, c)) = r.icmp {
+        if let Some((t, c)) = r.pkt.icmp {
             line += &format!(" type {t} code {c}");
         }
         line += &format!(" | {}", r.reason_text());
@@ -98,6 +99,45 @@ impl<W: Write> Output for Text<W> {
         self.out.flush()
     }
 
+    fn reset(&mut self, r: &Reset) -> io::Result<()> {
+        let t = &r.trigger;
+        let (c, reset) = (self.paint(YELLOW), self.paint(RESET));
+        writeln!(
+            self.out,
+            "{} {c}RST{reset}     no socket     tcp  {:<45} answering [{}] | netns {} if {}",
+            humantime::format_rfc3339_micros(r.time).to_string().get(11..26).unwrap_or(""),
+            format!("{} > {}", endpoint(t.daddr, t.dport), endpoint(t.saddr, t.sport)),
+            t.tcp.as_ref().map_or(String::new(), |t| format!("{} seq {} ack {}", t.flags, t.seq, t.ack)),
+            r.netns.map_or("?".into(), |n| n.to_string()),
+            r.ifindex.map_or("?".into(), |n| n.to_string()),
+        )?;
+        self.out.flush()
+    }
+
+    fn incident(&mut self, i: &Incident) -> io::Result<()> {
+        let (c, reset) = (self.paint(RED), self.paint(RESET));
+        writeln!(self.out, "{c}=== INCIDENT: connection reset caused by an INVALID packet ==={reset}")?;
+        writeln!(self.out, "  {}", super::incident_story(i))?;
+        if let Some(ct) = &i.ct {
+            let (o, r) = (&ct.original, &ct.reply);
+            writeln!(
+                self.out,
+                "  conntrack entry: {} {} > {} (reply {} > {})",
+                ct.state.unwrap_or("-"),
+                endpoint(Some(o.saddr), Some(o.sport)),
+                endpoint(Some(o.daddr), Some(o.dport)),
+                endpoint(Some(r.saddr), Some(r.sport)),
+                endpoint(Some(r.daddr), Some(r.dport)),
+            )?;
+        }
+        if let Some(w) = &i.invalid.window {
+            writeln!(self.out, "  why INVALID: {}: {}", i.invalid.reason_text(), w.text)?;
+        } else {
+            writeln!(self.out, "  why INVALID: {}", i.invalid.reason_text())?;
+        }
+        self.out.flush()
+    }
+
     fn lost(&mut self, n: u64) -> io::Result<()> {
         let (c, reset) = (self.paint(RED), self.paint(RESET));
         writeln!(self.out, "{c}WARNING: {n} events lost (ring buffer full); raise --ring-size{reset}")?;
@@ -108,6 +148,7 @@ impl<W: Write> Output for Text<W> {
         let o = &mut self.out;
         writeln!(o, "\n--- conntrack-trace summary ({:.1} s) ---", s.seconds)?;
         writeln!(o, "events: {} invalid, {} ignored, {} dropped; {} lost", s.invalid, s.ignored, s.drops, s.lost)?;
+        writeln!(o, "resets for packets with no socket: {}, linked to an INVALID packet: {}", s.resets, s.incidents)?;
         if s.untracked > 0 {
             writeln!(o, "WARNING: {} nf_conntrack_in calls nested too deep to track", s.untracked)?;
         }

@@ -1,0 +1,81 @@
+//! Conntrack's drop paths: a full table (`early_drop` finding nothing to evict inside
+//! `nf_conntrack_in`) and a clash at confirm that could not be resolved (`insert_failed`).
+//! Resolved clashes are not events: the summary takes them from the kernel's counter.
+
+use aya_ebpf::{
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::{kprobe, kretprobe, map},
+    maps::PerCpuArray,
+    programs::{ProbeContext, RetProbeContext},
+};
+use conntrack_trace_common::{
+    drops::reason,
+    kind,
+    verdict::{HAS_IFINDEX, HAS_NETNS, PacketEvent, verdict},
+};
+
+use crate::{filter, frame::frames, ring::emit, skb};
+
+const NF_DROP: i32 = 0;
+
+/// Built here for drops outside `nf_conntrack_in` (too big for the BPF stack).
+#[map]
+static SCRATCH: PerCpuArray<PacketEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// `early_drop(net, hash)` returned false: the table is full and nothing could be evicted, so
+/// the allocation fails and the `nf_conntrack_in` in flight returns NF_DROP.
+#[kretprobe]
+pub fn early_drop_ret(ctx: RetProbeContext) -> u32 {
+    if ctx.ret::<u64>() & 0xff == 0
+        && let Some(frames) = frames()
+    {
+        frames.drop_reason = reason::TABLE_FULL;
+    }
+    0
+}
+
+/// `nf_ct_resolve_clash(skb, h, repl_idx)`: confirm runs with BH off, so one slot per CPU.
+#[kprobe]
+pub fn nf_ct_resolve_clash(ctx: ProbeContext) -> u32 {
+    if let Some(frames) = frames() {
+        frames.clash_skb = ctx.arg::<u64>(0).unwrap_or(0);
+    }
+    0
+}
+
+#[kretprobe]
+pub fn nf_ct_resolve_clash_ret(ctx: RetProbeContext) -> u32 {
+    let Some(frames) = frames() else { return 0 };
+    let skb = core::mem::take(&mut frames.clash_skb);
+    if skb == 0 || ctx.ret::<i32>() != NF_DROP {
+        return 0;
+    }
+    let Some(e) = SCRATCH.get_ptr_mut(0) else { return 0 };
+    // SAFETY: per-CPU scratch value, valid for this program run.
+    let e = unsafe { &mut *e };
+    e.kind = kind::PACKET;
+    e.verdict = verdict::DROP;
+    e.drop_reason = reason::INSERT_FAILED;
+    e.ts_ns = unsafe { bpf_ktime_get_ns() };
+    e.cpu = unsafe { bpf_get_smp_processor_id() };
+    // Confirm has no hook state here: the device's namespace and index stand in.
+    e.hook = u8::MAX;
+    e.pf = 0;
+    e.flags = 0;
+    e.ct.flags = 0;
+    let (dev, netns) = skb::dev_and_netns(skb);
+    if let Some(n) = netns {
+        e.netns = n;
+        e.flags |= HAS_NETNS;
+    }
+    e.ifindex_in = skb::ifindex(dev);
+    e.ifindex_out = 0;
+    if e.ifindex_in != 0 {
+        e.flags |= HAS_IFINDEX;
+    }
+    e.skb_len = skb::headers(skb, &mut e.headers);
+    if filter::matches(&e.headers, e.netns) {
+        emit(e);
+    }
+    0
+}

@@ -1,0 +1,32 @@
+//! Drop events: which of conntrack's drop paths a dropped packet took.
+
+use conntrack_trace_common::drops::reason;
+
+/// Stable code for a DROP verdict's `drop_reason`.
+pub fn code(drop_reason: u8) -> &'static str {
+    match drop_reason {
+        reason::TABLE_FULL => "table_full",
+        reason::INSERT_FAILED => "insert_failed",
+        _ => "conntrack_drop",
+    }
+}
+
+/// The kernel's words for it (what it prints, where it prints anything).
+pub fn text(drop_reason: u8) -> &'static str {
+    match drop_reason {
+        reason::TABLE_FULL => "nf_conntrack: table full, dropping packet",
+        reason::INSERT_FAILED => "entry could not be inserted at confirm (clash not resolved)",
+        _ => "nf_conntrack_in returned NF_DROP",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn codes() {
+        assert_eq!(super::code(1), "table_full");
+        assert_eq!(super::code(2), "insert_failed");
+        assert_eq!(super::code(0), "conntrack_drop");
+        assert!(super::text(1).contains("table full"));
+    }
+}

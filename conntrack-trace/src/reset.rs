@@ -1,0 +1,206 @@
+//! Resets sent for packets that found no socket, and the incident they complete: an INVALID
+//! segment escaped NAT, a stack answered it with an RST, the real connection died.
+
+use std::{
+    collections::VecDeque,
+    net::IpAddr,
+    time::SystemTime,
+};
+
+use anyhow::{Result, bail};
+use conntrack_trace_common::reset::{HAS_NETNS, ResetEvent};
+
+use crate::{
+    ct::{Conntrack, Endpoints},
+    verdict::{Clock, Packet, Record, Verdict},
+};
+
+#[derive(Clone, Debug)]
+pub struct Reset {
+    pub ts_ns: u64,
+    pub time: SystemTime,
+    /// Namespace and interface where the answered packet arrived (where the RST came from).
+    pub netns: Option<u32>,
+    pub ifindex: Option<u32>,
+    /// The packet that was answered. The RST itself goes from its destination to its source.
+    pub trigger: Packet,
+}
+
+pub fn parse(bytes: &[u8]) -> Result<ResetEvent> {
+    if bytes.len() < size_of::<ResetEvent>() {
+        bail!("short reset event: {} bytes", bytes.len());
+    }
+    // SAFETY: ResetEvent is repr(C) plain data, any bit pattern is valid, length checked.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ResetEvent>()) })
+}
+
+pub fn decode(e: &ResetEvent, clock: &Clock) -> Reset {
+    Reset {
+        ts_ns: e.ts_ns,
+        time: clock.wall(e.ts_ns),
+        netns: (e.flags & HAS_NETNS != 0).then_some(e.netns),
+        ifindex: (e.ifindex != 0).then_some(e.ifindex),
+        trigger: Packet::parse(&e.headers, e.skb_len),
+    }
+}
+
+/// An INVALID packet and the RST that answered it.
+#[derive(Clone, Debug)]
+pub struct Incident {
+    pub invalid: Record,
+    pub reset: Reset,
+    /// The conntrack entry the INVALID packet belonged to: from the event, or looked up in the
+    /// namespace's table when the kernel gave none (no module BTF).
+    pub ct: Option<Conntrack>,
+}
+
+impl Incident {
+    /// (client, Service, backend) when the entry is DNAT'd.
+    pub fn roles(&self) -> Option<(&Endpoints, (IpAddr, u16), (IpAddr, u16))> {
+        let ct = self.ct.as_ref()?;
+        let o = &ct.original;
+        Some((o, (o.daddr, o.dport), (ct.reply.saddr, ct.reply.sport)))
+    }
+}
+
+/// How long after an INVALID packet an RST for it still counts as its answer. The RST is sent
+/// within one forwarding hop, microseconds later; a second leaves room for a loaded node.
+const LINK_WINDOW_NS: u64 = 1_000_000_000;
+
+/// Remembers recent INVALID TCP packets and links each RST to the one it answers: the RST's
+/// trigger is the INVALID packet itself (same tuple; it was never NATed), in any namespace.
+#[derive(Default)]
+pub struct Correlator {
+    recent: VecDeque<Record>,
+}
+
+impl Correlator {
+    pub fn invalid(&mut self, r: &Record) {
+        if r.verdict == Verdict::Invalid && r.pkt.tcp.is_some() && r.pkt.tuple().is_some() {
+            self.expire(r.ts_ns);
+            self.recent.push_back(r.clone());
+        }
+    }
+
+    fn expire(&mut self, now: u64) {
+        while self.recent.front().is_some_and(|o| now.saturating_sub(o.ts_ns) > LINK_WINDOW_NS) {
+            self.recent.pop_front();
+        }
+    }
+
+    /// The incident this RST completes, if any; each INVALID packet links to one RST.
+    pub fn reset(&mut self, rst: &Reset) -> Option<Incident> {
+        self.expire(rst.ts_ns);
+        let key = rst.trigger.tuple()?;
+        let i = self.recent.iter().rposition(|r| r.pkt.tuple() == Some(key) && r.ts_ns <= rst.ts_ns)?;
+        let invalid = self.recent.remove(i)?;
+        let ct = invalid.ct.clone().or_else(|| lookup_entry(&invalid));
+        Some(Incident { invalid, reset: rst.clone(), ct })
+    }
+}
+
+/// Finds the entry whose reply tuple is this packet (a reply-direction packet that lost its
+/// entry) or whose original tuple is, in the packet's namespace's `/proc/net/nf_conntrack`.
+fn lookup_entry(r: &Record) -> Option<Conntrack> {
+    let ns = r.netns?;
+    let (s, sp, d, dp) = r.pkt.tuple()?;
+    let pid = crate::counters::pid_in_netns(ns as u64)?;
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/nf_conntrack")).ok()?;
+    table.lines().find_map(|line| {
+        let ct = parse_proc_entry(line)?;
+        let is = |e: &Endpoints| e.saddr == s && e.sport == sp && e.daddr == d && e.dport == dp;
+        (is(&ct.reply) || is(&ct.original)).then_some(ct)
+    })
+}
+
+/// One line of `/proc/net/nf_conntrack`:
+/// `ipv4 2 tcp 6 431999 ESTABLISHED src=.. dst=.. sport=.. dport=.. src=.. dst=.. sport=.. dport=.. [ASSURED] ...`
+pub fn parse_proc_entry(line: &str) -> Option<Conntrack> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let state = words.get(5).filter(|w| !w.contains('=')).map(|w| crate::ct::static_state(w));
+    let vals = |key: &str| -> Vec<&str> {
+        words.iter().filter_map(|w| w.strip_prefix(key)).collect()
+    };
+    let (src, dst, sport, dport) = (vals("src="), vals("dst="), vals("sport="), vals("dport="));
+    let side = |i: usize| -> Option<Endpoints> {
+        Some(Endpoints {
+            saddr: src.get(i)?.parse().ok()?,
+            sport: sport.get(i)?.parse().ok()?,
+            daddr: dst.get(i)?.parse().ok()?,
+            dport: dport.get(i)?.parse().ok()?,
+        })
+    };
+    Some(Conntrack { state: state.flatten(), original: side(0)?, reply: side(1)?, reply_dir: true, status: 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verdict::Tcp;
+
+    fn pkt(s: &str, sp: u16, d: &str, dp: u16) -> Packet {
+        Packet {
+            family: Some("ipv4"),
+            proto: Some(6),
+            saddr: Some(s.parse().unwrap()),
+            daddr: Some(d.parse().unwrap()),
+            sport: Some(sp),
+            dport: Some(dp),
+            tcp: Some(Tcp { flags: "PA".into(), seq: 1, ack: 1, win: 1, len: 1 }),
+            ..Default::default()
+        }
+    }
+
+    fn invalid(ts: u64, p: Packet) -> Record {
+        Record {
+            verdict: Verdict::Invalid,
+            ts_ns: ts,
+            time: SystemTime::UNIX_EPOCH,
+            pkt: p,
+            reason: None,
+            window: None,
+            ct: None,
+            netns: None,
+            ifindex: None,
+            hook: None,
+            drop_reason: 0,
+        }
+    }
+
+    fn rst(ts: u64, p: Packet) -> Reset {
+        Reset { ts_ns: ts, time: SystemTime::UNIX_EPOCH, netns: Some(2), ifindex: None, trigger: p }
+    }
+
+    #[test]
+    fn links_reset_to_the_invalid_packet_it_answers_once() {
+        let mut c = Correlator::default();
+        c.invalid(&invalid(100, pkt("10.0.2.2", 8080, "10.0.1.2", 40000)));
+        // An RST for another flow does not link.
+        assert!(c.reset(&rst(150, pkt("10.0.2.2", 8080, "10.0.1.2", 40001))).is_none());
+        let i = c.reset(&rst(200, pkt("10.0.2.2", 8080, "10.0.1.2", 40000))).expect("linked");
+        assert_eq!(i.invalid.ts_ns, 100);
+        // The same INVALID packet does not explain a second RST.
+        assert!(c.reset(&rst(300, pkt("10.0.2.2", 8080, "10.0.1.2", 40000))).is_none());
+    }
+
+    #[test]
+    fn old_invalid_packets_expire() {
+        let mut c = Correlator::default();
+        c.invalid(&invalid(0, pkt("10.0.2.2", 8080, "10.0.1.2", 40000)));
+        assert!(c.reset(&rst(LINK_WINDOW_NS + 1, pkt("10.0.2.2", 8080, "10.0.1.2", 40000))).is_none());
+    }
+
+    #[test]
+    fn proc_conntrack_line() {
+        let ct = parse_proc_entry(
+            "ipv4     2 tcp      6 431999 ESTABLISHED src=10.0.1.2 dst=10.96.0.10 sport=40000 dport=80 \
+             src=10.0.2.2 dst=10.0.1.2 sport=8080 dport=40000 [ASSURED] mark=0 zone=0 use=2",
+        )
+        .unwrap();
+        assert_eq!(ct.state, Some("ESTABLISHED"));
+        assert_eq!(ct.original.daddr.to_string(), "10.96.0.10");
+        assert_eq!((ct.reply.saddr.to_string(), ct.reply.sport), ("10.0.2.2".into(), 8080));
+        assert!(ct.dnat());
+        assert!(parse_proc_entry("garbage").is_none());
+    }
+}
