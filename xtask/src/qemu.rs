@@ -56,7 +56,7 @@ pub fn run(kernel: &Kernel, vmlinuz: &Path, initrd: &Path, mode: Mode, timeout: 
             let mut buf = Vec::new();
             // The console is not guaranteed to be UTF-8; read bytes, convert lossily.
             while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-                let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+                let line = printable(String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']));
                 if tx.send((from_qemu, line)).is_err() {
                     break;
                 }
@@ -174,6 +174,34 @@ impl Protocol {
     }
 }
 
+/// Drops terminal control sequences (SeaBIOS clears the screen and resets the terminal) but
+/// keeps colour (SGR, `ESC [ ... m`), which the tracer's human output uses.
+fn printable(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() != Some(&'[') {
+            chars.next(); // a two-character escape such as ESC c (terminal reset)
+            continue;
+        }
+        let mut seq = String::from("\x1b");
+        for c in chars.by_ref() {
+            seq.push(c);
+            if c.is_ascii_alphabetic() && seq.len() > 2 {
+                break;
+            }
+        }
+        if seq.ends_with('m') {
+            out.push_str(&seq);
+        }
+    }
+    out
+}
+
 fn marker<'a>(line: &'a str, tag: &str) -> Option<&'a str> {
     line.find(tag).map(|i| &line[i + tag.len()..])
 }
@@ -181,6 +209,13 @@ fn marker<'a>(line: &'a str, tag: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_sequences_are_dropped_colour_kept() {
+        assert_eq!(printable("\x1bc\x1b[?7l\x1b[2JSeaBIOS"), "SeaBIOS");
+        assert_eq!(printable("\x1b[1;31mINVALID\x1b[0m x"), "\x1b[1;31mINVALID\x1b[0m x");
+        assert_eq!(printable("trailing \x1b"), "trailing ");
+    }
 
     #[test]
     fn protocol_lines_become_results() {
