@@ -13,6 +13,7 @@ pub struct Offsets {
     pub skb_network_header: u32,
     pub skb_len: u32,
     pub skb_dev: u32,
+    pub skb_data: u32,
     // struct nf_hook_state
     pub state_hook: u32,
     pub state_pf: u32,
@@ -57,6 +58,7 @@ impl Offsets {
             skb_network_header: UNKNOWN,
             skb_len: UNKNOWN,
             skb_dev: UNKNOWN,
+            skb_data: UNKNOWN,
             state_hook: UNKNOWN,
             state_pf: UNKNOWN,
             state_in: UNKNOWN,

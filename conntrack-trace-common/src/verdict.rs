@@ -34,7 +34,7 @@ pub struct PacketEvent {
     pub ifindex_in: u32,
     pub ifindex_out: u32,
     pub cpu: u32,
-    /// `skb->len` at the hook: how much of `headers` is real.
+    /// Packet length from the network header: how much of `headers` is real.
     pub skb_len: u32,
     /// `drops::reason` for DROP verdicts.
     pub drop_reason: u8,

@@ -188,6 +188,7 @@ impl KernelBtf {
         o.skb_network_header = self.field("sk_buff", "network_header", 2)?;
         o.skb_len = self.field("sk_buff", "len", 4)?;
         o.skb_dev = self.field("sk_buff", "dev", 8)?;
+        o.skb_data = self.field("sk_buff", "data", 8)?;
         o.state_hook = self.field("nf_hook_state", "hook", 1)?;
         o.state_pf = self.field("nf_hook_state", "pf", 1)?;
         o.state_in = self.field("nf_hook_state", "in", 8)?;
