@@ -5,28 +5,53 @@ use std::{collections::BTreeMap, fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 
+/// The file as the kernel writes it: column names (in its order) and one row per CPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PerCpu {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<u64>>,
+}
+
+impl PerCpu {
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut lines = text.lines();
+        let columns: Vec<String> =
+            lines.next().context("empty stat file")?.split_whitespace().map(String::from).collect();
+        let mut rows = Vec::new();
+        for line in lines {
+            let vals: Vec<&str> = line.split_whitespace().collect();
+            if vals.len() != columns.len() {
+                bail!("stat row has {} columns, header {}", vals.len(), columns.len());
+            }
+            rows.push(
+                vals.iter()
+                    .map(|v| u64::from_str_radix(v, 16).with_context(|| format!("bad hex {v:?}")))
+                    .collect::<Result<_>>()?,
+            );
+        }
+        Ok(Self { columns, rows })
+    }
+
+    /// Summed over CPUs; `entries` is the global count repeated on every row, not summed.
+    pub fn total(&self) -> Stats {
+        let mut sums = BTreeMap::new();
+        for row in &self.rows {
+            for (name, &v) in self.columns.iter().zip(row) {
+                let e = sums.entry(name.clone()).or_insert(0);
+                *e = if name == "entries" { v } else { *e + v };
+            }
+        }
+        Stats(sums)
+    }
+}
+
 /// Column name -> value, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats(pub BTreeMap<String, u64>);
 
 impl Stats {
     pub fn parse(text: &str) -> Result<Self> {
-        let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().context("empty stat file")?.split_whitespace().collect();
-        let mut sums = BTreeMap::new();
-        for line in lines {
-            let vals: Vec<&str> = line.split_whitespace().collect();
-            if vals.len() != header.len() {
-                bail!("stat row has {} columns, header {}", vals.len(), header.len());
-            }
-            for (name, v) in header.iter().zip(vals) {
-                // `entries` is the global count repeated on every row, not a per-CPU counter.
-                let v = u64::from_str_radix(v, 16).with_context(|| format!("bad hex {v:?}"))?;
-                let e = sums.entry((*name).to_string()).or_insert(0);
-                *e = if *name == "entries" { v } else { *e + v };
-            }
-        }
-        Ok(Self(sums))
+        Ok(PerCpu::parse(text)?.total())
     }
 
     pub fn read(path: &Path) -> Result<Self> {
@@ -95,12 +120,14 @@ pub fn delta_common(before: &BTreeMap<u64, Stats>, after: &BTreeMap<u64, Stats>)
     total
 }
 
+/// A `net.netfilter.*` sysctl of this namespace, if it exists on this kernel.
+pub fn sysctl(name: &str) -> Option<u64> {
+    fs::read_to_string(format!("/proc/sys/net/netfilter/{name}")).ok()?.trim().parse().ok()
+}
+
 /// `nf_conntrack_count` / `nf_conntrack_max` of this namespace.
 pub fn table_fill() -> Option<(u64, u64)> {
-    let read = |n: &str| {
-        fs::read_to_string(format!("/proc/sys/net/netfilter/{n}")).ok()?.trim().parse().ok()
-    };
-    Some((read("nf_conntrack_count")?, read("nf_conntrack_max")?))
+    Some((sysctl("nf_conntrack_count")?, sysctl("nf_conntrack_max")?))
 }
 
 #[cfg(test)]

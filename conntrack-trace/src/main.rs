@@ -12,6 +12,7 @@ mod plan;
 mod privs;
 mod reason;
 mod reset;
+mod stats;
 mod summary;
 mod symbols;
 mod trace;
@@ -31,7 +32,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     /// Print one JSON object per line (stable keys, see README) instead of text.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
     /// Stop after N events.
     #[arg(long, value_name = "N")]
@@ -88,6 +89,20 @@ enum Command {
     /// Load every program into the running kernel without attaching: report the verifier's
     /// verdict per program and which attach points this kernel offers.
     Check,
+    /// The kernel's conntrack counters (per CPU and summed), table fill and the sysctls that
+    /// decide what is INVALID. Needs no BPF and no root.
+    Stats {
+        /// Print again every SECONDS with per-interval rates, until interrupted.
+        #[arg(long, value_name = "SECONDS", value_parser = watch_secs)]
+        watch: Option<Duration>,
+    },
+}
+
+fn watch_secs(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.1 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?} is not a number of seconds >= 0.1")),
+    }
 }
 
 fn trace(cli: &Cli) -> Result<bool> {
@@ -132,6 +147,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Check) => check::run(&mut std::io::stdout().lock()),
+        Some(Command::Stats { watch }) => stats::run(&mut std::io::stdout().lock(), cli.json, watch),
         None => trace(&cli),
     };
     match result {

@@ -166,13 +166,14 @@ impl<W: Write> Output for Text<W> {
             let g = |n: &str| k.get(n).map_or("n/a".to_string(), |v| v.to_string());
             writeln!(
                 o,
-                "kernel counters over the same period ({} namespaces): invalid +{}, ignore +{}, drop +{}, early_drop +{}, insert_failed +{}",
+                "kernel counters over the same period ({} namespaces): invalid +{}, ignore +{}, drop +{}, early_drop +{}, insert_failed +{}, clash resolved +{}",
                 s.namespaces,
                 g("invalid"),
                 g("ignore"),
                 g("drop"),
                 g("early_drop"),
-                g("insert_failed")
+                g("insert_failed"),
+                g("clashres")
             )?;
         }
         if let (Some((c0, m0)), Some((c1, m1))) = (s.fill_start, s.fill_end) {
