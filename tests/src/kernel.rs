@@ -1,0 +1,49 @@
+//! Which kernel the scenarios run on, and the documented conntrack semantics that differ
+//! between versions (see shared/docs/kernel-notes.md §2).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+pub struct Kernel {
+    pub release: String,
+    /// `ct.kernel=` from /proc/cmdline, the matrix entry xtask booted (absent on a host).
+    pub label: Option<String>,
+    version: (u32, u32),
+    /// Module BTF for nf_conntrack: without it (Debian 5.10) the tracer cannot decode the
+    /// conntrack entry, so `ct` and `window` may be missing from its events.
+    pub conntrack_btf: bool,
+}
+
+impl Kernel {
+    pub fn detect() -> Result<Kernel> {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string();
+        let mut parts = release.split(|c: char| !c.is_ascii_digit());
+        let mut next = || -> Result<u32> {
+            parts.next().context("version part")?.parse().with_context(|| format!("kernel release {release:?}"))
+        };
+        let version = (next()?, next()?);
+        let label = std::fs::read_to_string("/proc/cmdline")
+            .unwrap_or_default()
+            .split_whitespace()
+            .find_map(|arg| arg.strip_prefix("ct.kernel=").map(str::to_string));
+        let conntrack_btf = Path::new("/sys/kernel/btf/nf_conntrack").exists()
+            || (Path::new("/sys/kernel/btf/vmlinux").exists() && !Path::new("/sys/module/nf_conntrack/initstate").exists());
+        Ok(Kernel { release, label, version, conntrack_btf })
+    }
+
+    /// 6.1 split window failures: SEQ/ACK *over* stay INVALID, SEQ/ACK *under* became
+    /// IGNORE (logged, packet keeps its conntrack entry). Up to 6.0 all four were INVALID.
+    pub fn window_under_is_ignored(&self) -> bool {
+        self.version >= (6, 1)
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "kernel {} ({}), nf_conntrack BTF {}",
+            self.release,
+            self.label.as_deref().unwrap_or("no ct.kernel label"),
+            if self.conntrack_btf { "present" } else { "absent" }
+        )
+    }
+}

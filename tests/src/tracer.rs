@@ -1,0 +1,169 @@
+//! The tracer under test as a child process: start, wait for "attached", collect its JSON
+//! lines, SIGINT, collect the summary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::tools;
+
+/// TCG is slow and the tracer parses BTF before attaching.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
+/// The contract says "within a second"; leave room for an emulated CPU.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// PID of the running tracer, so the watchdog can kill it before giving up on a scenario.
+pub static RUNNING_PID: AtomicI32 = AtomicI32::new(0);
+
+pub struct Tracer {
+    child: Child,
+    events: Arc<Mutex<Vec<Value>>>,
+    stdout: Option<JoinHandle<()>>,
+    stderr: Option<JoinHandle<()>>,
+}
+
+/// Everything the tracer printed, split into per-packet events and the final summary.
+pub struct Trace {
+    pub events: Vec<Value>,
+    pub summary: Option<Value>,
+}
+
+impl Tracer {
+    /// `--json` mode: stdout lines are parsed and kept (and echoed as log).
+    pub fn start_json(args: &[String]) -> Result<Tracer> {
+        let mut all = vec!["--json".to_string()];
+        all.extend_from_slice(args);
+        Self::start(&all, true)
+    }
+
+    /// Human mode with stdout straight to the console (the demo).
+    pub fn start_human(args: &[String]) -> Result<Tracer> {
+        Self::start(args, false)
+    }
+
+    fn start(args: &[String], capture: bool) -> Result<Tracer> {
+        let binary = tools::tracer();
+        println!("tracer: starting {binary} {}", args.join(" "));
+        let mut child = Command::new(&binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(if capture { Stdio::piped() } else { Stdio::inherit() })
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawn {binary}"))?;
+        RUNNING_PID.store(child.id() as i32, Ordering::SeqCst);
+
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().map(|out| {
+            let events = events.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    println!("tracer> {line}");
+                    match serde_json::from_str::<Value>(&line) {
+                        Ok(v) => events.lock().unwrap().push(v),
+                        Err(e) => println!("tracer: unparsable JSON line ({e})"),
+                    }
+                }
+            })
+        });
+
+        let (attached_tx, attached_rx) = mpsc::channel();
+        let err = child.stderr.take().expect("stderr piped");
+        let stderr = std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                println!("tracer: {line}");
+                if line.contains("conntrack-trace: attached") {
+                    let _ = attached_tx.send(());
+                }
+            }
+        });
+
+        let mut tracer = Tracer { child, events, stdout, stderr: Some(stderr) };
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        loop {
+            if attached_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                return Ok(tracer);
+            }
+            if let Some(status) = tracer.child.try_wait()? {
+                tracer.join_readers();
+                bail!("tracer exited ({status}) before attaching");
+            }
+            if Instant::now() > deadline {
+                tracer.kill();
+                bail!("tracer did not print \"attached\" within {ATTACH_TIMEOUT:?}");
+            }
+        }
+    }
+
+    /// Events received so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Polls until `done(events)` holds; false on timeout.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&[Value]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if done(&self.events.lock().unwrap()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        done(&self.events.lock().unwrap())
+    }
+
+    /// SIGINT, then wait for the exit and the summary line.
+    pub fn stop(mut self) -> Result<Trace> {
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                bail!("tracer still running {EXIT_TIMEOUT:?} after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        RUNNING_PID.store(0, Ordering::SeqCst);
+        println!("tracer: exited with {status}");
+        self.join_readers();
+        let mut events = std::mem::take(&mut *self.events.lock().unwrap());
+        let summary = match events.last() {
+            Some(v) if v["event"] == "summary" => events.pop(),
+            _ => None,
+        };
+        Ok(Trace { events, summary })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        RUNNING_PID.store(0, Ordering::SeqCst);
+        self.join_readers();
+    }
+
+    fn join_readers(&mut self) {
+        for handle in [self.stdout.take(), self.stderr.take()].into_iter().flatten() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Tracer {
+    /// A scenario that fails half-way must not leave a tracer attached for the next one.
+    fn drop(&mut self) {
+        if RUNNING_PID.load(Ordering::SeqCst) == self.child.id() as i32 {
+            self.kill();
+        }
+    }
+}
