@@ -7,6 +7,7 @@ mod ct;
 mod drops;
 mod ebpf;
 mod filter;
+mod hints;
 mod output;
 mod plan;
 mod privs;

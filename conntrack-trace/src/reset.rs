@@ -164,6 +164,7 @@ mod tests {
             ifindex: None,
             hook: None,
             drop_reason: 0,
+            hint: None,
         }
     }
 

@@ -19,6 +19,7 @@ use crate::{
     check, counters, ebpf,
     output::Output,
     plan::{Flavor, Plan},
+    hints::{Hints, Node},
     privs,
     reset::{self, Correlator},
     summary::Summary,
@@ -131,12 +132,14 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let mut closed = false;
 
     let mut corr = Correlator::default();
+    let mut hints = Hints::new(Node::read());
     // Handles one record; Err(closed) means stop (count reached, or stdout closed).
     let mut handle = |bytes: &[u8], summary: &mut Summary, out: &mut dyn Output| -> std::result::Result<(), bool> {
         let written = match bytes.get(..4).map(|k| u32::from_ne_bytes(k.try_into().unwrap())) {
             Some(kind::PACKET) => match verdict::parse(bytes) {
                 Ok(ev) => {
-                    let r = verdict::decode(&ev, &clock);
+                    let mut r = verdict::decode(&ev, &clock);
+                    r.hint = hints.get(r.reason_code());
                     summary.record(&r);
                     corr.invalid(&r);
                     out.event(&r)

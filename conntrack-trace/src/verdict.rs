@@ -3,6 +3,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -13,7 +14,7 @@ use conntrack_trace_common::{
 };
 use etherparse::{LaxPacketHeaders, NetHeaders, TransportHeader};
 
-use crate::{ct::Conntrack, drops, reason, window};
+use crate::{ct::Conntrack, drops, hints::Hint, reason, window};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verdict {
@@ -73,6 +74,8 @@ pub struct Record {
     pub hook: Option<&'static str>,
     /// For DROP verdicts: which drop path (`drops::code`).
     pub drop_reason: u8,
+    /// What to do about it, attached by the tracer per reason_code.
+    pub hint: Option<Arc<Hint>>,
 }
 
 impl Record {
@@ -186,6 +189,7 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
             .then_some(if e.ifindex_in != 0 { e.ifindex_in } else { e.ifindex_out }),
         hook: hook_name(e.pf, e.hook),
         drop_reason: e.drop_reason,
+        hint: None,
     };
     if e.flags & HAS_REASON != 0 {
         let state = r.ct.as_ref().and_then(|c| c.state);

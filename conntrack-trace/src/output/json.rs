@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::Output;
 use crate::{
     ct::Endpoints,
+    hints::Hint,
     reset::{Incident, Reset},
     summary::Summary,
     verdict::Record,
@@ -61,6 +62,8 @@ struct Event<'a> {
     ifindex: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     hook: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint: Option<&'a Hint>,
 }
 
 #[derive(Serialize)]
@@ -191,6 +194,7 @@ fn event_of(r: &Record) -> Event<'_> {
             netns: r.netns,
             ifindex: r.ifindex,
             hook: r.hook,
+            hint: r.hint.as_deref(),
         }
 }
 

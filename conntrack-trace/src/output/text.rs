@@ -1,6 +1,9 @@
 //! Human output: one aligned line per event, coloured when stdout is a terminal.
 
-use std::io::{self, Write};
+use std::{
+    collections::HashSet,
+    io::{self, Write},
+};
 
 use super::Output;
 use crate::{
@@ -12,6 +15,8 @@ use crate::{
 pub struct Text<W: Write> {
     out: W,
     colour: bool,
+    /// Reason codes whose hint was already printed: once per code keeps the stream readable.
+    hinted: HashSet<&'static str>,
 }
 
 const RED: &str = "\x1b[31m";
@@ -21,7 +26,7 @@ const RESET: &str = "\x1b[0m";
 
 impl<W: Write> Text<W> {
     pub fn new(out: W, colour: bool) -> Self {
-        Self { out, colour }
+        Self { out, colour, hinted: HashSet::new() }
     }
 
     fn paint(&self, code: &'static str) -> &'static str {
@@ -96,6 +101,19 @@ impl<W: Write> Output for Text<W> {
             line += &format!(" {dim}| {}{reset}", tail.join(" "));
         }
         writeln!(self.out, "{line}")?;
+        if let Some(h) = &r.hint
+            && self.hinted.insert(r.reason_code())
+        {
+            writeln!(self.out, "  {dim}hint [{}]: {}{reset}", r.reason_code(), h.what)?;
+            for f in &h.fixes {
+                let state = match f.active {
+                    Some(true) => " [ACTIVE on this node]",
+                    Some(false) => " [not active]",
+                    None => "",
+                };
+                writeln!(self.out, "  {dim}  - {}{state}; cost: {}{reset}", f.action, f.cost)?;
+            }
+        }
         self.out.flush()
     }
 
