@@ -22,10 +22,10 @@ mod window;
 
 use std::{io::IsTerminal as _, process::ExitCode, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
-use crate::output::{Output, json::Json, text::Text};
+use crate::output::{Output, Tee, json::Json, pcap::Pcap, text::Text};
 
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -69,6 +69,12 @@ struct Cli {
     /// (those that answer an INVALID packet are always shown, as incidents).
     #[arg(long)]
     resets: bool,
+    /// Also write the reported packets to this pcapng file, each with its reason as a comment.
+    #[arg(long, value_name = "FILE")]
+    pcap: Option<std::path::PathBuf>,
+    /// Bytes of each packet (from the IP header) kept in the pcapng file.
+    #[arg(long, default_value_t = conntrack_trace_common::SNAP_LEN as u16, value_parser = clap::value_parser!(u16).range(20..=conntrack_trace_common::SNAP_LEN as i64))]
+    snaplen: u16,
     /// Ring buffer size in bytes (a power of two, at least one page).
     #[arg(long, default_value_t = 8 << 20, value_parser = ring_size)]
     ring_size: u32,
@@ -132,8 +138,18 @@ fn trace(cli: &Cli) -> Result<bool> {
         let colour = stdout.is_terminal();
         Box::new(Text::new(stdout.lock(), colour))
     };
+    let mut pcap = match &cli.pcap {
+        Some(path) => {
+            let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            Some(Pcap::new(std::io::BufWriter::new(file), cli.snaplen.into()).with_context(|| format!("writing {}", path.display()))?)
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(trace::run(opts, out.as_mut()))?;
+    match pcap.as_mut() {
+        Some(p) => rt.block_on(trace::run(opts, &mut Tee(out.as_mut(), p)))?,
+        None => rt.block_on(trace::run(opts, out.as_mut()))?,
+    }
     Ok(true)
 }
 

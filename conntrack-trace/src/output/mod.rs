@@ -1,6 +1,7 @@
 //! Renderers: one module per output format.
 
 pub mod json;
+pub mod pcap;
 pub mod text;
 
 use std::io;
@@ -48,4 +49,29 @@ pub fn incident_story(i: &Incident) -> String {
         ep(trig.daddr, trig.dport),
         ep(trig.saddr, trig.sport),
     )
+}
+
+/// Writes to two outputs: the terminal format and the `--pcap` evidence file.
+pub struct Tee<'a>(pub &'a mut dyn Output, pub &'a mut dyn Output);
+
+impl Output for Tee<'_> {
+    fn event(&mut self, r: &Record) -> io::Result<()> {
+        self.1.event(r)?;
+        self.0.event(r)
+    }
+    fn lost(&mut self, n: u64) -> io::Result<()> {
+        self.0.lost(n)
+    }
+    fn reset(&mut self, r: &Reset) -> io::Result<()> {
+        self.1.reset(r)?;
+        self.0.reset(r)
+    }
+    fn incident(&mut self, i: &Incident) -> io::Result<()> {
+        self.1.incident(i)?;
+        self.0.incident(i)
+    }
+    fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        self.1.summary(s)?;
+        self.0.summary(s)
+    }
 }
