@@ -18,31 +18,35 @@ pub struct Kernel {
     pub version: &'static str,
     /// From `apt-cache show` when the version was pinned.
     pub sha256: &'static str,
-    /// Why this build is in the matrix (what the guest's `conntrack-trace check` showed).
+    /// Why this build is in the matrix.
     pub why: &'static str,
 }
 
+/// Which build has which `nf_tcp_log_invalid` was read from `conntrack-trace check` in the
+/// guest (2026-11): variadic in 6.1.0-47 (6.1.170-3) and 6.1.0-50 (6.1.176-1); the struct form
+/// in 6.1.0-53 (6.1.187-1) and later 6.1 builds, and in every 6.12 build seen (6.12.107 on).
+/// Each pick is the newest build of its kind, which stays in the archive longest.
 pub const KERNELS: &[Kernel] = &[
     Kernel {
         name: "6.1-variadic",
-        package: "linux-image-6.1.0-47-cloud-amd64-unsigned",
-        version: "6.1.170-3",
-        sha256: "554cf5c453f93c86d9af849d98f21826fe9ea3d0eeec6a5c6ed603a5788ff054",
-        why: "bookworm 6.1.170: variadic nf_tcp_log_invalid(skb, ct, state, sender, ret, fmt, ...)",
+        package: "linux-image-6.1.0-50-cloud-amd64-unsigned",
+        version: "6.1.176-1",
+        sha256: "4f217f710203cdfedde21f836bc66a0a4d773752d7fe8e5e13f701f891788945",
+        why: "bookworm 6.1.176: nf_tcp_log_invalid(skb, ct, state, sender, ret, fmt, ...)",
     },
     Kernel {
         name: "6.1-struct",
-        package: "linux-image-6.1.0-53-cloud-amd64-unsigned",
-        version: "6.1.187-1",
-        sha256: "9001721c6ba33401f95bbeeb0e41ec91ce2cdb5aaceac6133cb9d093734bba0e",
-        why: "bookworm-security 6.1.187: nf_tcp_log_invalid(skb, ct, state, const struct nf_tcp_invalid_log *)",
+        package: "linux-image-6.1.0-56-cloud-amd64-unsigned",
+        version: "6.1.192-2",
+        sha256: "7ff7fc8da85d313242c20698c6b34542aea447673c7c1975b0d38bd6005100b5",
+        why: "bookworm-security 6.1.192: nf_tcp_log_invalid(skb, ct, state, log)",
     },
     Kernel {
         name: "6.12",
-        package: "linux-image-6.12.115+deb12-cloud-amd64-unsigned",
-        version: "6.12.115-2~deb12u1",
-        sha256: "5a607ccf711dda31e76a76364ab9b0e8e87749d58d5020c9ae93832d4abada30",
-        why: "bookworm-security 6.12.115: struct-form nf_tcp_log_invalid, tcp_send_reset with reason",
+        package: "linux-image-6.12.117+deb12-cloud-amd64-unsigned",
+        version: "6.12.117-1~deb12u1",
+        sha256: "670b2688bcf94c24693f7c7e1fc9776ff2e202ff15553a2614f79415d48a6607",
+        why: "bookworm-security 6.12.117: nf_tcp_log_invalid(skb, ct, state, log), tcp_send_reset with reason",
     },
     Kernel {
         name: "5.10",
