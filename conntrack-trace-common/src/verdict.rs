@@ -3,6 +3,7 @@
 use crate::{SNAP_LEN, ct::CtSnapshot, reason::Reason};
 
 /// `PacketEvent::verdict`.
+#[allow(clippy::module_inception)] // verdict::verdict::INVALID reads as what it is.
 pub mod verdict {
     /// Returned NF_ACCEPT with no conntrack entry: INVALID (not NATed, `invalid` counter).
     pub const INVALID: u8 = 1;

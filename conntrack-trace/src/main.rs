@@ -1,31 +1,15 @@
 //! conntrack-trace: see, live, every packet netfilter conntrack marks INVALID, and why.
 
-mod btf;
-mod check;
-mod counters;
-mod ct;
-mod drops;
-mod ebpf;
-mod filter;
-mod hints;
-mod output;
-mod plan;
-mod privs;
-mod reason;
-mod reset;
-mod stats;
-mod summary;
-mod symbols;
-mod trace;
-mod verdict;
-mod window;
-
 use std::{io::IsTerminal as _, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
-use crate::output::{Output, Tee, json::Json, pcap::Pcap, text::Text};
+use conntrack_trace::{
+    check, filter, record,
+    output::{Output, Tee, json::Json, pcap::Pcap, text::Text},
+    stats, trace,
+};
 
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -36,7 +20,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Stop after N events.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", global = true)]
     count: Option<u64>,
     /// Stop after this long (e.g. 30s, 5m).
     #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
@@ -67,7 +51,7 @@ struct Cli {
     netns: Option<u32>,
     /// Also print RSTs sent for packets with no socket that no INVALID packet explains
     /// (those that answer an INVALID packet are always shown, as incidents).
-    #[arg(long)]
+    #[arg(long, global = true)]
     resets: bool,
     /// Also write the reported packets to this pcapng file, each with its reason as a comment.
     #[arg(long, value_name = "FILE")]
@@ -75,6 +59,9 @@ struct Cli {
     /// Bytes of each packet (from the IP header) kept in the pcapng file.
     #[arg(long, default_value_t = conntrack_trace_common::SNAP_LEN as u16, value_parser = clap::value_parser!(u16).range(20..=conntrack_trace_common::SNAP_LEN as i64))]
     snaplen: u16,
+    /// Also save the raw events to this file, for `conntrack-trace replay`.
+    #[arg(long, value_name = "FILE")]
+    record: Option<std::path::PathBuf>,
     /// Ring buffer size in bytes (a power of two, at least one page).
     #[arg(long, default_value_t = 8 << 20, value_parser = ring_size)]
     ring_size: u32,
@@ -98,6 +85,10 @@ enum Command {
     Check,
     /// The kernel's conntrack counters (per CPU and summed), table fill and the sysctls that
     /// decide what is INVALID. Needs no BPF and no root.
+    /// Decode a file saved with --record and print it like the live tracer would.
+    Replay {
+        file: std::path::PathBuf,
+    },
     Stats {
         /// Print again every SECONDS with per-interval rates, until interrupted.
         #[arg(long, value_name = "SECONDS", value_parser = watch_secs)]
@@ -109,6 +100,17 @@ fn watch_secs(s: &str) -> Result<Duration, String> {
     match s.parse::<f64>() {
         Ok(v) if v >= 0.1 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
         _ => Err(format!("{s:?} is not a number of seconds >= 0.1")),
+    }
+}
+
+/// The terminal output the flags ask for: JSON lines, or text (coloured on a terminal).
+fn output(cli: &Cli) -> Box<dyn Output> {
+    let stdout = std::io::stdout();
+    if cli.json {
+        Box::new(Json::new(stdout.lock()))
+    } else {
+        let colour = stdout.is_terminal();
+        Box::new(Text::new(stdout.lock(), colour))
     }
 }
 
@@ -130,14 +132,9 @@ fn trace(cli: &Cli) -> Result<bool> {
         ring_bytes: cli.ring_size,
         verbose: cli.verbose > 0,
         resets: cli.resets,
+        record: cli.record.clone(),
     };
-    let stdout = std::io::stdout();
-    let mut out: Box<dyn Output> = if cli.json {
-        Box::new(Json::new(stdout.lock()))
-    } else {
-        let colour = stdout.is_terminal();
-        Box::new(Text::new(stdout.lock(), colour))
-    };
+    let mut out = output(cli);
     let mut pcap = match &cli.pcap {
         Some(path) => {
             let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
@@ -162,9 +159,13 @@ fn main() -> ExitCode {
         })
         .parse_env("RUST_LOG")
         .init();
-    let result = match cli.command {
+    let result = match &cli.command {
         Some(Command::Check) => check::run(&mut std::io::stdout().lock()),
-        Some(Command::Stats { watch }) => stats::run(&mut std::io::stdout().lock(), cli.json, watch),
+        Some(Command::Replay { file }) => {
+            let mut out = output(&cli);
+            record::replay(file, out.as_mut(), cli.resets, cli.count)
+        }
+        Some(Command::Stats { watch }) => stats::run(&mut std::io::stdout().lock(), cli.json, *watch),
         None => trace(&cli),
     };
     match result {

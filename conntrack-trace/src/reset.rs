@@ -44,6 +44,9 @@ pub fn decode(e: &ResetEvent, clock: &Clock) -> Reset {
     }
 }
 
+/// An address and port.
+pub type Addr = (IpAddr, u16);
+
 /// An INVALID packet and the RST that answered it.
 #[derive(Clone, Debug)]
 pub struct Incident {
@@ -56,7 +59,7 @@ pub struct Incident {
 
 impl Incident {
     /// (client, Service, backend) when the entry is DNAT'd.
-    pub fn roles(&self) -> Option<(&Endpoints, (IpAddr, u16), (IpAddr, u16))> {
+    pub fn roles(&self) -> Option<(&Endpoints, Addr, Addr)> {
         let ct = self.ct.as_ref()?;
         let o = &ct.original;
         Some((o, (o.daddr, o.dport), (ct.reply.saddr, ct.reply.sport)))

@@ -12,18 +12,18 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{FExit, KProbe, TracePoint},
 };
-use conntrack_trace_common::{filter::Filter, kind, stat};
+use conntrack_trace_common::{filter::Filter, stat};
 use tokio::{io::unix::AsyncFd, signal::unix::{SignalKind, signal}};
 
 use crate::{
     check, counters, ebpf,
+    events::{Events, Stop},
+    hints::{Hints, Node},
     output::Output,
     plan::{Flavor, Plan},
-    hints::{Hints, Node},
     privs,
-    reset::{self, Correlator},
-    summary::Summary,
-    verdict::{self, Clock},
+    record::Recorder,
+    verdict::Clock,
 };
 
 pub struct Options {
@@ -34,6 +34,8 @@ pub struct Options {
     pub verbose: bool,
     /// Print RSTs that no INVALID packet explains (linked ones always print as incidents).
     pub resets: bool,
+    /// Also append every raw record to this file (`replay` reads it back).
+    pub record: Option<std::path::PathBuf>,
 }
 
 /// Loads and attaches every program in the plan. The return probe goes on before the entry
@@ -113,8 +115,6 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
 
-    let mut summary = Summary::default();
-    summary.fill_start = counters::table_fill();
     let ns_before = counters::all_namespaces();
     let started = Instant::now();
     eprintln!(
@@ -129,57 +129,11 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut reported_lost = 0u64;
-    let mut closed = false;
 
-    let mut corr = Correlator::default();
-    let mut hints = Hints::new(Node::read());
-    // Handles one record; Err(closed) means stop (count reached, or stdout closed).
-    let mut handle = |bytes: &[u8], summary: &mut Summary, out: &mut dyn Output| -> std::result::Result<(), bool> {
-        let written = match bytes.get(..4).map(|k| u32::from_ne_bytes(k.try_into().unwrap())) {
-            Some(kind::PACKET) => match verdict::parse(bytes) {
-                Ok(ev) => {
-                    let mut r = verdict::decode(&ev, &clock);
-                    r.hint = hints.get(r.reason_code());
-                    summary.record(&r);
-                    corr.invalid(&r);
-                    out.event(&r)
-                }
-                Err(e) => {
-                    log::warn!("{e}");
-                    return Ok(());
-                }
-            },
-            Some(kind::RESET) => match reset::parse(bytes) {
-                Ok(ev) => {
-                    let rst = reset::decode(&ev, &clock);
-                    summary.resets += 1;
-                    match corr.reset(&rst) {
-                        Some(incident) => {
-                            summary.incidents += 1;
-                            out.incident(&incident)
-                        }
-                        None if opts.resets => out.reset(&rst),
-                        None => Ok(()),
-                    }
-                }
-                Err(e) => {
-                    log::warn!("{e}");
-                    return Ok(());
-                }
-            },
-            other => {
-                log::warn!("unknown event kind {other:?}");
-                return Ok(());
-            }
-        };
-        if let Err(e) = written {
-            return Err(e.kind() == io::ErrorKind::BrokenPipe);
-        }
-        match opts.count {
-            Some(n) if summary.events() >= n => Err(false),
-            _ => Ok(()),
-        }
-    };
+    let mut recorder = opts.record.as_deref().map(|p| Recorder::create(p, &clock)).transpose()?;
+    let mut events = Events::new(clock, Hints::new(Node::read()), opts.resets, opts.count);
+    events.summary.fill_start = counters::table_fill();
+    let mut stop = None;
 
     'run: loop {
         let sleep = async {
@@ -193,8 +147,11 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
                 let mut guard = guard?;
                 let rb = guard.get_inner_mut();
                 while let Some(item) = rb.next() {
-                    if let Err(broken) = handle(&item, &mut summary, out) {
-                        closed = broken;
+                    if let Some(r) = recorder.as_mut() {
+                        r.write(&item).context("writing the recording")?;
+                    }
+                    if let Err(s) = events.handle(&item, out) {
+                        stop = Some(s);
                         break 'run;
                     }
                 }
@@ -203,7 +160,10 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
             _ = tick.tick() => {
                 let lost = stat_total(&stats, stat::LOST);
                 if lost > reported_lost {
-                    if out.lost(lost - reported_lost).is_err() { closed = true; break 'run; }
+                    if out.lost(lost - reported_lost).is_err() {
+                        stop = Some(Stop::Closed);
+                        break 'run;
+                    }
                     reported_lost = lost;
                 }
             }
@@ -214,15 +174,24 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     }
     // Detach first (dropping the programs), then take what is still in the ring.
     drop(bpf);
-    if closed {
-        return Ok(());
-    }
-    let ring = ring.get_mut();
-    while let Some(item) = ring.next() {
-        if handle(&item, &mut summary, out).is_err() {
-            break;
+    match stop {
+        Some(Stop::Closed) => return Ok(()),
+        Some(Stop::Io(kind)) => bail!("writing output: {}", io::Error::from(kind)),
+        // Past --count, the rest of the ring is not printed, but still counted as seen.
+        Some(Stop::Count) => {}
+        None => {
+            let ring = ring.get_mut();
+            while let Some(item) = ring.next() {
+                if let Some(r) = recorder.as_mut() {
+                    r.write(&item).context("writing the recording")?;
+                }
+                if events.handle(&item, out).is_err() {
+                    break;
+                }
+            }
         }
     }
+    let mut summary = events.summary;
     let lost = stat_total(&stats, stat::LOST);
     if lost > reported_lost {
         let _ = out.lost(lost - reported_lost);

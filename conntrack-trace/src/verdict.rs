@@ -132,6 +132,15 @@ impl Clock {
         Self { boot_wall: SystemTime::now() - mono }
     }
 
+    /// A clock from a recorded boot time (for replaying another machine's events).
+    pub fn from_boot_wall(boot_wall: SystemTime) -> Self {
+        Self { boot_wall }
+    }
+
+    pub fn boot_wall(&self) -> SystemTime {
+        self.boot_wall
+    }
+
     pub fn wall(&self, ts_ns: u64) -> SystemTime {
         self.boot_wall + Duration::from_nanos(ts_ns)
     }

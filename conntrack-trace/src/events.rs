@@ -1,0 +1,90 @@
+//! From ring-buffer records to outputs: decode by kind, attach hints, link resets to INVALID
+//! packets, count for the summary. Shared by the live tracer and `replay`.
+
+use std::io;
+
+use conntrack_trace_common::kind;
+
+use crate::{
+    hints::Hints,
+    output::Output,
+    reset::{self, Correlator},
+    summary::Summary,
+    verdict::{self, Clock},
+};
+
+/// Why handling stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// `--count` reached.
+    Count,
+    /// stdout is closed (`| head`): end quietly.
+    Closed,
+    Io(io::ErrorKind),
+}
+
+pub struct Events {
+    pub clock: Clock,
+    pub summary: Summary,
+    corr: Correlator,
+    hints: Hints,
+    /// Print RSTs no INVALID packet explains.
+    resets: bool,
+    count: Option<u64>,
+}
+
+impl Events {
+    pub fn new(clock: Clock, hints: Hints, resets: bool, count: Option<u64>) -> Self {
+        Self { clock, summary: Summary::default(), corr: Correlator::default(), hints, resets, count }
+    }
+
+    /// Handles one ring-buffer record. Malformed records are logged and skipped.
+    pub fn handle(&mut self, bytes: &[u8], out: &mut dyn Output) -> Result<(), Stop> {
+        let kind = bytes.get(..4).map(|k| u32::from_ne_bytes([k[0], k[1], k[2], k[3]]));
+        let written = match kind {
+            Some(kind::PACKET) => match verdict::parse(bytes) {
+                Ok(ev) => {
+                    let mut r = verdict::decode(&ev, &self.clock);
+                    r.hint = self.hints.get(r.reason_code());
+                    self.summary.record(&r);
+                    self.corr.invalid(&r);
+                    out.event(&r)
+                }
+                Err(e) => {
+                    log::warn!("{e}");
+                    return Ok(());
+                }
+            },
+            Some(kind::RESET) => match reset::parse(bytes) {
+                Ok(ev) => {
+                    let rst = reset::decode(&ev, &self.clock);
+                    self.summary.resets += 1;
+                    match self.corr.reset(&rst) {
+                        Some(incident) => {
+                            self.summary.incidents += 1;
+                            out.incident(&incident)
+                        }
+                        None if self.resets => out.reset(&rst),
+                        None => Ok(()),
+                    }
+                }
+                Err(e) => {
+                    log::warn!("{e}");
+                    return Ok(());
+                }
+            },
+            other => {
+                log::warn!("unknown event kind {other:?}");
+                return Ok(());
+            }
+        };
+        match written {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Stop::Closed),
+            Err(e) => Err(Stop::Io(e.kind())),
+            Ok(()) => match self.count {
+                Some(n) if self.summary.events() >= n => Err(Stop::Count),
+                _ => Ok(()),
+            },
+        }
+    }
+}
