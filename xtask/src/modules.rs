@@ -48,8 +48,10 @@ const WANTED: &[&str] = &[
     "xt_CT",
     "ipt_REJECT",
     "ip6t_REJECT",
-    // nftables.
+    // nftables; counter and objref are modules of their own before 6.x.
     "nf_tables",
+    "?nft_counter",
+    "?nft_objref",
     "nft_compat",
     "nft_ct",
     "nft_nat",
