@@ -21,6 +21,18 @@ pub const SNAP_LEN: usize = 128;
 /// softirq by hardirq-triggered tunnels) before the tracer stops tracking the inner calls.
 pub const MAX_NEST: usize = 4;
 
+/// How the verdict of `nf_conntrack_in` is observed (the `MODE` global).
+pub mod mode {
+    /// kprobe + kretprobe on `nf_conntrack_in`: every verdict, including INVALIDs the kernel
+    /// does not log; costs a kprobe pair on every packet.
+    pub const EXACT: u8 = 0;
+    /// fexit on `nf_conntrack_in`: every verdict, one cheap probe per packet.
+    pub const FEXIT: u8 = 1;
+    /// No per-packet probe: events come from the invalid-packet loggers alone and the verdict
+    /// is inferred from what was logged. Misses INVALIDs the kernel does not log.
+    pub const COLD: u8 = 2;
+}
+
 /// Every ring-buffer record starts with a `u32` saying what follows.
 pub mod kind {
     /// `verdict::PacketEvent`: an INVALID, IGNORED or dropped packet.

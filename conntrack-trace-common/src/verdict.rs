@@ -11,6 +11,8 @@ pub mod verdict {
     pub const IGNORED: u8 = 2;
     /// `nf_conntrack_in` returned NF_DROP, or the entry could not be inserted at confirm.
     pub const DROP: u8 = 3;
+    /// Cold mode: a reason was logged, the verdict was not observed (userspace infers it).
+    pub const LOGGED: u8 = 4;
 }
 
 /// `PacketEvent::flags` bits: which optional parts were filled in.

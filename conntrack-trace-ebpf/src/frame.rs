@@ -7,7 +7,7 @@
 //! probe: a reason hook pushes a frame for its packet and the fexit program pops it.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use conntrack_trace_common::{MAX_NEST, stat, verdict::PacketEvent};
+use conntrack_trace_common::{MAX_NEST, mode, stat, verdict::PacketEvent};
 
 use crate::ring::count;
 
@@ -20,6 +20,8 @@ pub struct Frame {
 
 #[repr(C)]
 pub struct Frames {
+    /// Cold mode: the one event being built by a reason hook (hooks do not nest per CPU).
+    pub cold: Frame,
     pub depth: u32,
     /// Set by `early_drop` inside the call in flight; taken by its return.
     pub drop_reason: u8,
@@ -32,9 +34,15 @@ pub struct Frames {
 #[map]
 static FRAMES: PerCpuArray<Frames> = PerCpuArray::with_max_entries(1, 0);
 
-/// Non-zero when the verdict probe is fexit (frames are pushed by the reason hooks).
+/// `conntrack_trace_common::mode`, set by userspace from the attach plan.
 #[unsafe(no_mangle)]
-static LAZY_FRAMES: u8 = 0;
+static MODE: u8 = mode::EXACT;
+
+#[inline(always)]
+pub fn mode() -> u8 {
+    // SAFETY: .rodata global patched by userspace; volatile so it is not constant-folded.
+    unsafe { core::ptr::read_volatile(&raw const MODE) }
+}
 
 #[inline(always)]
 pub fn frames() -> Option<&'static mut Frames> {
@@ -70,8 +78,8 @@ pub fn pop(frames: &mut Frames) -> Option<&mut Frame> {
     frames.frame.get_mut(d - 1)
 }
 
-/// The frame a reason for `skb` belongs in: the innermost call if it is this packet's; in
-/// lazy mode a new frame for it.
+/// The frame a reason for `skb` belongs in: the innermost call if it is this packet's; with
+/// fexit a new frame for it; in cold mode the scratch frame, which the hook emits itself.
 #[inline(always)]
 pub fn for_reason(skb: u64, state: u64) -> Option<&'static mut Frame> {
     let frames = frames()?;
@@ -84,9 +92,16 @@ pub fn for_reason(skb: u64, state: u64) -> Option<&'static mut Frame> {
             return Some(unsafe { &mut *(top as *mut Frame) });
         }
     }
-    // SAFETY: .rodata global patched by userspace; volatile so it is not constant-folded.
-    if unsafe { core::ptr::read_volatile(&raw const LAZY_FRAMES) } != 0 {
-        return push(frames, skb, state);
+    match mode() {
+        mode::FEXIT => push(frames, skb, state),
+        mode::COLD => {
+            let f = &mut frames.cold;
+            f.skb = skb;
+            f.state = state;
+            f.event.flags = 0;
+            f.event.ct.flags = 0;
+            Some(f)
+        }
+        _ => None,
     }
-    None
 }

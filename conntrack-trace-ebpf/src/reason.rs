@@ -42,11 +42,15 @@ pub fn nf_l4proto_log_invalid(ctx: ProbeContext) -> u32 {
     record(&ctx, 0, state, proto, fmt)
 }
 
-/// Records the first reason logged for the packet; later ones are the same reason re-logged
-/// through "%pV" by the more specific logger that ran first.
+/// Records the reason logged for the packet (the first, if several loggers ran).
 #[inline(always)]
 fn record(ctx: &ProbeContext, conn: u64, state: u64, proto: u8, fmt_idx: u64) -> u32 {
     let skb = arg(ctx, 0);
+    let fmt = arg(ctx, fmt_idx);
+    // "%pV" is a reason re-logged by the more specific logger that already ran for this packet.
+    if field::<[u8; 4]>(fmt, 0) == Some(*b"%pV\0") {
+        return 0;
+    }
     let Some(f) = for_reason(skb, state) else { return orphan() };
     if f.event.flags & HAS_REASON != 0 {
         return 0;
@@ -58,7 +62,6 @@ fn record(ctx: &ProbeContext, conn: u64, state: u64, proto: u8, fmt_idx: u64) ->
     let (nfct, skb_ct) = ct::of_skb(skb);
     let conn = if conn != 0 { conn } else { skb_ct };
     r.l4proto = proto;
-    let fmt = arg(ctx, fmt_idx);
     fmt_into(fmt, &mut r.fmt);
     for i in 0..ARGS {
         r.args[i] = arg(ctx, fmt_idx + 1 + i as u64);
@@ -74,6 +77,7 @@ fn record(ctx: &ProbeContext, conn: u64, state: u64, proto: u8, fmt_idx: u64) ->
         r.l4proto = f.event.ct.tuples[0].protonum;
     }
     f.event.flags |= HAS_REASON;
+    crate::verdict::reason_logged(f);
     0
 }
 

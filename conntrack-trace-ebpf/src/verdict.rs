@@ -14,7 +14,7 @@ use conntrack_trace_common::{
 
 use crate::{
     filter,
-    frame::{Frame, Frames, frames, pop, push},
+    frame::{Frame, Frames, frames, mode, pop, push},
     skb,
     read::{field, offsets},
     ring::emit,
@@ -92,6 +92,17 @@ fn decide(f: &mut Frame, ret: i32, drop_reason: u8) {
     }
 }
 
+/// Called by a reason hook once its frame is filled: in cold mode nobody else will emit it.
+#[inline(always)]
+pub fn reason_logged(f: &mut Frame) {
+    if mode() == conntrack_trace_common::mode::COLD {
+        fill(f, verdict::LOGGED);
+        if filter::matches(&f.event.headers, f.event.netns) {
+            emit(&f.event);
+        }
+    }
+}
+
 /// Everything about the packet that the reason hooks did not already record.
 #[inline(always)]
 fn fill(f: &mut Frame, verdict: u8) {
@@ -109,7 +120,9 @@ fn fill(f: &mut Frame, verdict: u8) {
         e.flags |= HAS_IFINDEX;
     }
     let net = field::<u64>(f.state, off.state_net).unwrap_or(0);
-    if let Some(inum) = skb::net_inum(net) {
+    // Loggers before 5.14 get no hook state: the device's namespace stands in.
+    let netns = if f.state != 0 { skb::net_inum(net) } else { skb::dev_and_netns(f.skb).1 };
+    if let Some(inum) = netns {
         e.netns = inum;
         e.flags |= HAS_NETNS;
     }

@@ -14,6 +14,7 @@ use crate::{
     frame::{Frame, for_reason},
     read::{field, offsets},
     reason::{arg, fmt_into, orphan},
+    verdict,
 };
 
 /// IP_CT_TCP_FLAG_BE_LIBERAL in `ip_ct_tcp_state.flags`.
@@ -78,4 +79,5 @@ fn finish(f: &mut Frame, skb: u64, conn: u64) {
     let (nfct, _) = ct::of_skb(skb);
     ct::snapshot(conn, nfct, &mut f.event.ct);
     f.event.flags |= HAS_REASON;
+    verdict::reason_logged(f);
 }

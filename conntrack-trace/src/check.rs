@@ -37,7 +37,7 @@ pub enum Outcome {
 
 pub fn run(out: &mut impl Write) -> Result<bool> {
     privs::check()?;
-    let (plan, btf) = Plan::for_running_kernel()?;
+    let (plan, btf) = Plan::for_running_kernel(false)?;
     let syms = Symbols::from_proc()?;
     writeln!(out, "kernel {}", plan.release)?;
     writeln!(out, "BTF: conntrack types {:?}", btf.conntrack_source)?;
@@ -87,11 +87,20 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
     }
 
     let plan = if plan.uses_fexit() && fentry.as_deref() != Some("available") {
-        plan.without_fexit()
+        plan.without_fexit(false)
     } else {
         plan
     };
-    writeln!(out, "\nattach plan for this kernel (window reasons from {:?})", plan.window)?;
+    writeln!(
+        out,
+        "\nattach plan for this kernel, default mode {} (window reasons from {:?})",
+        match plan.mode {
+            conntrack_trace_common::mode::FEXIT => "fexit",
+            conntrack_trace_common::mode::COLD => "cold: no per-packet probe; --exact adds the nf_conntrack_in kprobe pair",
+            _ => "exact",
+        },
+        plan.window
+    )?;
     for a in &plan.attach {
         writeln!(out, "  {:<10} {:<30} -> {}", a.flavor.to_string(), a.program, a.target)?;
     }

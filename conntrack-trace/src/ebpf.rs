@@ -12,11 +12,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 /// Creates the maps and relocates the programs; nothing is loaded into the verifier yet.
 pub fn open(plan: &Plan, ring_bytes: u32, filter: &Filter) -> Result<Ebpf> {
-    let lazy = u8::from(plan.uses_fexit());
     EbpfLoader::new()
         .override_global("OFFSETS", &plan.offsets, true)
         .override_global("LOG_ARGS", &plan.log_args, true)
-        .override_global("LAZY_FRAMES", &lazy, true)
+        .override_global("MODE", &plan.mode, true)
         .override_global("FILTER", filter, true)
         .override_global("RESET_TP", &plan.reset_tp, true)
         .map_max_entries("EVENTS", ring_bytes)
@@ -27,7 +26,7 @@ pub fn open(plan: &Plan, ring_bytes: u32, filter: &Filter) -> Result<Ebpf> {
 #[cfg(test)]
 mod tests {
     use aya::programs::KProbe;
-    use conntrack_trace_common::filter::Filter;
+    use conntrack_trace_common::{filter::Filter, mode};
 
     use crate::{filter, plan::Plan};
 
@@ -35,7 +34,7 @@ mod tests {
     /// the verdict program with every filter field set so the filter path is verified too.
     #[test]
     fn filter_path_passes_the_verifier() {
-        let (plan, _) = Plan::for_running_kernel().unwrap();
+        let (plan, _) = Plan::for_running_kernel(true).unwrap();
         let mut f: Filter = filter::build(&filter::Flags {
             host: Some("fd00::/64"),
             src: Some("10.0.0.0/8"),
@@ -51,5 +50,22 @@ mod tests {
         let mut bpf = super::open(&plan, 1 << 16, &f).unwrap();
         let p: &mut KProbe = bpf.program_mut("nf_conntrack_in_ret").unwrap().try_into().unwrap();
         p.load().expect("verifier accepts the filter path");
+    }
+
+    /// The mode is a load-time constant the verifier prunes on, so `check` (one mode) does
+    /// not cover the others: load every kprobe program in every mode.
+    #[test]
+    fn every_mode_passes_the_verifier() {
+        let (mut plan, _) = Plan::for_running_kernel(true).unwrap();
+        for mode in [mode::EXACT, mode::FEXIT, mode::COLD] {
+            plan.mode = mode;
+            let mut bpf = super::open(&plan, 1 << 16, &Filter::any()).unwrap();
+            let names: Vec<String> = bpf.programs().map(|(n, _)| n.to_string()).collect();
+            for name in names {
+                if let Ok(p) = <&mut KProbe>::try_from(bpf.program_mut(&name).unwrap()) {
+                    p.load().unwrap_or_else(|e| panic!("{name} in mode {mode}: {e:?}"));
+                }
+            }
+        }
     }
 }

@@ -59,6 +59,11 @@ struct Cli {
     /// Bytes of each packet (from the IP header) kept in the pcapng file.
     #[arg(long, default_value_t = conntrack_trace_common::SNAP_LEN as u16, value_parser = clap::value_parser!(u16).range(20..=conntrack_trace_common::SNAP_LEN as i64))]
     snaplen: u16,
+    /// See every verdict, including INVALIDs the kernel does not log and the packets of
+    /// table-full drops, by probing nf_conntrack_in on every packet (a kprobe pair where fexit
+    /// cannot attach: measurable per-packet cost, see BENCHMARKS.md).
+    #[arg(long)]
+    exact: bool,
     /// Also save the raw events to this file, for `conntrack-trace replay`.
     #[arg(long, value_name = "FILE")]
     record: Option<std::path::PathBuf>,
@@ -133,6 +138,7 @@ fn trace(cli: &Cli) -> Result<bool> {
         verbose: cli.verbose > 0,
         resets: cli.resets,
         record: cli.record.clone(),
+        exact: cli.exact,
     };
     let mut out = output(cli);
     let mut pcap = match &cli.pcap {

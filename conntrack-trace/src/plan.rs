@@ -4,7 +4,7 @@
 use std::{fmt, path::Path};
 
 use anyhow::{Result, bail};
-use conntrack_trace_common::{offsets::Offsets, reason::LogArgs, reset::ResetTp};
+use conntrack_trace_common::{mode, offsets::Offsets, reason::LogArgs, reset::ResetTp};
 
 use crate::{
     btf::{ConntrackBtf, KernelBtf},
@@ -59,6 +59,8 @@ pub struct Plan {
     pub offsets: Offsets,
     pub log_args: LogArgs,
     pub reset_tp: ResetTp,
+    /// `conntrack_trace_common::mode`: how verdicts are observed.
+    pub mode: u8,
     pub window: WindowSource,
     pub attach: Vec<Attach>,
     /// What is degraded on this kernel, in words a user can act on.
@@ -66,8 +68,9 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Reads the running kernel.
-    pub fn for_running_kernel() -> Result<(Self, KernelBtf)> {
+    /// Reads the running kernel. `exact` asks for the verdict of every packet even where that
+    /// costs a kprobe pair per packet.
+    pub fn for_running_kernel(exact: bool) -> Result<(Self, KernelBtf)> {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -76,11 +79,11 @@ impl Plan {
         let btf = KernelBtf::from_sys()?;
         let tp = tracefs()
             .and_then(|t| std::fs::read_to_string(t.join("events/tcp/tcp_send_reset/format")).ok());
-        Ok((Self::new(&release, &syms, &btf, tp.as_deref())?, btf))
+        Ok((Self::new(&release, &syms, &btf, tp.as_deref(), exact)?, btf))
     }
 
     /// `reset_format` is the `tcp:tcp_send_reset` tracepoint's format file, if it exists.
-    pub fn new(release: &str, syms: &Symbols, btf: &KernelBtf, reset_format: Option<&str>) -> Result<Self> {
+    pub fn new(release: &str, syms: &Symbols, btf: &KernelBtf, reset_format: Option<&str>, exact: bool) -> Result<Self> {
         let mut notes = Vec::new();
         let Some(ct_in) = syms.find("nf_conntrack_in") else {
             bail!("{}", not_loaded_message(release));
@@ -110,15 +113,27 @@ impl Plan {
         let mut add = |program, flavor, target: &str| {
             attach.push(Attach { program, flavor, target: target.to_string() })
         };
-        // fexit is one cheap probe, but aya 0.14 loads it against vmlinux BTF only (it does
-        // not pass the module's BTF object fd), so it is used when nf_conntrack is built in.
-        let fexit = btf.conntrack_source == ConntrackBtf::BuiltIn;
-        if fexit {
+        // nf_conntrack_in runs for every packet: only fexit is cheap enough to sit there by
+        // default. aya 0.14 loads fexit against vmlinux BTF only (it does not pass the
+        // module's BTF object fd), so that needs nf_conntrack built in. Otherwise the default
+        // is the cold path (the loggers alone) and --exact adds the kprobe pair.
+        let mode = if btf.conntrack_source == ConntrackBtf::BuiltIn {
             add("nf_conntrack_in_fexit", Flavor::FExit, ct_in);
-        } else {
+            mode::FEXIT
+        } else if exact {
             add("nf_conntrack_in", Flavor::KProbe, ct_in);
             add("nf_conntrack_in_ret", Flavor::KRetProbe, ct_in);
-        }
+            mode::EXACT
+        } else {
+            notes.push(
+                "no per-packet probe (nf_conntrack is a module and fexit cannot attach to it here): \
+                 packets are reported when the kernel logs a reason; INVALIDs it does not log \
+                 (ICMP errors matching nothing, an RST with no entry before 6.8) and the packets \
+                 of table-full drops need --exact, which adds a kprobe pair on nf_conntrack_in"
+                    .into(),
+            );
+            mode::COLD
+        };
 
         let window = match (syms.find("nf_tcp_log_invalid"), btf.func("nf_tcp_log_invalid")) {
             (Some(sym), Some(p)) if p.variadic => {
@@ -170,8 +185,10 @@ impl Plan {
             }
         }
 
+        // A table-full drop is tagged on the nf_conntrack_in call in flight: no call, no tag.
         match syms.find("early_drop") {
-            Some(ed) => add("early_drop_ret", Flavor::KRetProbe, ed),
+            Some(ed) if mode != mode::COLD => add("early_drop_ret", Flavor::KRetProbe, ed),
+            Some(_) => {}
             None => notes.push(
                 "early_drop not found: table-full drops are reported as conntrack_drop".into(),
             ),
@@ -201,20 +218,27 @@ impl Plan {
                 }
             }
         }
-        Ok(Self { release: release.to_string(), offsets, log_args, reset_tp, window, attach, notes })
+        Ok(Self { release: release.to_string(), offsets, log_args, reset_tp, mode, window, attach, notes })
     }
 
     pub fn uses_fexit(&self) -> bool {
         self.attach.iter().any(|a| a.flavor == Flavor::FExit)
     }
 
-    /// The same plan with the kprobe pair in place of fexit (when fexit cannot load).
-    pub fn without_fexit(&self) -> Self {
+    /// The plan when fexit turned out not to load: the kprobe pair if `exact`, else the
+    /// cold path.
+    pub fn without_fexit(&self, exact: bool) -> Self {
         let mut p = self.clone();
-        if let Some(i) = p.attach.iter().position(|a| a.flavor == Flavor::FExit) {
-            let target = p.attach.remove(i).target;
+        let Some(i) = p.attach.iter().position(|a| a.flavor == Flavor::FExit) else { return p };
+        let target = p.attach.remove(i).target;
+        if exact {
+            p.mode = mode::EXACT;
             p.attach.insert(i, Attach { program: "nf_conntrack_in_ret", flavor: Flavor::KRetProbe, target: target.clone() });
             p.attach.insert(i, Attach { program: "nf_conntrack_in", flavor: Flavor::KProbe, target });
+        } else {
+            p.mode = mode::COLD;
+            p.attach.retain(|a| a.program != "early_drop_ret");
+            p.notes.push("fexit could not load: no per-packet probe; --exact adds a kprobe pair".into());
         }
         p
     }
@@ -295,7 +319,7 @@ mod tests {
 
     #[test]
     fn host_plan_is_complete() {
-        let (plan, _) = Plan::for_running_kernel().expect("plan for the test machine's kernel");
+        let (plan, _) = Plan::for_running_kernel(true).expect("plan for the test machine's kernel");
         let programs: Vec<_> = plan.attach.iter().map(|a| a.program).collect();
         assert!(programs.iter().any(|p| p.starts_with("nf_conntrack_in")), "{programs:?}");
         assert!(programs.contains(&"nf_ct_l4proto_log_invalid"), "{programs:?}");
@@ -304,15 +328,19 @@ mod tests {
         for p in programs {
             assert!(obj.programs.contains_key(p), "plan names {p}, which the object lacks");
         }
-        let fallback = plan.without_fexit();
-        assert!(!fallback.uses_fexit());
+        for exact in [true, false] {
+            let fallback = plan.without_fexit(exact);
+            assert!(!fallback.uses_fexit());
+            let pair = fallback.attach.iter().any(|a| a.program == "nf_conntrack_in_ret");
+            assert_eq!(pair, exact || !plan.uses_fexit(), "{:?}", fallback.attach);
+        }
     }
 
     #[test]
     fn missing_conntrack_is_explained() {
         let btf = KernelBtf::from_sys().unwrap();
         let syms = Symbols::parse("ffffffff81000000 T tcp_v4_rcv\n");
-        let err = Plan::new("6.1.0-1-amd64", &syms, &btf, None).unwrap_err().to_string();
+        let err = Plan::new("6.1.0-1-amd64", &syms, &btf, None, false).unwrap_err().to_string();
         assert!(err.contains("nf_conntrack"), "{err}");
     }
 }

@@ -34,6 +34,9 @@ pub struct Options {
     pub verbose: bool,
     /// Print RSTs that no INVALID packet explains (linked ones always print as incidents).
     pub resets: bool,
+    /// Observe every verdict, at the cost of a kprobe pair per packet where fexit is not
+    /// possible.
+    pub exact: bool,
     /// Also append every raw record to this file (`replay` reads it back).
     pub record: Option<std::path::PathBuf>,
 }
@@ -91,11 +94,11 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
             check::KPROBES_MISSING
         );
     }
-    let (mut plan, _btf) = Plan::for_running_kernel()?;
+    let (mut plan, _btf) = Plan::for_running_kernel(opts.exact)?;
     let mut bpf = ebpf::open(&plan, opts.ring_bytes, &opts.filter)?;
     if plan.uses_fexit() && attach(&mut bpf, &plan).is_err() {
-        // fexit refused (no trampoline support): the same verdict from the kprobe pair.
-        plan = plan.without_fexit();
+        // fexit refused (no trampoline support on this kernel).
+        plan = plan.without_fexit(opts.exact);
         bpf = ebpf::open(&plan, opts.ring_bytes, &opts.filter)?;
         attach(&mut bpf, &plan)?;
     } else if !plan.uses_fexit() {

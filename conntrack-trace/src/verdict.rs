@@ -170,6 +170,19 @@ fn tcp_flags(h: &etherparse::TcpHeader) -> String {
         .collect()
 }
 
+/// Cold mode: what the kernel did with a packet it logged, from what it logged. The 6.1+
+/// TCP logger says INVALID or IGNORE outright (or by log type); the generic loggers mark
+/// INVALID except for the "ignored" reasons.
+fn inferred(r: &conntrack_trace_common::reason::Reason) -> Verdict {
+    use conntrack_trace_common::{reason::source, window::{action, log_type}};
+    let ignored = match r.source {
+        source::TCP_LOG_VARIADIC => r.action == action::IGNORE,
+        source::TCP_LOG_STRUCT => matches!(r.log_type, log_type::SEQ_UNDER | log_type::ACK_UNDER | log_type::OVERSHOT),
+        _ => reason::explain(r, None).is_some_and(|e| matches!(e.code, "ignored_state" | "challenge_ack")),
+    };
+    if ignored { Verdict::Ignored } else { Verdict::Invalid }
+}
+
 /// Reads a ring-buffer record as a `PacketEvent`.
 pub fn parse(bytes: &[u8]) -> Result<PacketEvent> {
     if bytes.len() < size_of::<PacketEvent>() {
@@ -183,6 +196,7 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
     let verdict = match e.verdict {
         verdict::IGNORED => Verdict::Ignored,
         verdict::DROP => Verdict::Drop,
+        verdict::LOGGED => inferred(&e.reason),
         _ => Verdict::Invalid,
     };
     let mut r = Record {
