@@ -26,11 +26,11 @@ pub enum Mode {
 const POWEROFF_GRACE: Duration = Duration::from_secs(30);
 
 pub fn run(kernel: &Kernel, vmlinuz: &Path, initrd: &Path, mode: Mode, timeout: Duration) -> Result<Tally> {
-    println!("\nrunning VM tests on {}: {} {} ({})", kernel.name, kernel.package, kernel.version, kernel.why);
-    let mode_arg = match mode {
-        Mode::Test => "test",
-        Mode::Demo => "demo",
+    let (mode_arg, what) = match mode {
+        Mode::Test => ("test", "running VM tests"),
+        Mode::Demo => ("demo", "running the demo"),
     };
+    println!("\n{what} on {}: {} {} ({})", kernel.name, kernel.package, kernel.version, kernel.why);
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2"])
