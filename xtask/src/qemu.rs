@@ -124,6 +124,7 @@ pub fn run(kernel: &Kernel, vmlinuz: &Path, initrd: &Path, mode: Mode, timeout: 
         None => println!("[{name}] never reached /init; stopped after {:.1}s", wall.as_secs_f64()),
     }
     tally.wall = wall;
+    tally.boot = guest.booted;
     tally.print_result();
     Ok(tally)
 }

@@ -9,6 +9,8 @@ pub struct Tally {
     /// Test name and the one-line reason.
     pub failures: Vec<(String, String)>,
     pub wall: Duration,
+    /// Time from starting qemu to the guest's /init running.
+    pub boot: Option<Duration>,
 }
 
 impl Tally {
