@@ -2,7 +2,11 @@
 # PID 1 of the test VM (busybox sh). Lines starting with CT- are the protocol that
 # `cargo xtask vm-test` parses on the host; ct-scenarios prints `CT-RESULT <name> ok`,
 # `CT-RESULT <name> FAILED <reason>` and finally `CT-DONE`.
-# busybox sh runs its own applets before PATH lookups: call iproute2 as /usr/sbin/ip here.
+# Guest layout (xtask/src/initramfs.rs): /bin/conntrack-trace, /bin/ct-scenarios, busybox
+# applets in /bin; the real iproute2 /usr/sbin/ip and /usr/sbin/tc, /usr/bin/ss,
+# /usr/sbin/{conntrack,nft}, /usr/sbin/iptables* (legacy) and /usr/sbin/iptables-nft*.
+# busybox sh runs its own applets (ip, tc) before any PATH lookup: from shell, call iproute2
+# by full path. Environment for ct-scenarios: CT_KERNEL (matrix name), CT_MODE, CT_TRACER.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
