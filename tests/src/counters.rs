@@ -34,6 +34,21 @@ impl Counters {
     }
 }
 
+/// The TCP stack's `TcpExt` counters (`/proc/net/netstat`) of a namespace: they say what
+/// the stacks did (timeouts, fast retransmits, old duplicates received), which conntrack's
+/// verdicts are then compared against.
+pub fn tcp_ext(ns: &Netns) -> Result<HashMap<String, u64>> {
+    let text = ns.read_proc_net("netstat")?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = lines.next().zip(lines.next()).context("no TcpExt lines in netstat")?;
+    Ok(names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(n, v)| Some((n.to_string(), v.parse().ok()?)))
+        .collect())
+}
+
 fn parse(text: &str) -> Result<HashMap<String, u64>> {
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().context("empty file")?.split_whitespace().collect();

@@ -13,8 +13,7 @@ use crate::connection::Flow;
 use crate::inject::RawSender;
 use crate::kernel::Kernel;
 use crate::scenarios::{self, BULK};
-use crate::tools;
-use crate::topology::{SERVER_IF, Topology, WEB};
+use crate::topology::{Topology, WEB};
 use crate::tracer::Tracer;
 
 pub fn run() -> Result<()> {
@@ -42,17 +41,9 @@ pub fn run() -> Result<()> {
     sender.send(&scenarios::ack_over(&flow, now))?;
     std::thread::sleep(Duration::from_millis(300));
 
-    if let Some(tc) = tools::tc() {
-        say("netem holds back 5% of the backend's segments for 300 ms: real retransmits and late originals");
-        topo.server.exec(tc, &["qdisc", "add", "dev", SERVER_IF, "root", "netem", "delay", "300ms", "reorder", "95%"])?;
-        let transfer = flow.bulk_to_client(4 * BULK);
-        topo.server.exec(tc, &["qdisc", "del", "dev", SERVER_IF, "root"])?;
-        transfer?;
-        std::thread::sleep(Duration::from_millis(500));
-        say(&format!("the backend retransmitted {} segments", flow.server_retransmits()?));
-    } else {
-        say("no tc in this image: skipping the netem retransmits");
-    }
+    say("netem holds back 3% of the backend's segments for a second: real retransmits and late originals");
+    scenarios::netem_transfer(&topo, &mut flow)?;
+    say(&format!("the backend retransmitted {} segments", flow.server_retransmits()?));
 
     let now = flow.seqs()?;
     say(&format!(

@@ -2,7 +2,7 @@
 //! INVALID (and, on 6.1+, IGNORE) verdict through nf_log, one line per packet, e.g.
 //!
 //! `nf_ct_proto_6: SEQ is over upper bound 2839577113 (over the window of the receiver)
-//!  IN=veth-client OUT= MAC=... SRC=10.0.0.2 DST=10.0.0.1 ... SPT=8080 DPT=41234 SEQ=.. ACK=..`
+//!  IN=veth-client OUT= MAC=... SRC=10.0.1.2 DST=10.0.0.1 ... SPT=8080 DPT=41234 SEQ=.. ACK=..`
 //!
 //! The reason text between the prefix and ` IN=` is exactly what the tracer must report as
 //! `reason`, and its `%u` is the `window.bound`.
@@ -130,7 +130,7 @@ mod tests {
     #[test]
     fn parses_window_line_with_bound() {
         let msg = "nf_ct_proto_6: SEQ is over upper bound 2839577113 (over the window of the receiver) \
-                   IN=veth-client OUT= MAC=aa:bb SRC=10.0.0.2 DST=10.0.0.1 LEN=140 TOS=0x00 PREC=0x00 \
+                   IN=veth-client OUT= MAC=aa:bb SRC=10.0.1.2 DST=10.0.0.1 LEN=140 TOS=0x00 PREC=0x00 \
                    TTL=64 ID=0 DF PROTO=TCP SPT=8080 DPT=41234 SEQ=3107012473 ACK=1799 WINDOW=512 \
                    RES=0x00 ACK PSH URGP=0";
         let log = CtLog::parse(msg).unwrap();
@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn parses_udp_line_without_seq() {
-        let msg = "nf_ct_proto_17: truncated/malformed packet IN=veth-client OUT= SRC=10.0.0.2 \
+        let msg = "nf_ct_proto_17: truncated/malformed packet IN=veth-client OUT= SRC=10.0.1.2 \
                    DST=10.0.0.1 LEN=40 PROTO=UDP SPT=5353 DPT=5353 LEN=84";
         let log = CtLog::parse(msg).unwrap();
         assert_eq!(log.reason, "truncated/malformed packet");

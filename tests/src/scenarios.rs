@@ -7,11 +7,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::connection::{Flow, Seqs};
+use crate::counters;
 use crate::inject::{ACK, PSH, Packet, RST, RawSender, SYN, Transport};
 use crate::kernel::Kernel;
 use crate::kmsg::CtLog;
 use crate::observe::{Observation, Observer};
-use crate::topology::{API, CLIENT_IP, SERVER_IF, SERVER_IP, Service, Topology, WEB};
+use crate::topology::{API, CLIENT_IP, SERVER_IP, Service, Topology, WEB, WIRE_TO_CLIENT_IF};
 use crate::tools;
 use crate::verify::{self, Expected, Problems, Verdict};
 
@@ -132,35 +133,37 @@ fn udp_bad_packets(ctx: &Ctx) -> Result<()> {
     problems.into_result()
 }
 
-/// The stack's own retransmits: netem holds back 5% of the backend's segments for 300 ms
-/// during a bulk transfer into a small window, so the backend fast-retransmits them and the
-/// late originals arrive after the stream has moved on. No expectation is made up for what
+/// The stack's own retransmits: netem holds back a few of the backend's segments for a
+/// second during a bulk transfer into a small window. The backend's retransmission timer
+/// (~200 ms) fires long before, so it retransmits them, and the late originals arrive after
+/// the stream has moved on by more than a window. No expectation is made up for what
 /// conntrack does with them: the tracer must agree with the kernel's log and counters.
 fn real_retransmits(ctx: &Ctx) -> Result<()> {
-    let tc = tools::tc().context("no tc binary in this image: netem cannot be configured")?;
     let topo = Topology::build("rtx", true)?;
     let mut flow = Flow::open(&topo, WEB)?;
     flow.exchange(1000)?;
     let retrans_before = flow.server_retransmits()?;
+    let stacks_before = [counters::tcp_ext(&topo.server)?, counters::tcp_ext(&topo.client)?];
     let mut observer = Observer::start(&topo, ctx.tracer_args(&[]))?;
-    topo.server.exec(tc, &["qdisc", "add", "dev", SERVER_IF, "root", "netem", "delay", "300ms", "reorder", "95%"])?;
-    let transfer = flow.bulk_to_client(4 * BULK);
-    let removed = topo.server.exec(tc, &["qdisc", "del", "dev", SERVER_IF, "root"]);
-    transfer.context("bulk transfer under netem")?;
-    removed?;
-    // Segments still sitting in netem's delay queue were dropped with the qdisc; the ones
-    // already delayed past the transfer's end need a moment to arrive.
-    std::thread::sleep(Duration::from_millis(500));
+    netem_transfer(&topo, &mut flow)?;
     flow.exchange(100).context("connection after netem")?;
     let retransmits = flow.server_retransmits()? - retrans_before;
     observer.wait_logs(0)?;
     let obs = observer.finish(|logs| logs.len())?;
 
+    let stacks_after = [counters::tcp_ext(&topo.server)?, counters::tcp_ext(&topo.client)?];
+    let moved = |side: usize, name: &str| {
+        stacks_after[side].get(name).copied().unwrap_or(0).saturating_sub(stacks_before[side].get(name).copied().unwrap_or(0))
+    };
     let ignored = obs.logs.iter().filter(|l| ctx.kernel.window_under_is_ignored() && l.is_window_ignore()).count();
     println!(
-        "real-retransmits: backend retransmitted {retransmits} segments; conntrack logged {} lines ({} IGNORE), invalid counter +{}",
+        "real-retransmits: backend retransmitted {retransmits} segments (RTO {}, fast {}, loss probes {}); \
+         client saw {} old duplicates (D-SACK); conntrack logged {} lines ({ignored} IGNORE), invalid counter +{}",
+        moved(0, "TCPTimeouts"),
+        moved(0, "TCPFastRetrans"),
+        moved(0, "TCPLossProbes"),
+        moved(1, "TCPDSACKOldSent"),
         obs.logs.len(),
-        ignored,
         obs.invalid_delta(topo.client.inode())
     );
     let mut problems = Problems::default();
@@ -169,6 +172,25 @@ fn real_retransmits(ctx: &Ctx) -> Result<()> {
     }
     verify::tracer_matches_kernel(&ctx.kernel, &topo, &obs, None, &mut problems);
     problems.into_result()
+}
+
+/// How long netem holds back the segments it picks: far above the minimum RTO (200 ms), so
+/// the backend always retransmits before the original arrives.
+const NETEM_DELAY: Duration = Duration::from_millis(1000);
+
+/// A bulk transfer while netem on the wire's client-facing side delays 3% of the backend's
+/// segments by
+/// `NETEM_DELAY` (the other 97% pass at once: netem's "reorder"). The qdisc is removed only
+/// after the delayed originals had time to leave, since deleting it drops its queue.
+pub fn netem_transfer(topo: &Topology, flow: &mut Flow) -> Result<()> {
+    let tc = tools::tc().context("no tc binary in this image: netem cannot be configured")?;
+    let delay = format!("{}ms", NETEM_DELAY.as_millis());
+    topo.wire.exec(tc, &["qdisc", "add", "dev", WIRE_TO_CLIENT_IF, "root", "netem", "delay", &delay, "reorder", "97%"])?;
+    let transfer = flow.bulk_to_client(2 * BULK);
+    std::thread::sleep(NETEM_DELAY + Duration::from_millis(300));
+    let removed = topo.wire.exec(tc, &["qdisc", "del", "dev", WIRE_TO_CLIENT_IF, "root"]);
+    transfer.context("bulk transfer under netem")?;
+    removed.map(drop)
 }
 
 /// `--port 9090`: of two identical out-of-window segments, one on the 8080 backend's

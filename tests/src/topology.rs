@@ -1,16 +1,22 @@
-//! The test network: a client namespace and a server namespace joined by a veth pair, with
-//! kube-proxy-style Service DNAT in the client namespace, where conntrack does its work.
+//! The test network: client and backend namespaces joined through a plain router
+//! namespace ("wire"), with kube-proxy-style Service DNAT in the client namespace, where
+//! conntrack does its work.
 //!
 //! ```text
-//!  client netns (conntrack, DNAT)                     server netns (no conntrack)
-//!  10.0.0.1  veth-client <------------------------> veth-server  10.0.0.2
-//!  connect(10.96.0.10:80) --nat OUTPUT DNAT--> 10.0.0.2:8080        listener :8080
-//!  connect(10.96.0.11:80) --nat OUTPUT DNAT--> 10.0.0.2:9090        listener :9090
+//!  client netns (conntrack, DNAT)          wire netns (router)          server netns
+//!  10.0.0.1 veth-client <---> wire-c 10.0.0.254 | 10.0.1.254 wire-s <---> veth-server 10.0.1.2
+//!  connect(10.96.0.10:80) --nat OUTPUT DNAT--> 10.0.1.2:8080                 listener :8080
+//!  connect(10.96.0.11:80) --nat OUTPUT DNAT--> 10.0.1.2:9090                 listener :9090
 //! ```
 //!
 //! Forged segments are sent from the server namespace, so they enter the client namespace
 //! through PRE_ROUTING, the hook where conntrack also verifies checksums — exactly where a
 //! backend's late retransmit meets the node's conntrack in the kube-proxy incident.
+//!
+//! The router exists for netem: TCP does not retransmit a segment while the original is
+//! still queued on its own host ("TCPSpuriousRtxHostQueues"), and a segment only leaves
+//! that state when an IP layer receives it. Delayed on the wire's egress, the original has
+//! left the backend, so the backend really retransmits and the original arrives late.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -20,9 +26,14 @@ use crate::counters::Counters;
 use crate::netns::Netns;
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+const WIRE_CLIENT_SIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
+const WIRE_SERVER_SIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 254);
 pub const CLIENT_IF: &str = "veth-client";
-pub const SERVER_IF: &str = "veth-server";
+const SERVER_IF: &str = "veth-server";
+/// The wire's interface towards the client: netem here delays what the backend sends.
+pub const WIRE_TO_CLIENT_IF: &str = "wire-c";
+const WIRE_TO_SERVER_IF: &str = "wire-s";
 
 /// A ClusterIP Service and the single backend its DNAT rule points to.
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +55,7 @@ pub const API: Service = Service {
 pub struct Topology {
     pub init: Netns,
     pub client: Netns,
+    pub wire: Netns,
     pub server: Netns,
     /// ifindex of `veth-client` inside the client netns (the tracer's `ifindex`).
     pub client_ifindex: u64,
@@ -59,15 +71,25 @@ impl Topology {
     pub fn build(tag: &str, drop_invalid: bool) -> Result<Topology> {
         let init = Netns::current("init")?;
         let client = Netns::create(&format!("{tag}-client"))?;
+        let wire = Netns::create(&format!("{tag}-wire"))?;
         let server = Netns::create(&format!("{tag}-server"))?;
 
-        client.ip(&["link", "add", CLIENT_IF, "type", "veth", "peer", "name", SERVER_IF, "netns", &server.path()])?;
-        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", CLIENT_IF])?;
-        client.ip(&["link", "set", CLIENT_IF, "up"])?;
-        server.ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", SERVER_IF])?;
-        server.ip(&["link", "set", SERVER_IF, "up"])?;
-        // connect() routes the VIP before nat OUTPUT rewrites it, so the VIP needs a route.
-        client.ip(&["route", "add", "default", "via", &SERVER_IP.to_string()])?;
+        client.ip(&["link", "add", CLIENT_IF, "type", "veth", "peer", "name", WIRE_TO_CLIENT_IF, "netns", &wire.path()])?;
+        server.ip(&["link", "add", SERVER_IF, "type", "veth", "peer", "name", WIRE_TO_SERVER_IF, "netns", &wire.path()])?;
+        for (ns, dev, addr) in [
+            (&client, CLIENT_IF, CLIENT_IP),
+            (&wire, WIRE_TO_CLIENT_IF, WIRE_CLIENT_SIDE_IP),
+            (&wire, WIRE_TO_SERVER_IF, WIRE_SERVER_SIDE_IP),
+            (&server, SERVER_IF, SERVER_IP),
+        ] {
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        wire.sysctl("net.ipv4.ip_forward", "1")?;
+        // Default routes through the wire; for the client this also routes the Service VIPs,
+        // which connect() needs before nat OUTPUT rewrites them.
+        client.ip(&["route", "add", "default", "via", &WIRE_CLIENT_SIDE_IP.to_string()])?;
+        server.ip(&["route", "add", "default", "via", &WIRE_SERVER_SIDE_IP.to_string()])?;
 
         client.iptables(&["-t", "nat", "-N", "KUBE-SERVICES"])?;
         client.iptables(&["-t", "nat", "-A", "OUTPUT", "-j", "KUBE-SERVICES"])?;
@@ -101,12 +123,12 @@ impl Topology {
             .and_then(|n| n.trim().parse().ok())
             .with_context(|| format!("ifindex from {link:?}"))?;
 
-        Ok(Topology { init, client, server, client_ifindex, restore })
+        Ok(Topology { init, client, wire, server, client_ifindex, restore })
     }
 
     /// Our namespaces, in the order counters are reported.
-    pub fn namespaces(&self) -> [&Netns; 3] {
-        [&self.init, &self.client, &self.server]
+    pub fn namespaces(&self) -> [&Netns; 4] {
+        [&self.init, &self.client, &self.wire, &self.server]
     }
 
     /// `/proc/net/stat/nf_conntrack` of every namespace we own (the file is per netns).
