@@ -89,9 +89,25 @@ impl Unpacked {
     }
 }
 
+fn cache_dir(kernel: &Kernel) -> PathBuf {
+    setup::cache_dir().join("kernels").join(format!("{}_{}", kernel.package, kernel.version))
+}
+
+/// Deletes cached kernels the table no longer names (each takes 100-160 MB).
+pub fn prune_cache() {
+    let keep: Vec<PathBuf> = KERNELS.iter().map(cache_dir).collect();
+    let Ok(entries) = fs::read_dir(setup::cache_dir().join("kernels")) else { return };
+    for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+        if path.is_dir() && !keep.contains(&path) {
+            println!("kernels: removing {}, which the kernel table no longer names", path.display());
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
 /// Downloads (once) and verifies (every time) the kernel package, and unpacks it (once).
 pub fn fetch(kernel: &Kernel) -> Result<Unpacked> {
-    let dir = setup::cache_dir().join("kernels").join(format!("{}_{}", kernel.package, kernel.version));
+    let dir = cache_dir(kernel);
     let deb = dir.join("kernel.deb");
     if deb.exists() && sha256(&deb)? == kernel.sha256 {
         println!("kernels: {}: {} {} cached, sha256 ok", kernel.name, kernel.package, kernel.version);

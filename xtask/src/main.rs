@@ -129,6 +129,7 @@ fn host_tests() -> Result<bool> {
 
 fn vm_test(names: &[String], timeout: u64) -> Result<bool> {
     let selected = kernels::select(names)?;
+    kernels::prune_cache();
     let started = Instant::now();
     let bins = guest_build::build()?;
     let mut total = Tally::default();
