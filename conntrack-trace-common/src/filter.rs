@@ -32,8 +32,24 @@ pub struct Filter {
 
 impl Filter {
     pub const fn any() -> Self {
-        const C: Cidr = Cidr { family: 0, prefix: 0, _pad: [0; 2], addr: [0; 16] };
-        Self { host: C, src: C, dst: C, proto: 0, _pad: [0; 3], port: 0, sport: 0, dport: 0, _pad2: 0, netns: 0 }
+        const C: Cidr = Cidr {
+            family: 0,
+            prefix: 0,
+            _pad: [0; 2],
+            addr: [0; 16],
+        };
+        Self {
+            host: C,
+            src: C,
+            dst: C,
+            proto: 0,
+            _pad: [0; 3],
+            port: 0,
+            sport: 0,
+            dport: 0,
+            _pad2: 0,
+            netns: 0,
+        }
     }
 }
 

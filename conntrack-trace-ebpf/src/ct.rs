@@ -19,8 +19,13 @@ pub fn snapshot(ct: u64, nfct: u64, snap: &mut CtSnapshot) {
     }
     snap.status = field::<u32>(ct, off.ct_status).unwrap_or(0);
     let mut ok = true;
-    for (i, toff) in [off.ct_tuple_orig, off.ct_tuple_reply].into_iter().enumerate() {
-        let Some(t) = snap.tuples.get_mut(i) else { return };
+    for (i, toff) in [off.ct_tuple_orig, off.ct_tuple_reply]
+        .into_iter()
+        .enumerate()
+    {
+        let Some(t) = snap.tuples.get_mut(i) else {
+            return;
+        };
         // SAFETY: Tuple is plain bytes of exactly TUPLE_SIZE.
         let raw = unsafe { &mut *(t as *mut _ as *mut [u8; TUPLE_SIZE]) };
         ok &= bytes(ct, toff, raw);

@@ -50,7 +50,9 @@ pub fn nf_ct_resolve_clash_ret(ctx: RetProbeContext) -> u32 {
     if skb == 0 || ctx.ret::<i32>() != NF_DROP {
         return 0;
     }
-    let Some(e) = SCRATCH.get_ptr_mut(0) else { return 0 };
+    let Some(e) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
     // SAFETY: per-CPU scratch value, valid for this program run.
     let e = unsafe { &mut *e };
     e.kind = kind::PACKET;

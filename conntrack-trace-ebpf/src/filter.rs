@@ -20,8 +20,15 @@ pub fn matches(h: &[u8; SNAP_LEN], netns: u32) -> bool {
     let (family, proto, l4) = match h[0] >> 4 {
         4 => (4u8, h[9], ((h[0] & 0x0f) as usize) * 4),
         6 => (6u8, h[6], 40usize),
-        _ => return f.host.family == 0 && f.src.family == 0 && f.dst.family == 0 && f.proto == 0
-            && f.port == 0 && f.sport == 0 && f.dport == 0,
+        _ => {
+            return f.host.family == 0
+                && f.src.family == 0
+                && f.dst.family == 0
+                && f.proto == 0
+                && f.port == 0
+                && f.sport == 0
+                && f.dport == 0;
+        }
     };
     if f.proto != 0 && f.proto != proto {
         return false;
@@ -29,7 +36,8 @@ pub fn matches(h: &[u8; SNAP_LEN], netns: u32) -> bool {
     let (s_off, d_off) = if family == 4 { (12, 16) } else { (8, 24) };
     let src_ok = cidr(&f.src, family, h, s_off);
     let dst_ok = cidr(&f.dst, family, h, d_off);
-    let host_ok = f.host.family == 0 || cidr(&f.host, family, h, s_off) || cidr(&f.host, family, h, d_off);
+    let host_ok =
+        f.host.family == 0 || cidr(&f.host, family, h, s_off) || cidr(&f.host, family, h, d_off);
     if !(src_ok && dst_ok && host_ok) {
         return false;
     }
@@ -41,7 +49,9 @@ pub fn matches(h: &[u8; SNAP_LEN], netns: u32) -> bool {
         return false;
     }
     let l4 = l4 & (SNAP_LEN - 1);
-    let (Some(s0), Some(s1), Some(d0), Some(d1)) = (h.get(l4), h.get(l4 + 1), h.get(l4 + 2), h.get(l4 + 3)) else {
+    let (Some(s0), Some(s1), Some(d0), Some(d1)) =
+        (h.get(l4), h.get(l4 + 1), h.get(l4 + 2), h.get(l4 + 3))
+    else {
         return false;
     };
     let sport = u16::from_be_bytes([*s0, *s1]);

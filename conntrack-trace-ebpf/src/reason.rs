@@ -10,15 +10,14 @@ use conntrack_trace_common::{
     window::action,
 };
 
-use crate::{
-    ct,
-    frame::for_reason,
-    read::field,
-    ring::count,
-};
+use crate::{ct, frame::for_reason, read::field, ring::count};
 
 #[unsafe(no_mangle)]
-static LOG_ARGS: LogArgs = LogArgs { ct_log_fmt: 3, l4_log_fmt: 3, _pad: [0; 2] };
+static LOG_ARGS: LogArgs = LogArgs {
+    ct_log_fmt: 3,
+    l4_log_fmt: 3,
+    _pad: [0; 2],
+};
 
 #[inline(always)]
 fn log_args() -> LogArgs {
@@ -51,7 +50,9 @@ fn record(ctx: &ProbeContext, conn: u64, state: u64, proto: u8, fmt_idx: u64) ->
     if field::<[u8; 4]>(fmt, 0) == Some(*b"%pV\0") {
         return 0;
     }
-    let Some(f) = for_reason(skb, state) else { return orphan() };
+    let Some(f) = for_reason(skb, state) else {
+        return orphan();
+    };
     if f.event.flags & HAS_REASON != 0 {
         return 0;
     }

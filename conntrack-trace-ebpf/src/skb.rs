@@ -18,7 +18,11 @@ pub fn headers(skb: u64, headers: &mut [u8; SNAP_LEN]) -> u32 {
         return 0;
     }
     let pulled = data.wrapping_sub(head + nh as u64);
-    if pulled < 0xffff { len + pulled as u32 } else { len }
+    if pulled < 0xffff {
+        len + pulled as u32
+    } else {
+        len
+    }
 }
 
 #[inline(always)]

@@ -15,9 +15,9 @@ use conntrack_trace_common::{
 use crate::{
     filter,
     frame::{Frame, Frames, frames, mode, pop, push},
-    skb,
     read::{field, offsets},
     ring::emit,
+    skb,
 };
 
 const NF_DROP: i32 = 0;
@@ -26,7 +26,11 @@ const NF_ACCEPT: i32 = 1;
 #[kprobe]
 pub fn nf_conntrack_in(ctx: ProbeContext) -> u32 {
     if let Some(frames) = frames() {
-        push(frames, ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0));
+        push(
+            frames,
+            ctx.arg::<u64>(0).unwrap_or(0),
+            ctx.arg::<u64>(1).unwrap_or(0),
+        );
     }
     0
 }
@@ -121,7 +125,11 @@ fn fill(f: &mut Frame, verdict: u8) {
     }
     let net = field::<u64>(f.state, off.state_net).unwrap_or(0);
     // Loggers before 5.14 get no hook state: the device's namespace stands in.
-    let netns = if f.state != 0 { skb::net_inum(net) } else { skb::dev_and_netns(f.skb).1 };
+    let netns = if f.state != 0 {
+        skb::net_inum(net)
+    } else {
+        skb::dev_and_netns(f.skb).1
+    };
     if let Some(inum) = netns {
         e.netns = inum;
         e.flags |= HAS_NETNS;

@@ -25,7 +25,9 @@ const BE_LIBERAL: u8 = 0x08;
 #[kprobe]
 pub fn nf_tcp_log_invalid_variadic(ctx: ProbeContext) -> u32 {
     let skb = ctx.arg::<u64>(0).unwrap_or(0);
-    let Some(f) = for_reason(skb, ctx.arg::<u64>(2).unwrap_or(0)) else { return orphan() };
+    let Some(f) = for_reason(skb, ctx.arg::<u64>(2).unwrap_or(0)) else {
+        return orphan();
+    };
     if f.event.flags & HAS_REASON != 0 {
         return 0;
     }
@@ -40,7 +42,10 @@ pub fn nf_tcp_log_invalid_variadic(ctx: ProbeContext) -> u32 {
     }
     let r = &mut f.event.reason;
     r.source = source::TCP_LOG_VARIADIC;
-    r.action = ctx.arg::<u64>(4).map(|a| a as u8).unwrap_or(action::UNKNOWN);
+    r.action = ctx
+        .arg::<u64>(4)
+        .map(|a| a as u8)
+        .unwrap_or(action::UNKNOWN);
     r.log_type = log_type::NONE;
     r.l4proto = 6;
     // The bound is the first vararg: past the six register arguments, on the stack.
@@ -56,7 +61,9 @@ pub fn nf_tcp_log_invalid_variadic(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn nf_tcp_log_invalid_struct(ctx: ProbeContext) -> u32 {
     let skb = ctx.arg::<u64>(0).unwrap_or(0);
-    let Some(f) = for_reason(skb, ctx.arg::<u64>(2).unwrap_or(0)) else { return orphan() };
+    let Some(f) = for_reason(skb, ctx.arg::<u64>(2).unwrap_or(0)) else {
+        return orphan();
+    };
     if f.event.flags & HAS_REASON != 0 {
         return 0;
     }

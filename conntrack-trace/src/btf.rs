@@ -39,20 +39,29 @@ impl KernelBtf {
                 vmlinux.display()
             );
         }
-        let base = Btf::from_file(&vmlinux)
-            .with_context(|| format!("parsing {}", vmlinux.display()))?;
+        let base =
+            Btf::from_file(&vmlinux).with_context(|| format!("parsing {}", vmlinux.display()))?;
         let module = dir.join("nf_conntrack");
         if module.exists() {
             let btf = Btf::from_split_file(&module, &base)
                 .with_context(|| format!("parsing {}", module.display()))?;
-            return Ok(Self { btf, conntrack_source: ConntrackBtf::Module(module) });
+            return Ok(Self {
+                btf,
+                conntrack_source: ConntrackBtf::Module(module),
+            });
         }
-        let source = if base.resolve_ids_by_name("nf_conntrack_in").is_ok_and(|v| !v.is_empty()) {
+        let source = if base
+            .resolve_ids_by_name("nf_conntrack_in")
+            .is_ok_and(|v| !v.is_empty())
+        {
             ConntrackBtf::BuiltIn
         } else {
             ConntrackBtf::Missing
         };
-        Ok(Self { btf: base, conntrack_source: source })
+        Ok(Self {
+            btf: base,
+            conntrack_source: source,
+        })
     }
 
     /// The named struct (or union) with members, skipping forward declarations.
@@ -72,7 +81,10 @@ impl KernelBtf {
         loop {
             let t = self.btf.resolve_type_by_id(id)?;
             match &t {
-                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_)
+                Type::Typedef(_)
+                | Type::Const(_)
+                | Type::Volatile(_)
+                | Type::Restrict(_)
                 | Type::TypeTag(_) => {
                     id = t.as_btf_type().and_then(|b| b.get_type_id()).unwrap_or(0);
                 }
@@ -88,7 +100,9 @@ impl KernelBtf {
             Type::Struct(s) | Type::Union(s) => s.size(),
             Type::Enum(e) => e.size(),
             Type::Enum64(e) => e.size(),
-            Type::Array(a) => a.len() * self.size_of(&self.resolve(a.get_type_id().unwrap_or(0))?)?,
+            Type::Array(a) => {
+                a.len() * self.size_of(&self.resolve(a.get_type_id().unwrap_or(0))?)?
+            }
             other => bail!("no size for BTF {}", other.name()),
         })
     }
@@ -133,7 +147,9 @@ impl KernelBtf {
             total += off;
             ty = t;
             if let Some(i) = index {
-                let Type::Array(a) = &ty else { bail!("{root}.{path}: {name} is not an array") };
+                let Type::Array(a) = &ty else {
+                    bail!("{root}.{path}: {name} is not an array")
+                };
                 let elem = self.resolve(a.get_type_id().unwrap_or(0))?;
                 total += i * self.size_of(&elem)? as u32;
                 ty = elem;
@@ -160,7 +176,9 @@ impl KernelBtf {
     pub fn func(&self, name: &str) -> Option<FuncProto> {
         let ids = self.btf.resolve_ids_by_name(name).ok()?;
         ids.into_iter().find_map(|id| {
-            let Type::Func(f) = self.btf.resolve_type_by_id(id).ok()? else { return None };
+            let Type::Func(f) = self.btf.resolve_type_by_id(id).ok()? else {
+                return None;
+            };
             let Type::FuncProto(p) = self.btf.resolve_type_by_id(f.get_type_id()?).ok()? else {
                 return None;
             };
@@ -198,31 +216,92 @@ impl KernelBtf {
         o.dev_nd_net = self.field("net_device", "nd_net.net", 8)?;
         o.net_ns_inum = self.field("net", "ns.inum", 4)?;
 
-        o.net_tcp_be_liberal =
-            optional(&mut notes, "per-netns tcp_be_liberal", self.field("net", "ct.nf_ct_proto.tcp.tcp_be_liberal", 1));
-        o.ct_status = optional(&mut notes, "conntrack entry", self.field("nf_conn", "status", 8));
+        o.net_tcp_be_liberal = optional(
+            &mut notes,
+            "per-netns tcp_be_liberal",
+            self.field("net", "ct.nf_ct_proto.tcp.tcp_be_liberal", 1),
+        );
+        o.ct_status = optional(
+            &mut notes,
+            "conntrack entry",
+            self.field("nf_conn", "status", 8),
+        );
         if o.ct_status != offsets_unknown() {
             let tuple = self.struct_size("nf_conntrack_tuple").unwrap_or(0);
             if tuple != TUPLE_SIZE {
-                notes.push(format!("struct nf_conntrack_tuple is {tuple} bytes, expected {TUPLE_SIZE}"));
+                notes.push(format!(
+                    "struct nf_conntrack_tuple is {tuple} bytes, expected {TUPLE_SIZE}"
+                ));
                 o.ct_status = offsets_unknown();
             } else {
-                o.ct_tuple_orig = optional(&mut notes, "original tuple", self.field("nf_conn", "tuplehash[0].tuple", TUPLE_SIZE));
-                o.ct_tuple_reply = optional(&mut notes, "reply tuple", self.field("nf_conn", "tuplehash[1].tuple", TUPLE_SIZE));
-                o.ct_tcp_state = optional(&mut notes, "TCP state", self.field("nf_conn", "proto.tcp.state", 1));
-                o.ct_tcp_seen = optional(&mut notes, "TCP window", self.offset_of("nf_conn", "proto.tcp.seen[0]").map(|x| x.0));
-                o.tcp_seen_size = optional(&mut notes, "TCP window", self.struct_size("ip_ct_tcp_state").map(|s| s as u32));
-                o.tcp_td_end = optional(&mut notes, "td_end", self.field("ip_ct_tcp_state", "td_end", 4));
-                o.tcp_td_maxend = optional(&mut notes, "td_maxend", self.field("ip_ct_tcp_state", "td_maxend", 4));
-                o.tcp_td_maxwin = optional(&mut notes, "td_maxwin", self.field("ip_ct_tcp_state", "td_maxwin", 4));
-                o.tcp_td_maxack = optional(&mut notes, "td_maxack", self.field("ip_ct_tcp_state", "td_maxack", 4));
-                o.tcp_td_scale = optional(&mut notes, "td_scale", self.field("ip_ct_tcp_state", "td_scale", 1));
-                o.tcp_flags = optional(&mut notes, "window flags", self.field("ip_ct_tcp_state", "flags", 1));
+                o.ct_tuple_orig = optional(
+                    &mut notes,
+                    "original tuple",
+                    self.field("nf_conn", "tuplehash[0].tuple", TUPLE_SIZE),
+                );
+                o.ct_tuple_reply = optional(
+                    &mut notes,
+                    "reply tuple",
+                    self.field("nf_conn", "tuplehash[1].tuple", TUPLE_SIZE),
+                );
+                o.ct_tcp_state = optional(
+                    &mut notes,
+                    "TCP state",
+                    self.field("nf_conn", "proto.tcp.state", 1),
+                );
+                o.ct_tcp_seen = optional(
+                    &mut notes,
+                    "TCP window",
+                    self.offset_of("nf_conn", "proto.tcp.seen[0]").map(|x| x.0),
+                );
+                o.tcp_seen_size = optional(
+                    &mut notes,
+                    "TCP window",
+                    self.struct_size("ip_ct_tcp_state").map(|s| s as u32),
+                );
+                o.tcp_td_end = optional(
+                    &mut notes,
+                    "td_end",
+                    self.field("ip_ct_tcp_state", "td_end", 4),
+                );
+                o.tcp_td_maxend = optional(
+                    &mut notes,
+                    "td_maxend",
+                    self.field("ip_ct_tcp_state", "td_maxend", 4),
+                );
+                o.tcp_td_maxwin = optional(
+                    &mut notes,
+                    "td_maxwin",
+                    self.field("ip_ct_tcp_state", "td_maxwin", 4),
+                );
+                o.tcp_td_maxack = optional(
+                    &mut notes,
+                    "td_maxack",
+                    self.field("ip_ct_tcp_state", "td_maxack", 4),
+                );
+                o.tcp_td_scale = optional(
+                    &mut notes,
+                    "td_scale",
+                    self.field("ip_ct_tcp_state", "td_scale", 1),
+                );
+                o.tcp_flags = optional(
+                    &mut notes,
+                    "window flags",
+                    self.field("ip_ct_tcp_state", "flags", 1),
+                );
             }
         }
         if self.composite("nf_tcp_invalid_log").is_ok() {
-            o.log_type = optional(&mut notes, "nf_tcp_invalid_log.type", self.offset_of("nf_tcp_invalid_log", "type").map(|x| x.0));
-            o.log_value = optional(&mut notes, "nf_tcp_invalid_log.value", self.field("nf_tcp_invalid_log", "value", 4));
+            o.log_type = optional(
+                &mut notes,
+                "nf_tcp_invalid_log.type",
+                self.offset_of("nf_tcp_invalid_log", "type").map(|x| x.0),
+            );
+            o.log_value = optional(
+                &mut notes,
+                "nf_tcp_invalid_log.value",
+                self.field("nf_tcp_invalid_log", "value", 4),
+            );
         }
         Ok((o, notes))
     }
@@ -262,7 +341,10 @@ mod tests {
         let (o, _) = k.offsets().unwrap();
         // _nfct sits between the dst/sk fields and len in every sk_buff layout since 4.20.
         assert!(o.skb_nfct > 0 && o.skb_nfct < o.skb_len, "{o:?}");
-        assert!(o.skb_network_header < 256 && o.skb_head > o.skb_len, "{o:?}");
+        assert!(
+            o.skb_network_header < 256 && o.skb_head > o.skb_len,
+            "{o:?}"
+        );
         assert_eq!(o.state_hook, 0, "nf_hook_state.hook is its first member");
         assert_ne!(o.net_ns_inum, offsets_unknown());
     }
@@ -278,8 +360,19 @@ mod tests {
         // tuplehash[1] follows tuplehash[0] by one nf_conntrack_tuple_hash.
         let hash = k.struct_size("nf_conntrack_tuple_hash").unwrap() as u32;
         assert_eq!(o.ct_tuple_reply - o.ct_tuple_orig, hash);
-        assert_eq!(o.tcp_seen_size, 20, "ip_ct_tcp_state: four u32, two u8, padded to 4");
-        assert_eq!((o.tcp_td_end, o.tcp_td_maxend, o.tcp_td_maxwin, o.tcp_td_maxack), (0, 4, 8, 12));
+        assert_eq!(
+            o.tcp_seen_size, 20,
+            "ip_ct_tcp_state: four u32, two u8, padded to 4"
+        );
+        assert_eq!(
+            (
+                o.tcp_td_end,
+                o.tcp_td_maxend,
+                o.tcp_td_maxwin,
+                o.tcp_td_maxack
+            ),
+            (0, 4, 8, 12)
+        );
     }
 
     #[test]

@@ -14,10 +14,19 @@ use crate::{ebpf, plan::Plan, privs, symbols::Symbols};
 /// Functions whose presence decides the attach plan, with what each gives.
 const ATTACH_POINTS: &[(&str, &str)] = &[
     ("nf_conntrack_in", "the verdict for every packet"),
-    ("tcp_in_window", "the TCP window check (inlined on most builds)"),
-    ("nf_tcp_log_invalid", "TCP window reasons with the kernel's bound (6.1+)"),
+    (
+        "tcp_in_window",
+        "the TCP window check (inlined on most builds)",
+    ),
+    (
+        "nf_tcp_log_invalid",
+        "TCP window reasons with the kernel's bound (6.1+)",
+    ),
     ("nf_ct_l4proto_log_invalid", "reasons for tracked packets"),
-    ("nf_l4proto_log_invalid", "reasons for packets rejected before lookup"),
+    (
+        "nf_l4proto_log_invalid",
+        "reasons for packets rejected before lookup",
+    ),
     ("early_drop", "table-full drops"),
     ("nf_ct_resolve_clash", "insert clashes at confirm"),
 ];
@@ -29,7 +38,9 @@ pub struct ProgramReport {
 }
 
 pub enum Outcome {
-    Verified { instructions: Option<u32> },
+    Verified {
+        instructions: Option<u32>,
+    },
     Rejected(String),
     /// Could not be submitted here for a reason that is not the verifier's (no fentry).
     NotLoadable(String),
@@ -48,21 +59,49 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
         out,
         "  {:<28} {}",
         "kprobes",
-        if kprobes { "available".into() } else { format!("UNAVAILABLE: {}", KPROBES_MISSING) }
+        if kprobes {
+            "available".into()
+        } else {
+            format!("UNAVAILABLE: {}", KPROBES_MISSING)
+        }
     )?;
-    let reports = load_all(&mut ebpf::open(&plan, 1 << 16, &conntrack_trace_common::filter::Filter::any())?, &plan)?;
-    let fentry = reports.iter().find(|r| r.kind == "fexit").map(|r| match &r.outcome {
-        Outcome::Verified { .. } => "available".to_string(),
-        Outcome::Rejected(e) | Outcome::NotLoadable(e) => format!("UNAVAILABLE: {e}"),
-    });
-    writeln!(out, "  {:<28} {}", "fentry/fexit", fentry.as_deref().unwrap_or("not tried"))?;
+    let reports = load_all(
+        &mut ebpf::open(
+            &plan,
+            1 << 16,
+            &conntrack_trace_common::filter::Filter::any(),
+        )?,
+        &plan,
+    )?;
+    let fentry = reports
+        .iter()
+        .find(|r| r.kind == "fexit")
+        .map(|r| match &r.outcome {
+            Outcome::Verified { .. } => "available".to_string(),
+            Outcome::Rejected(e) | Outcome::NotLoadable(e) => format!("UNAVAILABLE: {e}"),
+        });
+    writeln!(
+        out,
+        "  {:<28} {}",
+        "fentry/fexit",
+        fentry.as_deref().unwrap_or("not tried")
+    )?;
     for (name, what) in ATTACH_POINTS {
         let found = match syms.find(name) {
             Some(sym) => {
-                let module = syms.module_of(name).map(|m| format!(" [{m}]")).unwrap_or_default();
+                let module = syms
+                    .module_of(name)
+                    .map(|m| format!(" [{m}]"))
+                    .unwrap_or_default();
                 let proto = btf
                     .func(name)
-                    .map(|p| format!(" ({}{})", p.params.join(", "), if p.variadic { ", ..." } else { "" }))
+                    .map(|p| {
+                        format!(
+                            " ({}{})",
+                            p.params.join(", "),
+                            if p.variadic { ", ..." } else { "" }
+                        )
+                    })
                     .unwrap_or_else(|| " (no BTF prototype)".into());
                 format!("{sym}{module}{proto}")
             }
@@ -75,7 +114,9 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
     let mut all_ok = true;
     for r in &reports {
         let text = match &r.outcome {
-            Outcome::Verified { instructions: Some(n) } => format!("verifier OK, {n} instructions"),
+            Outcome::Verified {
+                instructions: Some(n),
+            } => format!("verifier OK, {n} instructions"),
             Outcome::Verified { instructions: None } => "verifier OK".into(),
             Outcome::Rejected(log) => {
                 all_ok = false;
@@ -96,13 +137,20 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
         "\nattach plan for this kernel, default mode {} (window reasons from {:?})",
         match plan.mode {
             conntrack_trace_common::mode::FEXIT => "fexit",
-            conntrack_trace_common::mode::COLD => "cold: no per-packet probe; --exact adds the nf_conntrack_in kprobe pair",
+            conntrack_trace_common::mode::COLD =>
+                "cold: no per-packet probe; --exact adds the nf_conntrack_in kprobe pair",
             _ => "exact",
         },
         plan.window
     )?;
     for a in &plan.attach {
-        writeln!(out, "  {:<10} {:<30} -> {}", a.flavor.to_string(), a.program, a.target)?;
+        writeln!(
+            out,
+            "  {:<10} {:<30} -> {}",
+            a.flavor.to_string(),
+            a.program,
+            a.target
+        )?;
     }
     for n in &plan.notes {
         writeln!(out, "  note: {n}")?;
@@ -115,7 +163,15 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
              kernel), or see it work with `cargo xtask demo`, which boots one under QEMU."
         )?;
     }
-    writeln!(out, "\n{}", if all_ok { "all programs passed the verifier" } else { "some programs were REJECTED" })?;
+    writeln!(
+        out,
+        "\n{}",
+        if all_ok {
+            "all programs passed the verifier"
+        } else {
+            "some programs were REJECTED"
+        }
+    )?;
     Ok(all_ok)
 }
 
@@ -124,9 +180,12 @@ pub const KPROBES_MISSING: &str = "no kprobe PMU (/sys/bus/event_source/devices/
 
 pub fn kprobes_available() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
-        || ["/sys/kernel/tracing/kprobe_events", "/sys/kernel/debug/tracing/kprobe_events"]
-            .iter()
-            .any(|p| Path::new(p).exists())
+        || [
+            "/sys/kernel/tracing/kprobe_events",
+            "/sys/kernel/debug/tracing/kprobe_events",
+        ]
+        .iter()
+        .any(|p| Path::new(p).exists())
 }
 
 /// Loads every program in the object (kprobes need no target to load; fexit needs the
@@ -147,7 +206,11 @@ fn load_all(bpf: &mut aya::Ebpf, plan: &Plan) -> Result<Vec<ProgramReport>> {
         } else if let Ok(t) = <&mut TracePoint>::try_from(&mut *prog) {
             ("tracepoint", Some(t.load()))
         } else if let Ok(f) = <&mut FExit>::try_from(&mut *prog) {
-            let target = plan.attach.iter().find(|a| a.program == name).map(|a| a.target.clone());
+            let target = plan
+                .attach
+                .iter()
+                .find(|a| a.program == name)
+                .map(|a| a.target.clone());
             match (&vmlinux, target) {
                 (Some(btf), Some(t)) => ("fexit", Some(f.load(&t, btf))),
                 _ => ("fexit", None),
@@ -160,9 +223,15 @@ fn load_all(bpf: &mut aya::Ebpf, plan: &Plan) -> Result<Vec<ProgramReport>> {
                 "its target is in module BTF, which aya 0.14 cannot attach fexit to".into(),
             ),
             Some(Ok(())) => Outcome::Verified {
-                instructions: prog.info().ok().and_then(|i| i.verified_instruction_count()),
+                instructions: prog
+                    .info()
+                    .ok()
+                    .and_then(|i| i.verified_instruction_count()),
             },
-            Some(Err(ProgramError::LoadError { io_error, verifier_log })) => {
+            Some(Err(ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            })) => {
                 if io_error.raw_os_error() == Some(libc::EPERM) && kind == "fexit" {
                     Outcome::NotLoadable(format!(
                         "the kernel refused to load fexit ({io_error}): no fentry/fexit support"
@@ -173,7 +242,11 @@ fn load_all(bpf: &mut aya::Ebpf, plan: &Plan) -> Result<Vec<ProgramReport>> {
             }
             Some(Err(e)) => Outcome::Rejected(format!("{e:#}")),
         };
-        reports.push(ProgramReport { name, kind: kind.into(), outcome });
+        reports.push(ProgramReport {
+            name,
+            kind: kind.into(),
+            outcome,
+        });
     }
     Ok(reports)
 }

@@ -15,13 +15,21 @@ pub struct PerCpu {
 impl PerCpu {
     pub fn parse(text: &str) -> Result<Self> {
         let mut lines = text.lines();
-        let columns: Vec<String> =
-            lines.next().context("empty stat file")?.split_whitespace().map(String::from).collect();
+        let columns: Vec<String> = lines
+            .next()
+            .context("empty stat file")?
+            .split_whitespace()
+            .map(String::from)
+            .collect();
         let mut rows = Vec::new();
         for line in lines {
             let vals: Vec<&str> = line.split_whitespace().collect();
             if vals.len() != columns.len() {
-                bail!("stat row has {} columns, header {}", vals.len(), columns.len());
+                bail!(
+                    "stat row has {} columns, header {}",
+                    vals.len(),
+                    columns.len()
+                );
             }
             rows.push(
                 vals.iter()
@@ -55,7 +63,9 @@ impl Stats {
     }
 
     pub fn read(path: &Path) -> Result<Self> {
-        Self::parse(&fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
+        Self::parse(
+            &fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        )
     }
 
     pub fn get(&self, name: &str) -> Option<u64> {
@@ -82,11 +92,16 @@ impl Stats {
 /// One process per network namespace: netns inode -> pid.
 fn namespaces() -> BTreeMap<u64, u32> {
     let mut out = BTreeMap::new();
-    let Ok(procs) = fs::read_dir("/proc") else { return out };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
     for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if let Ok(meta) = fs::metadata(p.path().join("ns/net")) {
-            out.entry(std::os::unix::fs::MetadataExt::ino(&meta)).or_insert(pid);
+            out.entry(std::os::unix::fs::MetadataExt::ino(&meta))
+                .or_insert(pid);
         }
     }
     out
@@ -103,7 +118,9 @@ pub fn all_namespaces() -> BTreeMap<u64, Stats> {
     namespaces()
         .into_iter()
         .filter_map(|(ino, pid)| {
-            Stats::read(Path::new(&format!("/proc/{pid}/net/stat/nf_conntrack"))).ok().map(|s| (ino, s))
+            Stats::read(Path::new(&format!("/proc/{pid}/net/stat/nf_conntrack")))
+                .ok()
+                .map(|s| (ino, s))
         })
         .collect()
 }
@@ -122,7 +139,11 @@ pub fn delta_common(before: &BTreeMap<u64, Stats>, after: &BTreeMap<u64, Stats>)
 
 /// A `net.netfilter.*` sysctl of this namespace, if it exists on this kernel.
 pub fn sysctl(name: &str) -> Option<u64> {
-    fs::read_to_string(format!("/proc/sys/net/netfilter/{name}")).ok()?.trim().parse().ok()
+    fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `nf_conntrack_count` / `nf_conntrack_max` of this namespace.
@@ -153,7 +174,10 @@ mod tests {
     fn reads_the_host_kernel() {
         // The test machine's kernel has conntrack (built in): its counters must parse.
         let s = Stats::read(Path::new("/proc/net/stat/nf_conntrack")).unwrap();
-        assert!(s.get("invalid").is_some() && s.get("ignore").is_some(), "{s:?}");
+        assert!(
+            s.get("invalid").is_some() && s.get("ignore").is_some(),
+            "{s:?}"
+        );
         assert!(!all_namespaces().is_empty());
     }
 }

@@ -8,8 +8,20 @@ use crate::verdict::addr;
 
 /// `enum tcp_conntrack`, in kernel order.
 const TCP_STATES: [&str; 14] = [
-    "NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK",
-    "TIME_WAIT", "CLOSE", "SYN_SENT2", "MAX", "IGNORE", "RETRANS", "UNACK",
+    "NONE",
+    "SYN_SENT",
+    "SYN_RECV",
+    "ESTABLISHED",
+    "FIN_WAIT",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "TIME_WAIT",
+    "CLOSE",
+    "SYN_SENT2",
+    "MAX",
+    "IGNORE",
+    "RETRANS",
+    "UNACK",
 ];
 
 /// The static name for a state word read back from `/proc/net/nf_conntrack`.

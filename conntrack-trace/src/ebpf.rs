@@ -8,7 +8,8 @@ use conntrack_trace_common::filter::Filter;
 use crate::plan::Plan;
 
 /// Built by build.rs (aya-build) from conntrack-trace-ebpf.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrack-trace"));
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrack-trace"));
 
 /// Creates the maps and relocates the programs; nothing is loaded into the verifier yet.
 pub fn open(plan: &Plan, ring_bytes: u32, filter: &Filter) -> Result<Ebpf> {
@@ -48,7 +49,11 @@ mod tests {
         .unwrap();
         f.host.family = 4;
         let mut bpf = super::open(&plan, 1 << 16, &f).unwrap();
-        let p: &mut KProbe = bpf.program_mut("nf_conntrack_in_ret").unwrap().try_into().unwrap();
+        let p: &mut KProbe = bpf
+            .program_mut("nf_conntrack_in_ret")
+            .unwrap()
+            .try_into()
+            .unwrap();
         p.load().expect("verifier accepts the filter path");
     }
 
@@ -63,7 +68,8 @@ mod tests {
             let names: Vec<String> = bpf.programs().map(|(n, _)| n.to_string()).collect();
             for name in names {
                 if let Ok(p) = <&mut KProbe>::try_from(bpf.program_mut(&name).unwrap()) {
-                    p.load().unwrap_or_else(|e| panic!("{name} in mode {mode}: {e:?}"));
+                    p.load()
+                        .unwrap_or_else(|e| panic!("{name} in mode {mode}: {e:?}"));
                 }
             }
         }

@@ -35,12 +35,21 @@ pub struct Events {
 
 impl Events {
     pub fn new(clock: Clock, hints: Hints, resets: bool, count: Option<u64>) -> Self {
-        Self { clock, summary: Summary::default(), corr: Correlator::default(), hints, resets, count }
+        Self {
+            clock,
+            summary: Summary::default(),
+            corr: Correlator::default(),
+            hints,
+            resets,
+            count,
+        }
     }
 
     /// Handles one ring-buffer record. Malformed records are logged and skipped.
     pub fn handle(&mut self, bytes: &[u8], out: &mut dyn Output) -> Result<(), Stop> {
-        let kind = bytes.get(..4).map(|k| u32::from_ne_bytes([k[0], k[1], k[2], k[3]]));
+        let kind = bytes
+            .get(..4)
+            .map(|k| u32::from_ne_bytes([k[0], k[1], k[2], k[3]]));
         let written = match kind {
             Some(kind::PACKET) => match verdict::parse(bytes) {
                 Ok(ev) => {

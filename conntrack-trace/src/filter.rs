@@ -11,7 +11,9 @@ pub fn parse_cidr(s: &str) -> Result<Cidr> {
         Some((a, p)) => (a, Some(p)),
         None => (s, None),
     };
-    let addr: IpAddr = a.parse().with_context(|| format!("{s:?} is not an IP address or CIDR"))?;
+    let addr: IpAddr = a
+        .parse()
+        .with_context(|| format!("{s:?} is not an IP address or CIDR"))?;
     let (family, max, bytes) = match addr {
         IpAddr::V4(v) => {
             let mut b = [0; 16];
@@ -21,12 +23,19 @@ pub fn parse_cidr(s: &str) -> Result<Cidr> {
         IpAddr::V6(v) => (6, 128, v.octets()),
     };
     let prefix = match p {
-        Some(p) => p.parse::<u8>().ok().filter(|&p| p <= max).with_context(|| {
-            format!("{s:?}: prefix length must be 0..={max}")
-        })?,
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|&p| p <= max)
+            .with_context(|| format!("{s:?}: prefix length must be 0..={max}"))?,
         None => max,
     };
-    Ok(Cidr { family, prefix, _pad: [0; 2], addr: bytes })
+    Ok(Cidr {
+        family,
+        prefix,
+        _pad: [0; 2],
+        addr: bytes,
+    })
 }
 
 pub fn parse_proto(s: &str) -> Result<u8> {
@@ -39,7 +48,9 @@ pub fn parse_proto(s: &str) -> Result<u8> {
         "udplite" => 136,
         "dccp" => 33,
         n => match n.parse::<u8>() {
-            Ok(0) | Err(_) => bail!("unknown protocol {s:?} (tcp, udp, icmp, icmpv6, sctp, or a number 1-255)"),
+            Ok(0) | Err(_) => {
+                bail!("unknown protocol {s:?} (tcp, udp, icmp, icmpv6, sctp, or a number 1-255)")
+            }
             Ok(v) => v,
         },
     })
@@ -62,7 +73,12 @@ pub fn build(f: &Flags) -> Result<Filter> {
     out.host = cidr(f.host).context("--host")?;
     out.src = cidr(f.src).context("--src")?;
     out.dst = cidr(f.dst).context("--dst")?;
-    out.proto = f.proto.map(parse_proto).transpose().context("--proto")?.unwrap_or(0);
+    out.proto = f
+        .proto
+        .map(parse_proto)
+        .transpose()
+        .context("--proto")?
+        .unwrap_or(0);
     out.port = f.port.unwrap_or(0);
     out.sport = f.sport.unwrap_or(0);
     out.dport = f.dport.unwrap_or(0);
@@ -77,7 +93,10 @@ mod tests {
     #[test]
     fn cidrs() {
         let c = parse_cidr("10.96.0.0/12").unwrap();
-        assert_eq!((c.family, c.prefix, &c.addr[..4]), (4, 12, &[10, 96, 0, 0][..]));
+        assert_eq!(
+            (c.family, c.prefix, &c.addr[..4]),
+            (4, 12, &[10, 96, 0, 0][..])
+        );
         assert_eq!(parse_cidr("10.0.0.1").unwrap().prefix, 32);
         assert_eq!(parse_cidr("fd00::/64").unwrap().family, 6);
         assert!(parse_cidr("10.0.0.0/33").is_err());

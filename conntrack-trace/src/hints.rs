@@ -48,11 +48,17 @@ impl Node {
 /// The ruleset as text, from whichever of iptables-save / nft works here.
 fn ruleset() -> Option<String> {
     let mut found = None;
-    for (cmd, args) in [("iptables-save", &[][..]), ("ip6tables-save", &[]), ("nft", &["list", "ruleset"])] {
+    for (cmd, args) in [
+        ("iptables-save", &[][..]),
+        ("ip6tables-save", &[]),
+        ("nft", &["list", "ruleset"]),
+    ] {
         if let Ok(o) = Command::new(cmd).args(args).output()
             && o.status.success()
         {
-            found.get_or_insert_with(String::new).push_str(&String::from_utf8_lossy(&o.stdout));
+            found
+                .get_or_insert_with(String::new)
+                .push_str(&String::from_utf8_lossy(&o.stdout));
         }
     }
     found
@@ -62,7 +68,9 @@ fn ruleset() -> Option<String> {
 pub fn has_invalid_drop(ruleset: &str) -> bool {
     ruleset.lines().any(|l| {
         let l = l.to_ascii_lowercase();
-        let invalid = (l.contains("--ctstate invalid") || l.contains("--state invalid") || l.contains("ct state invalid"))
+        let invalid = (l.contains("--ctstate invalid")
+            || l.contains("--state invalid")
+            || l.contains("ct state invalid"))
             && !l.contains("!");
         invalid && (l.contains("-j drop") || l.ends_with(" drop") || l.contains(" drop "))
     })
@@ -147,12 +155,18 @@ pub struct Hints {
 
 impl Hints {
     pub fn new(node: Node) -> Self {
-        Self { node, cache: HashMap::new() }
+        Self {
+            node,
+            cache: HashMap::new(),
+        }
     }
 
     pub fn get(&mut self, code: &'static str) -> Option<Arc<Hint>> {
         let node = &self.node;
-        self.cache.entry(code).or_insert_with(|| hint_for(code, node).map(Arc::new)).clone()
+        self.cache
+            .entry(code)
+            .or_insert_with(|| hint_for(code, node).map(Arc::new))
+            .clone()
     }
 }
 
@@ -162,17 +176,29 @@ mod tests {
 
     #[test]
     fn invalid_drop_rule_detection() {
-        assert!(has_invalid_drop("-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"));
+        assert!(has_invalid_drop(
+            "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"
+        ));
         assert!(has_invalid_drop("\t\tct state invalid drop"));
-        assert!(has_invalid_drop("ct state invalid counter packets 0 bytes 0 drop"));
-        assert!(!has_invalid_drop("-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"));
-        assert!(!has_invalid_drop("-A FORWARD -m conntrack ! --ctstate INVALID -j DROP"));
+        assert!(has_invalid_drop(
+            "ct state invalid counter packets 0 bytes 0 drop"
+        ));
+        assert!(!has_invalid_drop(
+            "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+        ));
+        assert!(!has_invalid_drop(
+            "-A FORWARD -m conntrack ! --ctstate INVALID -j DROP"
+        ));
         assert!(!has_invalid_drop("ct state invalid accept"));
     }
 
     #[test]
     fn hints_say_what_is_active() {
-        let node = Node { be_liberal: Some(true), invalid_drop_rule: Some(false), ..Default::default() };
+        let node = Node {
+            be_liberal: Some(true),
+            invalid_drop_rule: Some(false),
+            ..Default::default()
+        };
         let mut h = Hints::new(node);
         let w = h.get("seq_over").unwrap();
         assert_eq!(w.fixes.len(), 2);
@@ -181,6 +207,11 @@ mod tests {
         assert!(h.get("table_full").is_some());
         assert!(h.get("ignored_state").is_none());
         let json = serde_json::to_value(&*w).unwrap();
-        assert!(json["fixes"][0]["do"].as_str().unwrap().contains("INVALID -j DROP"));
+        assert!(
+            json["fixes"][0]["do"]
+                .as_str()
+                .unwrap()
+                .contains("INVALID -j DROP")
+        );
     }
 }

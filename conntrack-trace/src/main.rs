@@ -6,9 +6,9 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 use conntrack_trace::{
-    check, filter, record,
+    check, filter,
     output::{Output, Tee, json::Json, pcap::Pcap, text::Text},
-    stats, trace,
+    record, stats, trace,
 };
 
 #[derive(Parser)]
@@ -91,9 +91,7 @@ enum Command {
     /// The kernel's conntrack counters (per CPU and summed), table fill and the sysctls that
     /// decide what is INVALID. Needs no BPF and no root.
     /// Decode a file saved with --record and print it like the live tracer would.
-    Replay {
-        file: std::path::PathBuf,
-    },
+    Replay { file: std::path::PathBuf },
     Stats {
         /// Print again every SECONDS with per-interval rates, until interrupted.
         #[arg(long, value_name = "SECONDS", value_parser = watch_secs)]
@@ -143,12 +141,18 @@ fn trace(cli: &Cli) -> Result<bool> {
     let mut out = output(cli);
     let mut pcap = match &cli.pcap {
         Some(path) => {
-            let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-            Some(Pcap::new(std::io::BufWriter::new(file), cli.snaplen.into()).with_context(|| format!("writing {}", path.display()))?)
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            Some(
+                Pcap::new(std::io::BufWriter::new(file), cli.snaplen.into())
+                    .with_context(|| format!("writing {}", path.display()))?,
+            )
         }
         None => None,
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     match pcap.as_mut() {
         Some(p) => rt.block_on(trace::run(opts, &mut Tee(out.as_mut(), p)))?,
         None => rt.block_on(trace::run(opts, out.as_mut()))?,
@@ -171,7 +175,9 @@ fn main() -> ExitCode {
             let mut out = output(&cli);
             record::replay(file, out.as_mut(), cli.resets, cli.count)
         }
-        Some(Command::Stats { watch }) => stats::run(&mut std::io::stdout().lock(), cli.json, *watch),
+        Some(Command::Stats { watch }) => {
+            stats::run(&mut std::io::stdout().lock(), cli.json, *watch)
+        }
         None => trace(&cli),
     };
     match result {

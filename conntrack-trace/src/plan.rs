@@ -83,7 +83,13 @@ impl Plan {
     }
 
     /// `reset_format` is the `tcp:tcp_send_reset` tracepoint's format file, if it exists.
-    pub fn new(release: &str, syms: &Symbols, btf: &KernelBtf, reset_format: Option<&str>, exact: bool) -> Result<Self> {
+    pub fn new(
+        release: &str,
+        syms: &Symbols,
+        btf: &KernelBtf,
+        reset_format: Option<&str>,
+        exact: bool,
+    ) -> Result<Self> {
         let mut notes = Vec::new();
         let Some(ct_in) = syms.find("nf_conntrack_in") else {
             bail!("{}", not_loaded_message(release));
@@ -111,7 +117,11 @@ impl Plan {
 
         let mut attach = Vec::new();
         let mut add = |program, flavor, target: &str| {
-            attach.push(Attach { program, flavor, target: target.to_string() })
+            attach.push(Attach {
+                program,
+                flavor,
+                target: target.to_string(),
+            })
         };
         // nf_conntrack_in runs for every packet: only fexit is cheap enough to sit there by
         // default. aya 0.14 loads fexit against vmlinux BTF only (it does not pass the
@@ -135,7 +145,10 @@ impl Plan {
             mode::COLD
         };
 
-        let window = match (syms.find("nf_tcp_log_invalid"), btf.func("nf_tcp_log_invalid")) {
+        let window = match (
+            syms.find("nf_tcp_log_invalid"),
+            btf.func("nf_tcp_log_invalid"),
+        ) {
             (Some(sym), Some(p)) if p.variadic => {
                 add("nf_tcp_log_invalid_variadic", Flavor::KProbe, sym);
                 WindowSource::LogVariadic
@@ -198,7 +211,10 @@ impl Plan {
                 add("nf_ct_resolve_clash_ret", Flavor::KRetProbe, rc);
                 add("nf_ct_resolve_clash", Flavor::KProbe, rc);
             }
-            None => notes.push("nf_ct_resolve_clash not found (before 5.10): insert_failed drops are not reported".into()),
+            None => notes.push(
+                "nf_ct_resolve_clash not found (before 5.10): insert_failed drops are not reported"
+                    .into(),
+            ),
         }
 
         // 6.10+ traces socketless resets (and names a reason); before, the tracepoint fires
@@ -207,7 +223,11 @@ impl Plan {
         match reset_format.and_then(tracepoint_offsets) {
             Some((tp, true)) => {
                 reset_tp = tp;
-                add("tcp_send_reset_tp", Flavor::TracePoint, "tcp/tcp_send_reset");
+                add(
+                    "tcp_send_reset_tp",
+                    Flavor::TracePoint,
+                    "tcp/tcp_send_reset",
+                );
             }
             _ => {
                 for f in ["tcp_v4_send_reset", "tcp_v6_send_reset"] {
@@ -218,7 +238,16 @@ impl Plan {
                 }
             }
         }
-        Ok(Self { release: release.to_string(), offsets, log_args, reset_tp, mode, window, attach, notes })
+        Ok(Self {
+            release: release.to_string(),
+            offsets,
+            log_args,
+            reset_tp,
+            mode,
+            window,
+            attach,
+            notes,
+        })
     }
 
     pub fn uses_fexit(&self) -> bool {
@@ -229,16 +258,34 @@ impl Plan {
     /// cold path.
     pub fn without_fexit(&self, exact: bool) -> Self {
         let mut p = self.clone();
-        let Some(i) = p.attach.iter().position(|a| a.flavor == Flavor::FExit) else { return p };
+        let Some(i) = p.attach.iter().position(|a| a.flavor == Flavor::FExit) else {
+            return p;
+        };
         let target = p.attach.remove(i).target;
         if exact {
             p.mode = mode::EXACT;
-            p.attach.insert(i, Attach { program: "nf_conntrack_in_ret", flavor: Flavor::KRetProbe, target: target.clone() });
-            p.attach.insert(i, Attach { program: "nf_conntrack_in", flavor: Flavor::KProbe, target });
+            p.attach.insert(
+                i,
+                Attach {
+                    program: "nf_conntrack_in_ret",
+                    flavor: Flavor::KRetProbe,
+                    target: target.clone(),
+                },
+            );
+            p.attach.insert(
+                i,
+                Attach {
+                    program: "nf_conntrack_in",
+                    flavor: Flavor::KProbe,
+                    target,
+                },
+            );
         } else {
             p.mode = mode::COLD;
             p.attach.retain(|a| a.program != "early_drop_ret");
-            p.notes.push("fexit could not load: no per-packet probe; --exact adds a kprobe pair".into());
+            p.notes.push(
+                "fexit could not load: no per-packet probe; --exact adds a kprobe pair".into(),
+            );
         }
         p
     }
@@ -248,11 +295,19 @@ impl Plan {
 /// field (the 6.10 version that also fires without a socket).
 fn tracepoint_offsets(format: &str) -> Option<(ResetTp, bool)> {
     let offset_of = |name: &str| {
-        format.lines().find(|l| l.contains(&format!(" {name};"))).and_then(|l| {
-            l.split(';').find_map(|p| p.trim().strip_prefix("offset:")).and_then(|v| v.parse().ok())
-        })
+        format
+            .lines()
+            .find(|l| l.contains(&format!(" {name};")))
+            .and_then(|l| {
+                l.split(';')
+                    .find_map(|p| p.trim().strip_prefix("offset:"))
+                    .and_then(|v| v.parse().ok())
+            })
     };
-    let tp = ResetTp { skb: offset_of("skbaddr")?, sk: offset_of("skaddr")? };
+    let tp = ResetTp {
+        skb: offset_of("skbaddr")?,
+        sk: offset_of("skaddr")?,
+    };
     Some((tp, offset_of("reason").is_some()))
 }
 
@@ -272,7 +327,9 @@ pub fn tracefs() -> Option<std::path::PathBuf> {
 
 /// `release` is older than `major.minor` (unparseable releases count as new).
 fn kernel_before(release: &str, major: u32, minor: u32) -> bool {
-    let mut it = release.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse::<u32>().ok());
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse::<u32>().ok());
     match (it.next(), it.next()) {
         (Some(a), Some(b)) => (a, b) < (major, minor),
         _ => false,
@@ -280,9 +337,17 @@ fn kernel_before(release: &str, major: u32, minor: u32) -> bool {
 }
 
 fn not_loaded_message(release: &str) -> String {
-    let ko = Path::new("/lib/modules").join(release).join("kernel/net/netfilter");
+    let ko = Path::new("/lib/modules")
+        .join(release)
+        .join("kernel/net/netfilter");
     let shipped = std::fs::read_dir(&ko)
-        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("nf_conntrack.ko")))
+        .map(|d| {
+            d.flatten().any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("nf_conntrack.ko")
+            })
+        })
         .unwrap_or(false);
     if shipped {
         "nf_conntrack is not loaded, so no packet is being connection-tracked and there is \
@@ -303,9 +368,15 @@ mod tests {
     fn reset_tracepoint_format() {
         // 6.18's format (this host's); 6.1's lacks the reason field.
         let new = "\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:enum sk_rst_reason reason;\toffset:28;\tsize:4;\tsigned:0;\n";
-        assert_eq!(tracepoint_offsets(new), Some((ResetTp { skb: 8, sk: 16 }, true)));
+        assert_eq!(
+            tracepoint_offsets(new),
+            Some((ResetTp { skb: 8, sk: 16 }, true))
+        );
         let old = "\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;\n";
-        assert_eq!(tracepoint_offsets(old), Some((ResetTp { skb: 8, sk: 16 }, false)));
+        assert_eq!(
+            tracepoint_offsets(old),
+            Some((ResetTp { skb: 8, sk: 16 }, false))
+        );
         assert_eq!(tracepoint_offsets("garbage"), None);
     }
 
@@ -321,17 +392,29 @@ mod tests {
     fn host_plan_is_complete() {
         let (plan, _) = Plan::for_running_kernel(true).expect("plan for the test machine's kernel");
         let programs: Vec<_> = plan.attach.iter().map(|a| a.program).collect();
-        assert!(programs.iter().any(|p| p.starts_with("nf_conntrack_in")), "{programs:?}");
-        assert!(programs.contains(&"nf_ct_l4proto_log_invalid"), "{programs:?}");
+        assert!(
+            programs.iter().any(|p| p.starts_with("nf_conntrack_in")),
+            "{programs:?}"
+        );
+        assert!(
+            programs.contains(&"nf_ct_l4proto_log_invalid"),
+            "{programs:?}"
+        );
         // Every named program must exist in the object the CLI embeds.
         let obj = aya_obj::Object::parse(crate::ebpf::OBJECT).unwrap();
         for p in programs {
-            assert!(obj.programs.contains_key(p), "plan names {p}, which the object lacks");
+            assert!(
+                obj.programs.contains_key(p),
+                "plan names {p}, which the object lacks"
+            );
         }
         for exact in [true, false] {
             let fallback = plan.without_fexit(exact);
             assert!(!fallback.uses_fexit());
-            let pair = fallback.attach.iter().any(|a| a.program == "nf_conntrack_in_ret");
+            let pair = fallback
+                .attach
+                .iter()
+                .any(|a| a.program == "nf_conntrack_in_ret");
             assert_eq!(pair, exact || !plan.uses_fexit(), "{:?}", fallback.attach);
         }
     }
@@ -340,7 +423,9 @@ mod tests {
     fn missing_conntrack_is_explained() {
         let btf = KernelBtf::from_sys().unwrap();
         let syms = Symbols::parse("ffffffff81000000 T tcp_v4_rcv\n");
-        let err = Plan::new("6.1.0-1-amd64", &syms, &btf, None, false).unwrap_err().to_string();
+        let err = Plan::new("6.1.0-1-amd64", &syms, &btf, None, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nf_conntrack"), "{err}");
     }
 }

@@ -50,7 +50,10 @@ const CODES: &[(&str, &str)] = &[
 
 fn code_for(text: &str, l4proto: u8) -> &'static str {
     let lower = text.to_ascii_lowercase();
-    let Some(&(_, code)) = CODES.iter().find(|(frag, _)| lower.contains(&frag.to_ascii_lowercase())) else {
+    let Some(&(_, code)) = CODES
+        .iter()
+        .find(|(frag, _)| lower.contains(&frag.to_ascii_lowercase()))
+    else {
         return "unknown";
     };
     match (l4proto, code) {
@@ -82,10 +85,18 @@ fn render(fmt: &str, args: &[u64], state: Option<&str>) -> String {
         }
         match chars.next() {
             Some('%') => out.push('%'),
-            Some('u') => out.push_str(&args.next().map(|&a| (a as u32).to_string()).unwrap_or_default()),
-            Some('d') | Some('i') => {
-                out.push_str(&args.next().map(|&a| (a as u32 as i32).to_string()).unwrap_or_default())
-            }
+            Some('u') => out.push_str(
+                &args
+                    .next()
+                    .map(|&a| (a as u32).to_string())
+                    .unwrap_or_default(),
+            ),
+            Some('d') | Some('i') => out.push_str(
+                &args
+                    .next()
+                    .map(|&a| (a as u32 as i32).to_string())
+                    .unwrap_or_default(),
+            ),
             Some('s') => {
                 args.next();
                 out.push_str(state.unwrap_or("?"));
@@ -110,13 +121,25 @@ pub fn explain(r: &Reason, tcp_state: Option<&str>) -> Option<Explained> {
                 c_str(&r.fmt)
             };
             let value = r.args[0] as u32;
-            Some(Explained { code: code_for(&fmt, 6), text: render(&fmt, &r.args, tcp_state), value: Some(value) })
+            Some(Explained {
+                code: code_for(&fmt, 6),
+                text: render(&fmt, &r.args, tcp_state),
+                value: Some(value),
+            })
         }
         source::L4PROTO_LOG => {
             let fmt = c_str(&r.fmt);
-            let text = if fmt.starts_with("%s") { c_str(&r.arg) } else { render(&fmt, &r.args, tcp_state) };
+            let text = if fmt.starts_with("%s") {
+                c_str(&r.arg)
+            } else {
+                render(&fmt, &r.args, tcp_state)
+            };
             let value = fmt.contains("%u").then_some(r.args[0] as u32);
-            Some(Explained { code: code_for(&text, r.l4proto), text, value })
+            Some(Explained {
+                code: code_for(&text, r.l4proto),
+                text,
+                value,
+            })
         }
         _ => None,
     }
@@ -143,7 +166,10 @@ mod tests {
             ..Default::default()
         };
         let e = explain(&r, Some("ESTABLISHED")).unwrap();
-        assert_eq!(e.text, "SEQ is over upper bound 2839577113 (over the window of the receiver)");
+        assert_eq!(
+            e.text,
+            "SEQ is over upper bound 2839577113 (over the window of the receiver)"
+        );
         assert_eq!((e.code, e.value), ("seq_over", Some(2839577113)));
     }
 
@@ -156,12 +182,21 @@ mod tests {
             (log_type::ACK_UNDER, "ack_under"),
             (log_type::OVERSHOT, "overshot"),
         ] {
-            let r = Reason { source: source::TCP_LOG_STRUCT, log_type: t, args: [7, 0, 0], ..Default::default() };
+            let r = Reason {
+                source: source::TCP_LOG_STRUCT,
+                log_type: t,
+                args: [7, 0, 0],
+                ..Default::default()
+            };
             let e = explain(&r, None).unwrap();
             assert_eq!(e.code, code, "{}", e.text);
             assert!(e.text.contains('7'), "{}", e.text);
         }
-        let bad = Reason { source: source::TCP_LOG_STRUCT, log_type: 9, ..Default::default() };
+        let bad = Reason {
+            source: source::TCP_LOG_STRUCT,
+            log_type: 9,
+            ..Default::default()
+        };
         assert!(explain(&bad, None).is_none());
     }
 
@@ -191,13 +226,33 @@ mod tests {
         let e = explain(&state, Some("SYN_SENT")).unwrap();
         assert_eq!(e.text, "packet (index 4) in dir 1 invalid, state SYN_SENT");
         assert_eq!(e.code, "invalid_state");
-        let udp = Reason { source: source::L4PROTO_LOG, l4proto: 17, fmt: text("short packet"), ..Default::default() };
+        let udp = Reason {
+            source: source::L4PROTO_LOG,
+            l4proto: 17,
+            fmt: text("short packet"),
+            ..Default::default()
+        };
         assert_eq!(explain(&udp, None).unwrap().code, "udp_short");
-        let csum = Reason { source: source::L4PROTO_LOG, l4proto: 6, fmt: text("bad checksum"), ..Default::default() };
+        let csum = Reason {
+            source: source::L4PROTO_LOG,
+            l4proto: 6,
+            fmt: text("bad checksum"),
+            ..Default::default()
+        };
         assert_eq!(explain(&csum, None).unwrap().code, "bad_checksum");
-        let flags = Reason { source: source::L4PROTO_LOG, l4proto: 6, fmt: text("invalid tcp flag combination"), ..Default::default() };
+        let flags = Reason {
+            source: source::L4PROTO_LOG,
+            l4proto: 6,
+            fmt: text("invalid tcp flag combination"),
+            ..Default::default()
+        };
         assert_eq!(explain(&flags, None).unwrap().code, "bad_flags");
-        let odd = Reason { source: source::L4PROTO_LOG, l4proto: 6, fmt: text("something new in 7.3"), ..Default::default() };
+        let odd = Reason {
+            source: source::L4PROTO_LOG,
+            l4proto: 6,
+            fmt: text("something new in 7.3"),
+            ..Default::default()
+        };
         assert_eq!(explain(&odd, None).unwrap().code, "unknown");
         assert!(explain(&Reason::default(), None).is_none());
     }

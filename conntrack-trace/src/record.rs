@@ -25,7 +25,10 @@ use crate::{
 const MAGIC: &[u8; 8] = b"CTTRACE\x01";
 
 fn sizes() -> [u32; 2] {
-    [size_of::<PacketEvent>() as u32, size_of::<ResetEvent>() as u32]
+    [
+        size_of::<PacketEvent>() as u32,
+        size_of::<ResetEvent>() as u32,
+    ]
 }
 
 pub struct Recorder<W: Write> {
@@ -35,7 +38,8 @@ pub struct Recorder<W: Write> {
 impl Recorder<BufWriter<File>> {
     pub fn create(path: &Path, clock: &Clock) -> Result<Self> {
         let f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Recorder::new(BufWriter::new(f), clock).with_context(|| format!("writing {}", path.display()))
+        Recorder::new(BufWriter::new(f), clock)
+            .with_context(|| format!("writing {}", path.display()))
     }
 }
 
@@ -45,7 +49,10 @@ impl<W: Write> Recorder<W> {
         for s in sizes() {
             out.write_all(&s.to_le_bytes())?;
         }
-        let boot = clock.boot_wall().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let boot = clock
+            .boot_wall()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         out.write_all(&(boot.as_nanos() as u64).to_le_bytes())?;
         Ok(Self { out })
     }
@@ -61,13 +68,21 @@ impl<W: Write> Recorder<W> {
 /// Reads a recording: its clock and its records.
 pub fn read(mut input: impl Read) -> Result<(Clock, Vec<Vec<u8>>)> {
     let mut head = [0u8; 24];
-    input.read_exact(&mut head).context("not a conntrack-trace recording (too short)")?;
+    input
+        .read_exact(&mut head)
+        .context("not a conntrack-trace recording (too short)")?;
     if &head[..8] != MAGIC {
         bail!("not a conntrack-trace recording (bad magic)");
     }
-    let got = [u32::from_le_bytes(head[8..12].try_into()?), u32::from_le_bytes(head[12..16].try_into()?)];
+    let got = [
+        u32::from_le_bytes(head[8..12].try_into()?),
+        u32::from_le_bytes(head[12..16].try_into()?),
+    ];
     if got != sizes() {
-        bail!("recorded with another event ABI (struct sizes {got:?}, this build {:?})", sizes());
+        bail!(
+            "recorded with another event ABI (struct sizes {got:?}, this build {:?})",
+            sizes()
+        );
     }
     let boot = UNIX_EPOCH + Duration::from_nanos(u64::from_le_bytes(head[16..24].try_into()?));
     let mut records = Vec::new();
@@ -92,7 +107,8 @@ pub fn read(mut input: impl Read) -> Result<(Clock, Vec<Vec<u8>>)> {
 /// `conntrack-trace replay FILE`: the recorded session through the same outputs.
 pub fn replay(path: &Path, out: &mut dyn Output, resets: bool, count: Option<u64>) -> Result<bool> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let (clock, records) = read(BufReader::new(f)).with_context(|| format!("reading {}", path.display()))?;
+    let (clock, records) =
+        read(BufReader::new(f)).with_context(|| format!("reading {}", path.display()))?;
     let mut events = Events::new(clock, Hints::new(Node::read()), resets, count);
     for r in &records {
         match events.handle(r, out) {
@@ -121,12 +137,20 @@ mod tests {
         r.write(&[7; 300]).unwrap();
         let (c, recs) = read(&buf[..]).unwrap();
         assert_eq!(recs, vec![b"abcd".to_vec(), vec![7; 300]]);
-        let drift = c.boot_wall().duration_since(clock.boot_wall()).unwrap_or_else(|e| e.duration());
+        let drift = c
+            .boot_wall()
+            .duration_since(clock.boot_wall())
+            .unwrap_or_else(|e| e.duration());
         assert!(drift < Duration::from_micros(1), "boot time kept to the ns");
         assert!(read(&b"garbage-garbage-garbage-"[..]).is_err());
         let mut other_abi = buf.clone();
         other_abi[8] ^= 1;
-        assert!(read(&other_abi[..]).unwrap_err().to_string().contains("another event ABI"));
+        assert!(
+            read(&other_abi[..])
+                .unwrap_err()
+                .to_string()
+                .contains("another event ABI")
+        );
         assert!(read(&buf[..buf.len() - 1]).is_err(), "truncated");
     }
 }

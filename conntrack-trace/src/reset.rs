@@ -1,11 +1,7 @@
 //! Resets sent for packets that found no socket, and the incident they complete: an INVALID
 //! segment escaped NAT, a stack answered it with an RST, the real connection died.
 
-use std::{
-    collections::VecDeque,
-    net::IpAddr,
-    time::SystemTime,
-};
+use std::{collections::VecDeque, net::IpAddr, time::SystemTime};
 
 use anyhow::{Result, bail};
 use conntrack_trace_common::reset::{HAS_NETNS, ResetEvent};
@@ -86,7 +82,11 @@ impl Correlator {
     }
 
     fn expire(&mut self, now: u64) {
-        while self.recent.front().is_some_and(|o| now.saturating_sub(o.ts_ns) > LINK_WINDOW_NS) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|o| now.saturating_sub(o.ts_ns) > LINK_WINDOW_NS)
+        {
             self.recent.pop_front();
         }
     }
@@ -95,10 +95,17 @@ impl Correlator {
     pub fn reset(&mut self, rst: &Reset) -> Option<Incident> {
         self.expire(rst.ts_ns);
         let key = rst.trigger.tuple()?;
-        let i = self.recent.iter().rposition(|r| r.pkt.tuple() == Some(key) && r.ts_ns <= rst.ts_ns)?;
+        let i = self
+            .recent
+            .iter()
+            .rposition(|r| r.pkt.tuple() == Some(key) && r.ts_ns <= rst.ts_ns)?;
         let invalid = self.recent.remove(i)?;
         let ct = invalid.ct.clone().or_else(|| lookup_entry(&invalid));
-        Some(Incident { invalid, reset: rst.clone(), ct })
+        Some(Incident {
+            invalid,
+            reset: rst.clone(),
+            ct,
+        })
     }
 }
 
@@ -120,10 +127,12 @@ fn lookup_entry(r: &Record) -> Option<Conntrack> {
 /// `ipv4 2 tcp 6 431999 ESTABLISHED src=.. dst=.. sport=.. dport=.. src=.. dst=.. sport=.. dport=.. [ASSURED] ...`
 pub fn parse_proc_entry(line: &str) -> Option<Conntrack> {
     let words: Vec<&str> = line.split_whitespace().collect();
-    let state = words.get(5).filter(|w| !w.contains('=')).map(|w| crate::ct::static_state(w));
-    let vals = |key: &str| -> Vec<&str> {
-        words.iter().filter_map(|w| w.strip_prefix(key)).collect()
-    };
+    let state = words
+        .get(5)
+        .filter(|w| !w.contains('='))
+        .map(|w| crate::ct::static_state(w));
+    let vals =
+        |key: &str| -> Vec<&str> { words.iter().filter_map(|w| w.strip_prefix(key)).collect() };
     let (src, dst, sport, dport) = (vals("src="), vals("dst="), vals("sport="), vals("dport="));
     let side = |i: usize| -> Option<Endpoints> {
         Some(Endpoints {
@@ -133,7 +142,13 @@ pub fn parse_proc_entry(line: &str) -> Option<Conntrack> {
             dport: dport.get(i)?.parse().ok()?,
         })
     };
-    Some(Conntrack { state: state.flatten(), original: side(0)?, reply: side(1)?, reply_dir: true, status: 0 })
+    Some(Conntrack {
+        state: state.flatten(),
+        original: side(0)?,
+        reply: side(1)?,
+        reply_dir: true,
+        status: 0,
+    })
 }
 
 #[cfg(test)]
@@ -149,7 +164,13 @@ mod tests {
             daddr: Some(d.parse().unwrap()),
             sport: Some(sp),
             dport: Some(dp),
-            tcp: Some(Tcp { flags: "PA".into(), seq: 1, ack: 1, win: 1, len: 1 }),
+            tcp: Some(Tcp {
+                flags: "PA".into(),
+                seq: 1,
+                ack: 1,
+                win: 1,
+                len: 1,
+            }),
             ..Default::default()
         }
     }
@@ -172,7 +193,13 @@ mod tests {
     }
 
     fn rst(ts: u64, p: Packet) -> Reset {
-        Reset { ts_ns: ts, time: SystemTime::UNIX_EPOCH, netns: Some(2), ifindex: None, trigger: p }
+        Reset {
+            ts_ns: ts,
+            time: SystemTime::UNIX_EPOCH,
+            netns: Some(2),
+            ifindex: None,
+            trigger: p,
+        }
     }
 
     #[test]
@@ -180,18 +207,32 @@ mod tests {
         let mut c = Correlator::default();
         c.invalid(&invalid(100, pkt("10.0.2.2", 8080, "10.0.1.2", 40000)));
         // An RST for another flow does not link.
-        assert!(c.reset(&rst(150, pkt("10.0.2.2", 8080, "10.0.1.2", 40001))).is_none());
-        let i = c.reset(&rst(200, pkt("10.0.2.2", 8080, "10.0.1.2", 40000))).expect("linked");
+        assert!(
+            c.reset(&rst(150, pkt("10.0.2.2", 8080, "10.0.1.2", 40001)))
+                .is_none()
+        );
+        let i = c
+            .reset(&rst(200, pkt("10.0.2.2", 8080, "10.0.1.2", 40000)))
+            .expect("linked");
         assert_eq!(i.invalid.ts_ns, 100);
         // The same INVALID packet does not explain a second RST.
-        assert!(c.reset(&rst(300, pkt("10.0.2.2", 8080, "10.0.1.2", 40000))).is_none());
+        assert!(
+            c.reset(&rst(300, pkt("10.0.2.2", 8080, "10.0.1.2", 40000)))
+                .is_none()
+        );
     }
 
     #[test]
     fn old_invalid_packets_expire() {
         let mut c = Correlator::default();
         c.invalid(&invalid(0, pkt("10.0.2.2", 8080, "10.0.1.2", 40000)));
-        assert!(c.reset(&rst(LINK_WINDOW_NS + 1, pkt("10.0.2.2", 8080, "10.0.1.2", 40000))).is_none());
+        assert!(
+            c.reset(&rst(
+                LINK_WINDOW_NS + 1,
+                pkt("10.0.2.2", 8080, "10.0.1.2", 40000)
+            ))
+            .is_none()
+        );
     }
 
     #[test]
@@ -203,7 +244,10 @@ mod tests {
         .unwrap();
         assert_eq!(ct.state, Some("ESTABLISHED"));
         assert_eq!(ct.original.daddr.to_string(), "10.96.0.10");
-        assert_eq!((ct.reply.saddr.to_string(), ct.reply.sport), ("10.0.2.2".into(), 8080));
+        assert_eq!(
+            (ct.reply.saddr.to_string(), ct.reply.sport),
+            ("10.0.2.2".into(), 8080)
+        );
         assert!(ct.dnat());
         assert!(parse_proc_entry("garbage").is_none());
     }
@@ -216,7 +260,11 @@ mod kernel_tests {
     use aya::{maps::RingBuf, programs::TracePoint};
     use conntrack_trace_common::{filter::Filter, kind};
 
-    use crate::{ebpf, plan::{Flavor, Plan}, verdict::Clock};
+    use crate::{
+        ebpf,
+        plan::{Flavor, Plan},
+        verdict::Clock,
+    };
 
     /// The host kernel can attach tracepoints (not kprobes): the socketless-RST program runs
     /// for real here. A connect to a closed port is answered by the kernel with an RST that no
@@ -229,14 +277,25 @@ mod kernel_tests {
             return;
         }
         let mut bpf = ebpf::open(&plan, 1 << 16, &Filter::any()).unwrap();
-        let tp: &mut TracePoint = bpf.program_mut("tcp_send_reset_tp").unwrap().try_into().unwrap();
+        let tp: &mut TracePoint = bpf
+            .program_mut("tcp_send_reset_tp")
+            .unwrap()
+            .try_into()
+            .unwrap();
         tp.load().unwrap();
         tp.attach("tcp", "tcp_send_reset").unwrap();
         let mut ring = RingBuf::try_from(bpf.take_map("EVENTS").unwrap()).unwrap();
 
         // A port nothing listens on: bind, note the port, close.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let err = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_secs(2));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = TcpStream::connect_timeout(
+            &format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(2),
+        );
         assert!(err.is_err(), "connect to a closed port must be refused");
 
         let clock = Clock::now();

@@ -3,7 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::{counters::Stats, verdict::{Record, Verdict}};
+use crate::{
+    counters::Stats,
+    verdict::{Record, Verdict},
+};
 
 #[derive(Debug, Default)]
 pub struct Summary {

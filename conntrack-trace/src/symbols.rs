@@ -72,7 +72,11 @@ mod tests {
         assert_eq!(s.find("tcp_in_window"), Some("tcp_in_window.isra.0"));
         assert_eq!(s.module_of("tcp_in_window"), Some("nf_conntrack"));
         assert_eq!(s.module_of("nf_conntrack_in"), None);
-        assert_eq!(s.find("nf_tcp_log_invalid"), None, ".cold alone is not an entry point");
+        assert_eq!(
+            s.find("nf_tcp_log_invalid"),
+            None,
+            ".cold alone is not an entry point"
+        );
         assert_eq!(s.find("some_data"), None);
     }
 }

@@ -13,7 +13,10 @@ use aya::{
     programs::{FExit, KProbe, TracePoint},
 };
 use conntrack_trace_common::{filter::Filter, stat};
-use tokio::{io::unix::AsyncFd, signal::unix::{SignalKind, signal}};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::{
     check, counters, ebpf,
@@ -106,14 +109,20 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     }
     if opts.verbose {
         for a in &plan.attach {
-            eprintln!("conntrack-trace: plan: {:<9} {:<30} -> {}", a.flavor.to_string(), a.program, a.target);
+            eprintln!(
+                "conntrack-trace: plan: {:<9} {:<30} -> {}",
+                a.flavor.to_string(),
+                a.program,
+                a.target
+            );
         }
     }
     for n in &plan.notes {
         eprintln!("conntrack-trace: note: {n}");
     }
     let ring = RingBuf::try_from(bpf.take_map("EVENTS").context("EVENTS map")?)?;
-    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(bpf.take_map("STATS").context("STATS map")?)?;
+    let stats: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(bpf.take_map("STATS").context("STATS map")?)?;
     // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
@@ -133,7 +142,11 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut reported_lost = 0u64;
 
-    let mut recorder = opts.record.as_deref().map(|p| Recorder::create(p, &clock)).transpose()?;
+    let mut recorder = opts
+        .record
+        .as_deref()
+        .map(|p| Recorder::create(p, &clock))
+        .transpose()?;
     let mut events = Events::new(clock, Hints::new(Node::read()), opts.resets, opts.count);
     events.summary.fill_start = counters::table_fill();
     let mut stop = None;
@@ -203,7 +216,10 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     summary.untracked = stat_total(&stats, stat::NEST_OVERFLOW);
     summary.seconds = started.elapsed().as_secs_f64();
     let ns_after = counters::all_namespaces();
-    summary.namespaces = ns_after.keys().filter(|k| ns_before.contains_key(k)).count();
+    summary.namespaces = ns_after
+        .keys()
+        .filter(|k| ns_before.contains_key(k))
+        .count();
     summary.kernel = Some(counters::delta_common(&ns_before, &ns_after));
     summary.fill_end = counters::table_fill();
     match out.summary(&summary) {

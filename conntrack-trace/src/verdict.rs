@@ -95,7 +95,6 @@ impl Record {
             (None, _) => "no reason logged by the kernel",
         }
     }
-
 }
 
 impl Packet {
@@ -125,11 +124,16 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Self {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
-        Self { boot_wall: SystemTime::now() - mono }
+        Self {
+            boot_wall: SystemTime::now() - mono,
+        }
     }
 
     /// A clock from a recorded boot time (for replaying another machine's events).
@@ -154,8 +158,20 @@ pub fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
     }
 }
 
-const HOOKS_INET: [&str; 5] = ["PRE_ROUTING", "LOCAL_IN", "FORWARD", "LOCAL_OUT", "POST_ROUTING"];
-const HOOKS_BRIDGE: [&str; 5] = ["BR_PRE_ROUTING", "BR_LOCAL_IN", "BR_FORWARD", "BR_LOCAL_OUT", "BR_POST_ROUTING"];
+const HOOKS_INET: [&str; 5] = [
+    "PRE_ROUTING",
+    "LOCAL_IN",
+    "FORWARD",
+    "LOCAL_OUT",
+    "POST_ROUTING",
+];
+const HOOKS_BRIDGE: [&str; 5] = [
+    "BR_PRE_ROUTING",
+    "BR_LOCAL_IN",
+    "BR_FORWARD",
+    "BR_LOCAL_OUT",
+    "BR_POST_ROUTING",
+];
 
 fn hook_name(pf: u8, hook: u8) -> Option<&'static str> {
     // NFPROTO_BRIDGE = 7; conntrack is also called from bridge, OVS and tc act_ct.
@@ -164,29 +180,53 @@ fn hook_name(pf: u8, hook: u8) -> Option<&'static str> {
 }
 
 fn tcp_flags(h: &etherparse::TcpHeader) -> String {
-    [(h.syn, 'S'), (h.fin, 'F'), (h.rst, 'R'), (h.psh, 'P'), (h.ack, 'A'), (h.urg, 'U'), (h.ece, 'E'), (h.cwr, 'C')]
-        .iter()
-        .filter_map(|&(on, c)| on.then_some(c))
-        .collect()
+    [
+        (h.syn, 'S'),
+        (h.fin, 'F'),
+        (h.rst, 'R'),
+        (h.psh, 'P'),
+        (h.ack, 'A'),
+        (h.urg, 'U'),
+        (h.ece, 'E'),
+        (h.cwr, 'C'),
+    ]
+    .iter()
+    .filter_map(|&(on, c)| on.then_some(c))
+    .collect()
 }
 
 /// Cold mode: what the kernel did with a packet it logged, from what it logged. The 6.1+
 /// TCP logger says INVALID or IGNORE outright (or by log type); the generic loggers mark
 /// INVALID except for the "ignored" reasons.
 fn inferred(r: &conntrack_trace_common::reason::Reason) -> Verdict {
-    use conntrack_trace_common::{reason::source, window::{action, log_type}};
+    use conntrack_trace_common::{
+        reason::source,
+        window::{action, log_type},
+    };
     let ignored = match r.source {
         source::TCP_LOG_VARIADIC => r.action == action::IGNORE,
-        source::TCP_LOG_STRUCT => matches!(r.log_type, log_type::SEQ_UNDER | log_type::ACK_UNDER | log_type::OVERSHOT),
-        _ => reason::explain(r, None).is_some_and(|e| matches!(e.code, "ignored_state" | "challenge_ack")),
+        source::TCP_LOG_STRUCT => matches!(
+            r.log_type,
+            log_type::SEQ_UNDER | log_type::ACK_UNDER | log_type::OVERSHOT
+        ),
+        _ => reason::explain(r, None)
+            .is_some_and(|e| matches!(e.code, "ignored_state" | "challenge_ack")),
     };
-    if ignored { Verdict::Ignored } else { Verdict::Invalid }
+    if ignored {
+        Verdict::Ignored
+    } else {
+        Verdict::Invalid
+    }
 }
 
 /// Reads a ring-buffer record as a `PacketEvent`.
 pub fn parse(bytes: &[u8]) -> Result<PacketEvent> {
     if bytes.len() < size_of::<PacketEvent>() {
-        bail!("short event: {} bytes, expected {}", bytes.len(), size_of::<PacketEvent>());
+        bail!(
+            "short event: {} bytes, expected {}",
+            bytes.len(),
+            size_of::<PacketEvent>()
+        );
     }
     // SAFETY: PacketEvent is repr(C) plain data, every bit pattern is valid, length checked.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<PacketEvent>()) })
@@ -208,8 +248,11 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
         window: None,
         ct: Conntrack::decode(&e.ct),
         netns: (e.flags & HAS_NETNS != 0).then_some(e.netns),
-        ifindex: (e.flags & HAS_IFINDEX != 0)
-            .then_some(if e.ifindex_in != 0 { e.ifindex_in } else { e.ifindex_out }),
+        ifindex: (e.flags & HAS_IFINDEX != 0).then_some(if e.ifindex_in != 0 {
+            e.ifindex_in
+        } else {
+            e.ifindex_out
+        }),
         hook: hook_name(e.pf, e.hook),
         drop_reason: e.drop_reason,
         hint: None,
@@ -229,58 +272,160 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
 impl Packet {
     /// Decodes the first `min(len, SNAP_LEN)` captured bytes.
     pub fn parse(captured: &[u8; SNAP_LEN], len: u32) -> Self {
-        let mut r = Packet { headers: captured[..(len as usize).min(SNAP_LEN)].to_vec(), ..Default::default() };
-    if let Ok(p) = LaxPacketHeaders::from_ip(&r.headers) {
-        let mut l4_len = None;
-        match &p.net {
-            Some(NetHeaders::Ipv4(h, _)) => {
-                r.family = Some("ipv4");
-                r.proto = Some(h.protocol.0);
-                r.saddr = Some(IpAddr::V4(h.source.into()));
-                r.daddr = Some(IpAddr::V4(h.destination.into()));
-                l4_len = (h.total_len as usize).checked_sub(h.header_len());
+        let mut r = Packet {
+            headers: captured[..(len as usize).min(SNAP_LEN)].to_vec(),
+            ..Default::default()
+        };
+        if let Ok(p) = LaxPacketHeaders::from_ip(&r.headers) {
+            let mut l4_len = None;
+            let mut l4_off = None;
+            match &p.net {
+                Some(NetHeaders::Ipv4(h, _)) => {
+                    r.family = Some("ipv4");
+                    r.proto = Some(h.protocol.0);
+                    r.saddr = Some(IpAddr::V4(h.source.into()));
+                    r.daddr = Some(IpAddr::V4(h.destination.into()));
+                    l4_len = (h.total_len as usize).checked_sub(h.header_len());
+                    l4_off = Some(h.header_len());
+                }
+                Some(NetHeaders::Ipv6(h, ext)) => {
+                    r.family = Some("ipv6");
+                    // The transport header, below, corrects this when extension headers follow.
+                    r.proto = Some(h.next_header.0);
+                    r.saddr = Some(IpAddr::V6(h.source.into()));
+                    r.daddr = Some(IpAddr::V6(h.destination.into()));
+                    l4_len = (h.payload_length as usize).checked_sub(ext.header_len());
+                    l4_off = Some(40 + ext.header_len());
+                }
+                _ => {}
             }
-            Some(NetHeaders::Ipv6(h, ext)) => {
-                r.family = Some("ipv6");
-                // The transport header, below, corrects this when extension headers follow.
-                r.proto = Some(h.next_header.0);
-                r.saddr = Some(IpAddr::V6(h.source.into()));
-                r.daddr = Some(IpAddr::V6(h.destination.into()));
-                l4_len = (h.payload_length as usize).checked_sub(ext.header_len());
+            match &p.transport {
+                Some(TransportHeader::Tcp(t)) => {
+                    r.proto = Some(6);
+                    r.sport = Some(t.source_port);
+                    r.dport = Some(t.destination_port);
+                    let len = l4_len
+                        .and_then(|l| l.checked_sub(t.header_len()))
+                        .unwrap_or(0);
+                    r.tcp = Some(Tcp {
+                        flags: tcp_flags(t),
+                        seq: t.sequence_number,
+                        ack: t.acknowledgment_number,
+                        win: t.window_size,
+                        len: len as u16,
+                    });
+                }
+                Some(TransportHeader::Udp(u)) => {
+                    r.proto = Some(17);
+                    r.sport = Some(u.source_port);
+                    r.dport = Some(u.destination_port);
+                }
+                Some(TransportHeader::Icmpv4(h)) => {
+                    let b = h.to_bytes();
+                    r.icmp = Some((b[0], b[1]));
+                }
+                Some(TransportHeader::Icmpv6(h)) => {
+                    r.proto = Some(58);
+                    let b = h.to_bytes();
+                    r.icmp = Some((b[0], b[1]));
+                }
+                _ => {}
             }
-            _ => {}
+            if r.sport.is_none()
+                && let Some(off) = l4_off
+            {
+                raw_transport(&mut r, off);
+            }
         }
-        match &p.transport {
-            Some(TransportHeader::Tcp(t)) => {
-                r.proto = Some(6);
-                r.sport = Some(t.source_port);
-                r.dport = Some(t.destination_port);
-                let len = l4_len.and_then(|l| l.checked_sub(t.header_len())).unwrap_or(0);
-                r.tcp = Some(Tcp {
-                    flags: tcp_flags(t),
-                    seq: t.sequence_number,
-                    ack: t.acknowledgment_number,
-                    win: t.window_size,
-                    len: len as u16,
-                });
-            }
-            Some(TransportHeader::Udp(u)) => {
-                r.proto = Some(17);
-                r.sport = Some(u.source_port);
-                r.dport = Some(u.destination_port);
-            }
-            Some(TransportHeader::Icmpv4(h)) => {
-                let b = h.to_bytes();
-                r.icmp = Some((b[0], b[1]));
-            }
-            Some(TransportHeader::Icmpv6(h)) => {
-                r.proto = Some(58);
-                let b = h.to_bytes();
-                r.icmp = Some((b[0], b[1]));
-            }
-            _ => {}
-        }
-    }
         r
+    }
+}
+
+/// What can still be read of a transport header etherparse refused (a TCP data offset below
+/// 5, a cut-off header: exactly the packets conntrack calls truncated). Fields that are not
+/// in the bytes stay unset.
+fn raw_transport(r: &mut Packet, off: usize) {
+    let Some(l4) = r.headers.get(off..) else {
+        return;
+    };
+    let be16 = |i: usize| l4.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let be32 = |i: usize| {
+        l4.get(i..i + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if !matches!(r.proto, Some(6 | 17 | 33 | 132 | 136)) {
+        return;
+    }
+    r.sport = be16(0);
+    r.dport = be16(2);
+    if r.proto == Some(6)
+        && let (Some(seq), Some(ack), Some(&bits), Some(win)) =
+            (be32(4), be32(8), l4.get(13), be16(14))
+    {
+        let flags = [
+            (0x02, 'S'),
+            (0x01, 'F'),
+            (0x04, 'R'),
+            (0x08, 'P'),
+            (0x10, 'A'),
+            (0x20, 'U'),
+            (0x40, 'E'),
+            (0x80, 'C'),
+        ]
+        .iter()
+        .filter_map(|&(m, c)| (bits & m != 0).then_some(c))
+        .collect();
+        r.tcp = Some(Tcp {
+            flags,
+            seq,
+            ack,
+            win,
+            len: 0,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn captured(bytes: &[u8]) -> [u8; SNAP_LEN] {
+        let mut b = [0u8; SNAP_LEN];
+        b[..bytes.len()].copy_from_slice(bytes);
+        b
+    }
+
+    /// IPv4 + a TCP header with data offset 2 (conntrack's "truncated packet"): etherparse
+    /// refuses it, the fields that are there are still reported.
+    #[test]
+    fn truncated_tcp_header_keeps_ports_and_numbers() {
+        let mut p = vec![
+            0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 1, 2, 10, 0, 0, 1,
+        ];
+        p.extend_from_slice(&[0x1f, 0x90, 0xee, 0x02]); // 8080 -> 60930
+        p.extend_from_slice(&2619359910u32.to_be_bytes());
+        p.extend_from_slice(&2429437391u32.to_be_bytes());
+        p.extend_from_slice(&[0x20, 0x10, 0x02, 0x00, 0, 0, 0, 0]); // doff 2, ACK, win 512
+        let pkt = Packet::parse(&captured(&p), p.len() as u32);
+        assert_eq!((pkt.sport, pkt.dport), (Some(8080), Some(60930)));
+        let t = pkt.tcp.unwrap();
+        assert_eq!(
+            (t.seq, t.ack, t.flags.as_str(), t.win),
+            (2619359910, 2429437391, "A", 512)
+        );
+    }
+
+    #[test]
+    fn short_capture_sets_only_what_is_there() {
+        let p = [
+            0x45, 0, 0, 40, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 1, 2, 10, 0, 0, 1, 0x14, 0xe9,
+        ];
+        let pkt = Packet::parse(&captured(&p), p.len() as u32);
+        assert_eq!(pkt.proto, Some(17));
+        assert_eq!(
+            (pkt.sport, pkt.dport),
+            (Some(5353), None),
+            "2 bytes of UDP header: one port"
+        );
     }
 }

@@ -33,8 +33,18 @@ fn seg_end(t: &Tcp) -> u32 {
         .wrapping_add(u32::from(t.flags.contains('F')))
 }
 
-pub fn explain(code: &str, kernel_bound: Option<u32>, seen: [TcpWindow; 2], reply_dir: bool, tcp: &Tcp) -> Option<Explained> {
-    let (sender, receiver) = if reply_dir { (seen[1], seen[0]) } else { (seen[0], seen[1]) };
+pub fn explain(
+    code: &str,
+    kernel_bound: Option<u32>,
+    seen: [TcpWindow; 2],
+    reply_dir: bool,
+    tcp: &Tcp,
+) -> Option<Explained> {
+    let (sender, receiver) = if reply_dir {
+        (seen[1], seen[0])
+    } else {
+        (seen[0], seen[1])
+    };
     let end = seg_end(tcp);
     // (bound the kernel computes, excess, sentence)
     let (bound, excess, text) = match code {
@@ -59,8 +69,8 @@ pub fn explain(code: &str, kernel_bound: Option<u32>, seen: [TcpWindow; 2], repl
             (bound, excess, text)
         }
         "seq_under" => {
-            let bound = kernel_bound
-                .unwrap_or(sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1));
+            let bound =
+                kernel_bound.unwrap_or(sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1));
             let excess = bound.wrapping_sub(end).wrapping_add(1);
             let text = format!(
                 "segment ends at {end}, {excess} bytes below the lower edge {} of the window \
@@ -73,7 +83,10 @@ pub fn explain(code: &str, kernel_bound: Option<u32>, seen: [TcpWindow; 2], repl
         }
         "ack_under" => {
             let bound = kernel_bound.unwrap_or(
-                receiver.end.wrapping_sub(max_ack_window(&sender)).wrapping_sub(1),
+                receiver
+                    .end
+                    .wrapping_sub(max_ack_window(&sender))
+                    .wrapping_sub(1),
             );
             let excess = bound.wrapping_sub(tcp.ack).wrapping_add(1);
             let text = format!(
@@ -95,11 +108,20 @@ pub fn explain(code: &str, kernel_bound: Option<u32>, seen: [TcpWindow; 2], repl
     };
     let scaled = (tcp.win as u64) << sender.scale.min(14);
     let text = if sender.scale > 0 {
-        format!("{text}; advertised window {} << scale {} = {scaled}", tcp.win, sender.scale)
+        format!(
+            "{text}; advertised window {} << scale {} = {scaled}",
+            tcp.win, sender.scale
+        )
     } else {
         text
     };
-    Some(Explained { sender, receiver, bound: Some(bound), excess: Some(excess), text })
+    Some(Explained {
+        sender,
+        receiver,
+        bound: Some(bound),
+        excess: Some(excess),
+        text,
+    })
 }
 
 #[cfg(test)]
@@ -107,19 +129,44 @@ mod tests {
     use super::*;
 
     fn w(end: u32, maxend: u32, maxwin: u32) -> TcpWindow {
-        TcpWindow { end, maxend, maxwin, maxack: 0, scale: 7, flags: 0, _pad: [0; 2] }
+        TcpWindow {
+            end,
+            maxend,
+            maxwin,
+            maxack: 0,
+            scale: 7,
+            flags: 0,
+            _pad: [0; 2],
+        }
     }
 
     fn tcp(seq: u32, ack: u32, len: u16, flags: &str) -> Tcp {
-        Tcp { flags: flags.into(), seq, ack, win: 502, len }
+        Tcp {
+            flags: flags.into(),
+            seq,
+            ack,
+            win: 502,
+            len,
+        }
     }
 
     #[test]
     fn seq_over_uses_kernel_bound_and_counts_excess() {
         let seen = [w(1000, 966, 65535), w(5000, 70000, 64000)];
-        let e = explain("seq_over", Some(967), seen, false, &tcp(1000, 5000, 10, "PA")).unwrap();
+        let e = explain(
+            "seq_over",
+            Some(967),
+            seen,
+            false,
+            &tcp(1000, 5000, 10, "PA"),
+        )
+        .unwrap();
         assert_eq!((e.bound, e.excess), (Some(967), Some(34)));
-        assert!(e.text.starts_with("seq 1000 is 34 bytes past"), "{}", e.text);
+        assert!(
+            e.text.starts_with("seq 1000 is 34 bytes past"),
+            "{}",
+            e.text
+        );
         assert!(e.text.contains("502 << scale 7 = 64256"), "{}", e.text);
         // Same numbers recomputed from the window when the kernel logged no bound (pre-6.1).
         let e2 = explain("seq_over", None, seen, false, &tcp(1000, 5000, 10, "PA")).unwrap();
@@ -139,10 +186,27 @@ mod tests {
     fn seq_under_and_ack_under_with_wraparound() {
         // Sender end just past zero: the lower edge wraps below 2^32.
         let seen = [w(10, 0, 0), w(0, 0, 100)];
-        let e = explain("seq_under", None, seen, false, &tcp(u32::MAX - 200, 0, 50, "A")).unwrap();
+        let e = explain(
+            "seq_under",
+            None,
+            seen,
+            false,
+            &tcp(u32::MAX - 200, 0, 50, "A"),
+        )
+        .unwrap();
         assert_eq!(e.bound, Some(10u32.wrapping_sub(101)));
-        assert_eq!(e.excess, Some(10u32.wrapping_sub(101).wrapping_sub(u32::MAX - 150) + 1));
-        let e = explain("ack_under", None, [w(0, 0, 70000), w(100000, 0, 0)], false, &tcp(0, 10, 0, "A")).unwrap();
+        assert_eq!(
+            e.excess,
+            Some(10u32.wrapping_sub(101).wrapping_sub(u32::MAX - 150) + 1)
+        );
+        let e = explain(
+            "ack_under",
+            None,
+            [w(0, 0, 70000), w(100000, 0, 0)],
+            false,
+            &tcp(0, 10, 0, "A"),
+        )
+        .unwrap();
         assert_eq!(e.bound, Some(100000 - 70000 - 1));
         assert_eq!(e.excess, Some(29999 - 10 + 1));
         assert!(explain("bad_flags", None, seen, false, &tcp(0, 0, 0, "SR")).is_none());

@@ -4,11 +4,18 @@
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_conntrack-trace")).args(args).output().expect("spawn")
+    Command::new(env!("CARGO_BIN_EXE_conntrack-trace"))
+        .args(args)
+        .output()
+        .expect("spawn")
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
@@ -26,9 +33,18 @@ fn check_verifies_every_program_on_this_kernel() {
         "nf_ct_l4proto_log_invalid",
         "nf_l4proto_log_invalid",
     ] {
-        let programs = out.split("programs (loaded").nth(1).expect("programs section");
-        let line = programs.lines().find(|l| l.trim_start().starts_with(prog)).unwrap_or_else(|| panic!("{prog} missing:\n{out}"));
-        assert!(line.contains("verifier OK") && line.contains("instructions"), "{line}");
+        let programs = out
+            .split("programs (loaded")
+            .nth(1)
+            .expect("programs section");
+        let line = programs
+            .lines()
+            .find(|l| l.trim_start().starts_with(prog))
+            .unwrap_or_else(|| panic!("{prog} missing:\n{out}"));
+        assert!(
+            line.contains("verifier OK") && line.contains("instructions"),
+            "{line}"
+        );
     }
     // The plan names the real symbols on this kernel and says which verdict mode it uses.
     assert!(out.contains("-> nf_ct_l4proto_log_invalid"), "{out}");
@@ -36,7 +52,10 @@ fn check_verifies_every_program_on_this_kernel() {
     if !std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
         && !std::path::Path::new("/sys/kernel/tracing/kprobe_events").exists()
     {
-        assert!(out.contains("Attaching is impossible on this kernel"), "{out}");
+        assert!(
+            out.contains("Attaching is impossible on this kernel"),
+            "{out}"
+        );
     }
 }
 
@@ -48,7 +67,10 @@ fn tracing_without_kprobes_says_so() {
     let o = run(&["--json", "--duration", "1s"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("cannot attach kprobes") && err.contains("xtask demo"), "{err}");
+    assert!(
+        err.contains("cannot attach kprobes") && err.contains("xtask demo"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -66,6 +88,9 @@ fn bad_flags_are_rejected_cleanly() {
         let out = text(&o);
         assert!(!o.status.success(), "{args:?} accepted: {out}");
         assert!(!out.contains("panicked"), "{args:?}: {out}");
-        assert!(out.contains("error") || out.contains("conntrack-trace:"), "{args:?}: {out}");
+        assert!(
+            out.contains("error") || out.contains("conntrack-trace:"),
+            "{args:?}: {out}"
+        );
     }
 }

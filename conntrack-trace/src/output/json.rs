@@ -1,7 +1,11 @@
 //! `--json`: one object per line, flushed per event, for jq. Keys are stable and documented in
 //! README.md; a field the kernel did not provide is omitted, never invented.
 
-use std::{collections::BTreeMap, io::{self, Write}, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    io::{self, Write},
+    net::IpAddr,
+};
 
 use serde::Serialize;
 
@@ -92,7 +96,13 @@ struct Side {
 
 impl From<&conntrack_trace_common::window::TcpWindow> for Side {
     fn from(w: &conntrack_trace_common::window::TcpWindow) -> Self {
-        Self { end: w.end, maxend: w.maxend, maxwin: w.maxwin, maxack: w.maxack, scale: w.scale }
+        Self {
+            end: w.end,
+            maxend: w.maxend,
+            maxwin: w.maxwin,
+            maxack: w.maxack,
+            scale: w.scale,
+        }
     }
 }
 
@@ -170,32 +180,43 @@ impl Serialize for Endpoints {
 
 fn event_of(r: &Record) -> Event<'_> {
     Event {
-            event: r.verdict.as_str(),
-            time: humantime::format_rfc3339_micros(r.time).to_string(),
-            ts_ns: r.ts_ns,
-            reason: r.reason_text(),
-            reason_code: r.reason_code(),
-            family: r.pkt.family,
-            proto: r.pkt.proto_name(),
-            saddr: r.pkt.saddr,
-            sport: r.pkt.sport,
-            daddr: r.pkt.daddr,
-            dport: r.pkt.dport,
-            tcp: r.pkt.tcp.as_ref().map(|t| Tcp { flags: &t.flags, seq: t.seq, ack: t.ack, win: t.win, len: t.len }),
-            icmp: r.pkt.icmp.map(|(t, c)| Icmp { r#type: t, code: c }),
-            window: r.window.as_ref().map(|w| Window {
-                sender: (&w.sender).into(),
-                receiver: (&w.receiver).into(),
-                bound: w.bound,
-                excess: w.excess,
-                explain: &w.text,
-            }),
-            ct: r.ct.as_ref().map(|c| Ct { state: c.state, original: &c.original, reply: &c.reply, dnat: c.dnat() }),
-            netns: r.netns,
-            ifindex: r.ifindex,
-            hook: r.hook,
-            hint: r.hint.as_deref(),
-        }
+        event: r.verdict.as_str(),
+        time: humantime::format_rfc3339_micros(r.time).to_string(),
+        ts_ns: r.ts_ns,
+        reason: r.reason_text(),
+        reason_code: r.reason_code(),
+        family: r.pkt.family,
+        proto: r.pkt.proto_name(),
+        saddr: r.pkt.saddr,
+        sport: r.pkt.sport,
+        daddr: r.pkt.daddr,
+        dport: r.pkt.dport,
+        tcp: r.pkt.tcp.as_ref().map(|t| Tcp {
+            flags: &t.flags,
+            seq: t.seq,
+            ack: t.ack,
+            win: t.win,
+            len: t.len,
+        }),
+        icmp: r.pkt.icmp.map(|(t, c)| Icmp { r#type: t, code: c }),
+        window: r.window.as_ref().map(|w| Window {
+            sender: (&w.sender).into(),
+            receiver: (&w.receiver).into(),
+            bound: w.bound,
+            excess: w.excess,
+            explain: &w.text,
+        }),
+        ct: r.ct.as_ref().map(|c| Ct {
+            state: c.state,
+            original: &c.original,
+            reply: &c.reply,
+            dnat: c.dnat(),
+        }),
+        netns: r.netns,
+        ifindex: r.ifindex,
+        hook: r.hook,
+        hint: r.hint.as_deref(),
+    }
 }
 
 #[derive(Serialize)]
@@ -233,7 +254,13 @@ fn reset_of(r: &Reset) -> ResetLine<'_> {
         dport: t.sport,
         netns: r.netns,
         ifindex: r.ifindex,
-        trigger: t.tcp.as_ref().map(|t| Tcp { flags: &t.flags, seq: t.seq, ack: t.ack, win: t.win, len: t.len }),
+        trigger: t.tcp.as_ref().map(|t| Tcp {
+            flags: &t.flags,
+            seq: t.seq,
+            ack: t.ack,
+            win: t.win,
+            len: t.len,
+        }),
     }
 }
 
@@ -276,10 +303,24 @@ impl<W: Write> Output for Json<W> {
             event: "incident",
             time: humantime::format_rfc3339_micros(i.reset.time).to_string(),
             ts_ns: i.reset.ts_ns,
-            client: roles.map(|(c, _, _)| Addr { addr: c.saddr, port: c.sport }),
-            service: roles.map(|(_, s, _)| Addr { addr: s.0, port: s.1 }),
-            backend: roles.map(|(_, _, b)| Addr { addr: b.0, port: b.1 }),
-            ct: i.ct.as_ref().map(|c| Ct { state: c.state, original: &c.original, reply: &c.reply, dnat: c.dnat() }),
+            client: roles.map(|(c, _, _)| Addr {
+                addr: c.saddr,
+                port: c.sport,
+            }),
+            service: roles.map(|(_, s, _)| Addr {
+                addr: s.0,
+                port: s.1,
+            }),
+            backend: roles.map(|(_, _, b)| Addr {
+                addr: b.0,
+                port: b.1,
+            }),
+            ct: i.ct.as_ref().map(|c| Ct {
+                state: c.state,
+                original: &c.original,
+                reply: &c.reply,
+                dnat: c.dnat(),
+            }),
             invalid: event_of(&i.invalid),
             reset: reset_of(&i.reset),
             explain: super::incident_story(i),
@@ -287,7 +328,10 @@ impl<W: Write> Output for Json<W> {
     }
 
     fn lost(&mut self, n: u64) -> io::Result<()> {
-        self.line(&Lost { event: "lost", count: n })
+        self.line(&Lost {
+            event: "lost",
+            count: n,
+        })
     }
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
@@ -303,7 +347,11 @@ impl<W: Write> Output for Json<W> {
             resets: s.resets,
             incidents: s.incidents,
             counts: &s.by_code,
-            top_flows: s.top_flows(10).into_iter().map(|(flow, events)| Flow { flow, events }).collect(),
+            top_flows: s
+                .top_flows(10)
+                .into_iter()
+                .map(|(flow, events)| Flow { flow, events })
+                .collect(),
             kernel: s.kernel.as_ref().map(|k| &k.0),
             namespaces: s.namespaces,
             table_start: fill(s.fill_start),

@@ -58,7 +58,12 @@ impl<W: Write> Pcap<W> {
         Ok(Self { writer, snaplen })
     }
 
-    fn packet(&mut self, p: &Packet, time: std::time::SystemTime, comment: String) -> io::Result<()> {
+    fn packet(
+        &mut self,
+        p: &Packet,
+        time: std::time::SystemTime,
+        comment: String,
+    ) -> io::Result<()> {
         let data = &p.headers[..p.headers.len().min(self.snaplen)];
         let original_len = ip_len(&p.headers).unwrap_or(p.headers.len() as u32);
         let epb = EnhancedPacketBlock {
@@ -84,7 +89,12 @@ fn ip_len(h: &[u8]) -> Option<u32> {
 }
 
 fn comment(r: &Record) -> String {
-    let mut c = format!("{} {}: {}", r.verdict.as_str().to_uppercase(), r.reason_code(), r.reason_text());
+    let mut c = format!(
+        "{} {}: {}",
+        r.verdict.as_str().to_uppercase(),
+        r.reason_code(),
+        r.reason_text()
+    );
     if let Some(w) = &r.window {
         c += &format!(
             "; {}; sender end={} maxend={} maxwin={} scale={}; receiver end={} maxend={} maxwin={} scale={}",
@@ -143,7 +153,11 @@ impl<W: Write> Output for Pcap<W> {
     }
 
     fn incident(&mut self, i: &Incident) -> io::Result<()> {
-        let c = format!("{}; it followed an INVALID packet: {}", reset_comment(&i.reset), super::incident_story(i));
+        let c = format!(
+            "{}; it followed an INVALID packet: {}",
+            reset_comment(&i.reset),
+            super::incident_story(i)
+        );
         self.packet(&i.reset.trigger, i.reset.time, c)
     }
 
@@ -165,8 +179,8 @@ mod tests {
     fn written_packets_read_back_with_their_comments() {
         // A real IPv4/TCP header (SYN to 127.0.0.1:35045, captured on this host).
         let headers = vec![
-            69, 0, 0, 60, 9, 208, 64, 0, 64, 6, 50, 234, 127, 0, 0, 1, 127, 0, 0, 1, 145, 72, 136, 229, 104, 175,
-            232, 18, 0, 0, 0, 0, 160, 2, 255, 215, 254, 48, 0, 0,
+            69, 0, 0, 60, 9, 208, 64, 0, 64, 6, 50, 234, 127, 0, 0, 1, 127, 0, 0, 1, 145, 72, 136,
+            229, 104, 175, 232, 18, 0, 0, 0, 0, 160, 2, 255, 215, 254, 48, 0, 0,
         ];
         let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
         let r = Record {
@@ -175,7 +189,13 @@ mod tests {
             time,
             pkt: Packet {
                 headers: headers.clone(),
-                tcp: Some(Tcp { flags: "S".into(), seq: 1, ack: 0, win: 1, len: 0 }),
+                tcp: Some(Tcp {
+                    flags: "S".into(),
+                    seq: 1,
+                    ack: 0,
+                    win: 1,
+                    len: 0,
+                }),
                 ..Default::default()
             },
             reason: None,
@@ -203,8 +223,13 @@ mod tests {
         assert_eq!(&e.data[..], &headers[..32], "cut at the snap length");
         assert_eq!(e.original_len, 60, "the IP total length");
         assert_eq!(e.timestamp, time.duration_since(UNIX_EPOCH).unwrap());
-        let EnhancedPacketOption::Comment(c) = &e.options[0] else { panic!("no comment") };
+        let EnhancedPacketOption::Comment(c) = &e.options[0] else {
+            panic!("no comment")
+        };
         assert!(c.starts_with("INVALID unknown: no reason logged"), "{c}");
-        assert!(c.contains("netns 4026531840") && c.contains("PRE_ROUTING"), "{c}");
+        assert!(
+            c.contains("netns 4026531840") && c.contains("PRE_ROUTING"),
+            "{c}"
+        );
     }
 }

@@ -26,7 +26,11 @@ const RESET: &str = "\x1b[0m";
 
 impl<W: Write> Text<W> {
     pub fn new(out: W, colour: bool) -> Self {
-        Self { out, colour, hinted: HashSet::new() }
+        Self {
+            out,
+            colour,
+            hinted: HashSet::new(),
+        }
     }
 
     fn paint(&self, code: &'static str) -> &'static str {
@@ -57,7 +61,11 @@ impl<W: Write> Output for Text<W> {
             Verdict::Drop => ("DROP", self.paint(RED)),
         };
         let (dim, reset) = (self.paint(DIM), self.paint(RESET));
-        let flow = format!("{} > {}", endpoint(r.pkt.saddr, r.pkt.sport), endpoint(r.pkt.daddr, r.pkt.dport));
+        let flow = format!(
+            "{} > {}",
+            endpoint(r.pkt.saddr, r.pkt.sport),
+            endpoint(r.pkt.daddr, r.pkt.dport)
+        );
         let mut line = format!(
             "{} {colour}{label:<7}{reset} {:<13} {:<4} {flow:<45}",
             clock(r),
@@ -65,7 +73,10 @@ impl<W: Write> Output for Text<W> {
             r.pkt.proto_name()
         );
         if let Some(t) = &r.pkt.tcp {
-            line += &format!(" [{}] seq {} ack {} win {} len {}", t.flags, t.seq, t.ack, t.win, t.len);
+            line += &format!(
+                " [{}] seq {} ack {} win {} len {}",
+                t.flags, t.seq, t.ack, t.win, t.len
+            );
         }
         if let Some((t, c)) = r.pkt.icmp {
             line += &format!(" type {t} code {c}");
@@ -83,7 +94,10 @@ impl<W: Write> Output for Text<W> {
                 endpoint(Some(o.daddr), Some(o.dport))
             );
             if ct.dnat() {
-                line += &format!(" DNAT to {}", endpoint(Some(ct.reply.saddr), Some(ct.reply.sport)));
+                line += &format!(
+                    " DNAT to {}",
+                    endpoint(Some(ct.reply.saddr), Some(ct.reply.sport))
+                );
             }
             line += reset;
         }
@@ -104,14 +118,23 @@ impl<W: Write> Output for Text<W> {
         if let Some(h) = &r.hint
             && self.hinted.insert(r.reason_code())
         {
-            writeln!(self.out, "  {dim}hint [{}]: {}{reset}", r.reason_code(), h.what)?;
+            writeln!(
+                self.out,
+                "  {dim}hint [{}]: {}{reset}",
+                r.reason_code(),
+                h.what
+            )?;
             for f in &h.fixes {
                 let state = match f.active {
                     Some(true) => " [ACTIVE on this node]",
                     Some(false) => " [not active]",
                     None => "",
                 };
-                writeln!(self.out, "  {dim}  - {}{state}; cost: {}{reset}", f.action, f.cost)?;
+                writeln!(
+                    self.out,
+                    "  {dim}  - {}{state}; cost: {}{reset}",
+                    f.action, f.cost
+                )?;
             }
         }
         self.out.flush()
@@ -123,9 +146,19 @@ impl<W: Write> Output for Text<W> {
         writeln!(
             self.out,
             "{} {c}RST{reset}     no socket     tcp  {:<45} answering [{}] | netns {} if {}",
-            humantime::format_rfc3339_micros(r.time).to_string().get(11..26).unwrap_or(""),
-            format!("{} > {}", endpoint(t.daddr, t.dport), endpoint(t.saddr, t.sport)),
-            t.tcp.as_ref().map_or(String::new(), |t| format!("{} seq {} ack {}", t.flags, t.seq, t.ack)),
+            humantime::format_rfc3339_micros(r.time)
+                .to_string()
+                .get(11..26)
+                .unwrap_or(""),
+            format!(
+                "{} > {}",
+                endpoint(t.daddr, t.dport),
+                endpoint(t.saddr, t.sport)
+            ),
+            t.tcp.as_ref().map_or(String::new(), |t| format!(
+                "{} seq {} ack {}",
+                t.flags, t.seq, t.ack
+            )),
             r.netns.map_or("?".into(), |n| n.to_string()),
             r.ifindex.map_or("?".into(), |n| n.to_string()),
         )?;
@@ -134,7 +167,10 @@ impl<W: Write> Output for Text<W> {
 
     fn incident(&mut self, i: &Incident) -> io::Result<()> {
         let (c, reset) = (self.paint(RED), self.paint(RESET));
-        writeln!(self.out, "{c}=== INCIDENT: connection reset caused by an INVALID packet ==={reset}")?;
+        writeln!(
+            self.out,
+            "{c}=== INCIDENT: connection reset caused by an INVALID packet ==={reset}"
+        )?;
         writeln!(self.out, "  {}", super::incident_story(i))?;
         if let Some(ct) = &i.ct {
             let (o, r) = (&ct.original, &ct.reply);
@@ -149,7 +185,12 @@ impl<W: Write> Output for Text<W> {
             )?;
         }
         if let Some(w) = &i.invalid.window {
-            writeln!(self.out, "  why INVALID: {}: {}", i.invalid.reason_text(), w.text)?;
+            writeln!(
+                self.out,
+                "  why INVALID: {}: {}",
+                i.invalid.reason_text(),
+                w.text
+            )?;
         } else {
             writeln!(self.out, "  why INVALID: {}", i.invalid.reason_text())?;
         }
@@ -158,17 +199,32 @@ impl<W: Write> Output for Text<W> {
 
     fn lost(&mut self, n: u64) -> io::Result<()> {
         let (c, reset) = (self.paint(RED), self.paint(RESET));
-        writeln!(self.out, "{c}WARNING: {n} events lost (ring buffer full); raise --ring-size{reset}")?;
+        writeln!(
+            self.out,
+            "{c}WARNING: {n} events lost (ring buffer full); raise --ring-size{reset}"
+        )?;
         self.out.flush()
     }
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
         let o = &mut self.out;
         writeln!(o, "\n--- conntrack-trace summary ({:.1} s) ---", s.seconds)?;
-        writeln!(o, "events: {} invalid, {} ignored, {} dropped; {} lost", s.invalid, s.ignored, s.drops, s.lost)?;
-        writeln!(o, "resets for packets with no socket: {}, linked to an INVALID packet: {}", s.resets, s.incidents)?;
+        writeln!(
+            o,
+            "events: {} invalid, {} ignored, {} dropped; {} lost",
+            s.invalid, s.ignored, s.drops, s.lost
+        )?;
+        writeln!(
+            o,
+            "resets for packets with no socket: {}, linked to an INVALID packet: {}",
+            s.resets, s.incidents
+        )?;
         if s.untracked > 0 {
-            writeln!(o, "WARNING: {} nf_conntrack_in calls nested too deep to track", s.untracked)?;
+            writeln!(
+                o,
+                "WARNING: {} nf_conntrack_in calls nested too deep to track",
+                s.untracked
+            )?;
         }
         for (code, n) in &s.by_code {
             writeln!(o, "  {code:<16} {n}")?;

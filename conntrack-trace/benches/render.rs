@@ -1,0 +1,57 @@
+//! Userspace cost per event: decode + explain + render, on events recorded from real kernels
+//! in the VM suite (tests/fixtures/*.ctrec). Target: >= 1,000,000 events/s on one core.
+
+use std::{fs, hint::black_box, io, path::Path};
+
+use conntrack_trace::{
+    events::Events,
+    hints::{Hints, Node},
+    output::{json::Json, text::Text},
+    record,
+};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+/// Every record of every fixture recording, with the clock of the last one.
+fn fixtures() -> (conntrack_trace::verdict::Clock, Vec<Vec<u8>>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut all = Vec::new();
+    let mut clock = None;
+    for e in fs::read_dir(&dir).expect("tests/fixtures") {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "ctrec") {
+            let (c, recs) = record::read(fs::File::open(&path).unwrap()).unwrap();
+            clock = Some(c);
+            all.extend(recs);
+        }
+    }
+    assert!(!all.is_empty(), "no recorded events in {}", dir.display());
+    (clock.unwrap(), all)
+}
+
+fn bench(c: &mut Criterion) {
+    let (clock, records) = fixtures();
+    let mut g = c.benchmark_group("per_event");
+    g.throughput(Throughput::Elements(records.len() as u64));
+    g.bench_function("decode_explain_json", |b| {
+        let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
+        let mut out = Json::new(io::sink());
+        b.iter(|| {
+            for r in &records {
+                black_box(events.handle(black_box(r), &mut out)).ok();
+            }
+        })
+    });
+    g.bench_function("decode_explain_text", |b| {
+        let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
+        let mut out = Text::new(io::sink(), false);
+        b.iter(|| {
+            for r in &records {
+                black_box(events.handle(black_box(r), &mut out)).ok();
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
