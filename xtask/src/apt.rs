@@ -26,11 +26,13 @@ impl PrivateApt {
     pub fn new() -> Result<Self> {
         let dir = setup::cache_dir().join("apt");
         for sub in ["sources.list.d", "lists/partial", "cache/archives/partial"] {
-            fs::create_dir_all(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }
         let sources = dir.join("sources.list");
         if fs::read_to_string(&sources).ok().as_deref() != Some(SOURCES) {
-            fs::write(&sources, SOURCES).with_context(|| format!("cannot write {}", sources.display()))?;
+            fs::write(&sources, SOURCES)
+                .with_context(|| format!("cannot write {}", sources.display()))?;
         }
         // apt wants a dpkg status file; an empty one means "nothing installed", which is all
         // a download needs.
@@ -72,7 +74,10 @@ impl PrivateApt {
     }
 
     pub fn update(&self) -> Result<()> {
-        println!("kernels: apt-get update (private lists in {})", self.dir.display());
+        println!(
+            "kernels: apt-get update (private lists in {})",
+            self.dir.display()
+        );
         run_cmd(self.command("apt-get").arg("-qq").arg("update"))
     }
 

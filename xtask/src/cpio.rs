@@ -15,7 +15,11 @@ pub struct Writer<W: Write> {
 
 impl<W: Write> Writer<W> {
     pub fn new(out: W) -> Self {
-        Self { out, written: 0, next_ino: 1 }
+        Self {
+            out,
+            written: 0,
+            next_ino: 1,
+        }
     }
 
     pub fn dir(&mut self, path: &str, perm: u32) -> io::Result<()> {
@@ -42,8 +46,20 @@ impl<W: Write> Writer<W> {
     }
 
     /// `path` is relative to the archive root, without a leading `/`.
-    fn entry(&mut self, path: &str, mode: u32, nlink: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
-        let too_big = || io::Error::new(io::ErrorKind::InvalidInput, format!("{path}: too large for cpio newc"));
+    fn entry(
+        &mut self,
+        path: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
+        let too_big = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{path}: too large for cpio newc"),
+            )
+        };
         let size = u32::try_from(data.len()).map_err(|_| too_big())?;
         let namesize = u32::try_from(path.len() + 1).map_err(|_| too_big())?;
         let ino = self.next_ino;

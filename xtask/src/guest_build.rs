@@ -25,7 +25,10 @@ pub fn build() -> Result<GuestBins> {
             .args(["-p", "conntrack-trace", "-p", "conntrack-trace-tests"]),
     )?;
     let dir = workspace_root().join("target").join(TARGET).join("release");
-    let bins = GuestBins { tracer: dir.join("conntrack-trace"), scenarios: dir.join("ct-scenarios") };
+    let bins = GuestBins {
+        tracer: dir.join("conntrack-trace"),
+        scenarios: dir.join("ct-scenarios"),
+    };
     for bin in [&bins.tracer, &bins.scenarios] {
         ensure_static(bin)?;
     }
@@ -34,10 +37,17 @@ pub fn build() -> Result<GuestBins> {
 
 /// The guest has no libc for our binaries, so a dynamic one would fail there obscurely.
 fn ensure_static(bin: &PathBuf) -> Result<()> {
-    let out = Command::new("ldd").arg(bin).output().context("cannot run ldd")?;
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("cannot run ldd")?;
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     if text.contains("statically linked") || text.contains("not a dynamic executable") {
         return Ok(());
     }
-    bail!("{} is not statically linked (ldd says: {})", bin.display(), text.trim())
+    bail!(
+        "{} is not statically linked (ldd says: {})",
+        bin.display(),
+        text.trim()
+    )
 }

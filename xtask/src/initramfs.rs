@@ -29,7 +29,10 @@ const TOOLS: &[&str] = &[
 ];
 
 /// Plugin directories the tools dlopen (so `ldd` on the tools does not list them).
-const PLUGIN_DIRS: &[&str] = &["/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/x86_64-linux-gnu/tc"];
+const PLUGIN_DIRS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/xtables",
+    "/usr/lib/x86_64-linux-gnu/tc",
+];
 
 const CONFIG_FILES: &[&str] = &["/etc/protocols", "/etc/services", "/etc/ethertypes"];
 
@@ -67,15 +70,35 @@ impl Tree {
 /// Builds the initramfs for `kernel` and returns its path.
 pub fn build(kernel: &Kernel, unpacked: &Unpacked, bins: &GuestBins) -> Result<PathBuf> {
     let mut tree = Tree::default();
-    for dir in ["/proc", "/sys", "/dev", "/run", "/root", "/etc", "/sbin", "/usr/bin", "/tmp"] {
+    for dir in [
+        "/proc", "/sys", "/dev", "/run", "/root", "/etc", "/sbin", "/usr/bin", "/tmp",
+    ] {
         tree.add(dir, Node::Dir);
     }
     tree.add("/var/run", Node::Symlink("../run".into()));
     // The kernel opens /dev/console for init's stdio before anything is mounted.
     tree.add("/dev/console", Node::CharDev { major: 5, minor: 1 });
-    tree.add("/init", Node::File { perm: 0o755, data: INIT.as_bytes().to_vec() });
-    tree.add("/etc/passwd", Node::File { perm: 0o644, data: b"root:x:0:0:root:/root:/bin/sh\n".to_vec() });
-    tree.add("/etc/group", Node::File { perm: 0o644, data: b"root:x:0:\n".to_vec() });
+    tree.add(
+        "/init",
+        Node::File {
+            perm: 0o755,
+            data: INIT.as_bytes().to_vec(),
+        },
+    );
+    tree.add(
+        "/etc/passwd",
+        Node::File {
+            perm: 0o644,
+            data: b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+        },
+    );
+    tree.add(
+        "/etc/group",
+        Node::File {
+            perm: 0o644,
+            data: b"root:x:0:\n".to_vec(),
+        },
+    );
     for file in CONFIG_FILES {
         if Path::new(file).exists() {
             tree.copy(Path::new(file), file, 0o644)?;
@@ -88,17 +111,29 @@ pub fn build(kernel: &Kernel, unpacked: &Unpacked, bins: &GuestBins) -> Result<P
 
     let mut elves: Vec<PathBuf> = Vec::new();
     for tool in TOOLS {
-        let host = fs::canonicalize(tool).with_context(|| format!("{tool} is missing: run `cargo xtask setup`"))?;
+        let host = fs::canonicalize(tool)
+            .with_context(|| format!("{tool} is missing: run `cargo xtask setup`"))?;
         tree.copy(&host, tool, 0o755)?;
         elves.push(host);
     }
     for (multi, names) in [
-        ("xtables-legacy-multi", &["iptables", "ip6tables", "iptables-legacy", "ip6tables-legacy"][..]),
+        (
+            "xtables-legacy-multi",
+            &[
+                "iptables",
+                "ip6tables",
+                "iptables-legacy",
+                "ip6tables-legacy",
+            ][..],
+        ),
         ("xtables-nft-multi", &["iptables-nft", "ip6tables-nft"][..]),
     ] {
         for name in names {
             for suffix in ["", "-save", "-restore"] {
-                tree.add(&format!("/usr/sbin/{name}{suffix}"), Node::Symlink(multi.into()));
+                tree.add(
+                    &format!("/usr/sbin/{name}{suffix}"),
+                    Node::Symlink(multi.into()),
+                );
             }
         }
     }
@@ -132,7 +167,13 @@ pub fn build(kernel: &Kernel, unpacked: &Unpacked, bins: &GuestBins) -> Result<P
         order.push_str(&m.name);
         order.push('\n');
     }
-    tree.add("/lib/modules/load-order", Node::File { perm: 0o644, data: order.into_bytes() });
+    tree.add(
+        "/lib/modules/load-order",
+        Node::File {
+            perm: 0o644,
+            data: order.into_bytes(),
+        },
+    );
 
     let path = unpacked.work.join("initrd.cpio");
     write(&tree, &path)?;
@@ -149,7 +190,10 @@ pub fn build(kernel: &Kernel, unpacked: &Unpacked, bins: &GuestBins) -> Result<P
 
 /// busybox-static with a link per applet, except where a real tool takes the name.
 fn busybox(tree: &mut Tree) -> Result<()> {
-    let out = Command::new(BUSYBOX).arg("--list").output().with_context(|| format!("cannot run {BUSYBOX}"))?;
+    let out = Command::new(BUSYBOX)
+        .arg("--list")
+        .output()
+        .with_context(|| format!("cannot run {BUSYBOX}"))?;
     if !out.status.success() {
         bail!("{BUSYBOX} --list failed: is busybox-static installed? run `cargo xtask setup`");
     }
@@ -166,9 +210,15 @@ fn busybox(tree: &mut Tree) -> Result<()> {
 /// Every library (and the dynamic loader) that `ldd` lists for these files, at the path
 /// it lists, which is where the guest's loader will look.
 fn shared_libraries(files: &[PathBuf]) -> Result<Vec<String>> {
-    let out = Command::new("ldd").args(files).output().context("cannot run ldd")?;
+    let out = Command::new("ldd")
+        .args(files)
+        .output()
+        .context("cannot run ldd")?;
     if !out.status.success() {
-        bail!("ldd failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ldd failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let mut libs: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -188,7 +238,8 @@ fn shared_libraries(files: &[PathBuf]) -> Result<Vec<String>> {
 }
 
 fn write(tree: &Tree, path: &Path) -> Result<()> {
-    let file = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut w = cpio::Writer::new(BufWriter::new(file));
     for (guest, node) in &tree.0 {
         let name = guest.trim_start_matches('/');

@@ -67,10 +67,19 @@ pub fn names() -> impl Iterator<Item = &'static str> {
 
 /// The named kernels in matrix order; all of them when `names` is empty.
 pub fn select(names: &[String]) -> Result<Vec<&'static Kernel>> {
-    if let Some(bad) = names.iter().find(|n| !KERNELS.iter().any(|k| k.name == n.as_str())) {
-        bail!("unknown kernel '{bad}'; known: {}", self::names().collect::<Vec<_>>().join(", "));
+    if let Some(bad) = names
+        .iter()
+        .find(|n| !KERNELS.iter().any(|k| k.name == n.as_str()))
+    {
+        bail!(
+            "unknown kernel '{bad}'; known: {}",
+            self::names().collect::<Vec<_>>().join(", ")
+        );
     }
-    Ok(KERNELS.iter().filter(|k| names.is_empty() || names.iter().any(|n| n == k.name)).collect())
+    Ok(KERNELS
+        .iter()
+        .filter(|k| names.is_empty() || names.iter().any(|n| n == k.name))
+        .collect())
 }
 
 pub struct Unpacked {
@@ -90,16 +99,23 @@ impl Unpacked {
 }
 
 fn cache_dir(kernel: &Kernel) -> PathBuf {
-    setup::cache_dir().join("kernels").join(format!("{}_{}", kernel.package, kernel.version))
+    setup::cache_dir()
+        .join("kernels")
+        .join(format!("{}_{}", kernel.package, kernel.version))
 }
 
 /// Deletes cached kernels the table no longer names (each takes 100-160 MB).
 pub fn prune_cache() {
     let keep: Vec<PathBuf> = KERNELS.iter().map(cache_dir).collect();
-    let Ok(entries) = fs::read_dir(setup::cache_dir().join("kernels")) else { return };
+    let Ok(entries) = fs::read_dir(setup::cache_dir().join("kernels")) else {
+        return;
+    };
     for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
         if path.is_dir() && !keep.contains(&path) {
-            println!("kernels: removing {}, which the kernel table no longer names", path.display());
+            println!(
+                "kernels: removing {}, which the kernel table no longer names",
+                path.display()
+            );
             let _ = fs::remove_dir_all(&path);
         }
     }
@@ -110,15 +126,27 @@ pub fn fetch(kernel: &Kernel) -> Result<Unpacked> {
     let dir = cache_dir(kernel);
     let deb = dir.join("kernel.deb");
     if deb.exists() && sha256(&deb)? == kernel.sha256 {
-        println!("kernels: {}: {} {} cached, sha256 ok", kernel.name, kernel.package, kernel.version);
+        println!(
+            "kernels: {}: {} {} cached, sha256 ok",
+            kernel.name, kernel.package, kernel.version
+        );
     } else {
-        println!("kernels: {}: downloading {} {}", kernel.name, kernel.package, kernel.version);
-        let downloaded = PrivateApt::new()?.download(kernel.package, kernel.version, &dir.join("download"))?;
+        println!(
+            "kernels: {}: downloading {} {}",
+            kernel.name, kernel.package, kernel.version
+        );
+        let downloaded =
+            PrivateApt::new()?.download(kernel.package, kernel.version, &dir.join("download"))?;
         let got = sha256(&downloaded)?;
         if got != kernel.sha256 {
-            bail!("{} has sha256 {got}, expected {}: refusing to use it", downloaded.display(), kernel.sha256);
+            bail!(
+                "{} has sha256 {got}, expected {}: refusing to use it",
+                downloaded.display(),
+                kernel.sha256
+            );
         }
-        fs::rename(&downloaded, &deb).with_context(|| format!("cannot move the .deb to {}", deb.display()))?;
+        fs::rename(&downloaded, &deb)
+            .with_context(|| format!("cannot move the .deb to {}", deb.display()))?;
         let _ = fs::remove_dir_all(dir.join("download"));
     }
 
@@ -134,19 +162,43 @@ pub fn fetch(kernel: &Kernel) -> Result<Unpacked> {
         .with_context(|| format!("{} has no boot/ directory", kernel.package))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
         .with_context(|| format!("{} has no boot/vmlinuz-*", kernel.package))?;
-    let release = vmlinuz.file_name().and_then(|n| n.to_str()).expect("checked above")["vmlinuz-".len()..].to_string();
+    let release = vmlinuz
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("checked above")["vmlinuz-".len()..]
+        .to_string();
     let work = dir.join("work");
     fs::create_dir_all(&work)?;
-    Ok(Unpacked { root, vmlinuz, release, work })
+    Ok(Unpacked {
+        root,
+        vmlinuz,
+        release,
+        work,
+    })
 }
 
 fn sha256(file: &Path) -> Result<String> {
-    let out = Command::new("sha256sum").arg(file).output().context("cannot run sha256sum")?;
+    let out = Command::new("sha256sum")
+        .arg(file)
+        .output()
+        .context("cannot run sha256sum")?;
     if !out.status.success() {
-        bail!("sha256sum {} failed: {}", file.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "sha256sum {} failed: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.split_whitespace().next().unwrap_or_default().to_string())
+    Ok(text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
 }

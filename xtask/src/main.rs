@@ -94,7 +94,9 @@ fn run(task: Task) -> Result<bool> {
             }
             let vm_ok = vm_test(&[], timeout)?;
             if !host_ok {
-                println!("xtask test: FAILED because the host tests failed (see their output above)");
+                println!(
+                    "xtask test: FAILED because the host tests failed (see their output above)"
+                );
             }
             Ok(host_ok && vm_ok)
         }
@@ -103,12 +105,17 @@ fn run(task: Task) -> Result<bool> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").into()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .into()
 }
 
 /// Runs a command, inheriting stdio; fails with the command line when it does not succeed.
 pub fn run_cmd(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -121,7 +128,15 @@ fn host_tests() -> Result<bool> {
     println!("xtask: cargo test (host crates)");
     let status = setup::cargo()
         .current_dir(workspace_root())
-        .args(["test", "-p", "conntrack-trace", "-p", "conntrack-trace-common", "-p", "xtask"])
+        .args([
+            "test",
+            "-p",
+            "conntrack-trace",
+            "-p",
+            "conntrack-trace-common",
+            "-p",
+            "xtask",
+        ])
         .status()
         .context("cannot run cargo test")?;
     Ok(status.success())
@@ -146,8 +161,13 @@ fn vm_test(names: &[String], timeout: u64) -> Result<bool> {
     }
     println!("\nvm-test time per kernel (boot to /init, whole guest run):");
     for (name, boot, wall) in &times {
-        let boot = boot.map(|b| format!("{:.1}s", b.as_secs_f64())).unwrap_or_else(|| "-".into());
-        println!("  {name:<14} boot {boot:>6}  total {:>6.1}s", wall.as_secs_f64());
+        let boot = boot
+            .map(|b| format!("{:.1}s", b.as_secs_f64()))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  {name:<14} boot {boot:>6}  total {:>6.1}s",
+            wall.as_secs_f64()
+        );
     }
     total.wall = started.elapsed();
     println!("\nvm-test total ({} kernels):", times.len());
@@ -163,10 +183,21 @@ fn demo(name: &str, timeout: u64) -> Result<bool> {
 }
 
 /// Fetches the kernel, builds its initramfs and runs one guest.
-fn boot(kernel: &kernels::Kernel, bins: &guest_build::GuestBins, mode: Mode, timeout: u64) -> Result<Tally> {
+fn boot(
+    kernel: &kernels::Kernel,
+    bins: &guest_build::GuestBins,
+    mode: Mode,
+    timeout: u64,
+) -> Result<Tally> {
     let unpacked = kernels::fetch(kernel)?;
     let initrd = initramfs::build(kernel, &unpacked, bins)?;
-    qemu::run(kernel, &unpacked.vmlinuz, &initrd, mode, std::time::Duration::from_secs(timeout))
+    qemu::run(
+        kernel,
+        &unpacked.vmlinuz,
+        &initrd,
+        mode,
+        std::time::Duration::from_secs(timeout),
+    )
 }
 
 fn run_live(args: &[String]) -> Result<bool> {
@@ -179,11 +210,12 @@ fn run_live(args: &[String]) -> Result<bool> {
         );
         return demo(kernels::DEFAULT, 600);
     }
-    run_cmd(
-        setup::cargo()
-            .current_dir(workspace_root())
-            .args(["build", "--release", "-p", "conntrack-trace"]),
-    )?;
+    run_cmd(setup::cargo().current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "conntrack-trace",
+    ]))?;
     let tracer = workspace_root().join("target/release/conntrack-trace");
     // exec, so Ctrl-C reaches the tracer alone and it can print its summary.
     let mut cmd = if setup::is_root() {
@@ -200,7 +232,10 @@ fn run_live(args: &[String]) -> Result<bool> {
 
 fn kprobes_available() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
-        || ["/sys/kernel/tracing/kprobe_events", "/sys/kernel/debug/tracing/kprobe_events"]
-            .iter()
-            .any(|p| Path::new(p).exists())
+        || [
+            "/sys/kernel/tracing/kprobe_events",
+            "/sys/kernel/debug/tracing/kprobe_events",
+        ]
+        .iter()
+        .any(|p| Path::new(p).exists())
 }

@@ -80,7 +80,13 @@ pub fn resolve(modules_dir: &Path, scratch: &Path) -> Result<Vec<Module>> {
         .filter_map(|l| module_name(Path::new(l)))
         .collect();
     fs::create_dir_all(scratch)?;
-    let mut order = Orderer { files: &files, builtin: &builtin, scratch, done: BTreeSet::new(), order: Vec::new() };
+    let mut order = Orderer {
+        files: &files,
+        builtin: &builtin,
+        scratch,
+        done: BTreeSet::new(),
+        order: Vec::new(),
+    };
     for spec in WANTED {
         let (optional, spec) = match spec.strip_prefix('?') {
             Some(rest) => (true, rest),
@@ -90,7 +96,10 @@ pub fn resolve(modules_dir: &Path, scratch: &Path) -> Result<Vec<Module>> {
         if let Some(name) = choices.iter().find(|c| files.contains_key(**c)) {
             order.visit(name, &mut Vec::new())?;
         } else if !optional && !choices.iter().any(|c| builtin.contains(*c)) {
-            bail!("this kernel has no module {spec} (neither a .ko under {} nor built in)", modules_dir.display());
+            bail!(
+                "this kernel has no module {spec} (neither a .ko under {} nor built in)",
+                modules_dir.display()
+            );
         }
     }
     Ok(order.order)
@@ -114,18 +123,24 @@ impl Orderer<'_> {
             bail!("module dependency cycle: {} -> {name}", stack.join(" -> "));
         }
         let ko = decompress(&self.files[name], &self.scratch.join(format!("{name}.ko")))?;
-        let deps = depends(&fs::read(&ko)?).with_context(|| format!("reading .modinfo of {}", ko.display()))?;
+        let deps = depends(&fs::read(&ko)?)
+            .with_context(|| format!("reading .modinfo of {}", ko.display()))?;
         stack.push(name.to_string());
         for dep in deps {
             if self.files.contains_key(&dep) {
                 self.visit(&dep, stack)?;
             } else if !self.builtin.contains(&dep) {
-                bail!("module {name} depends on {dep}, which this kernel has neither as a file nor built in");
+                bail!(
+                    "module {name} depends on {dep}, which this kernel has neither as a file nor built in"
+                );
             }
         }
         stack.pop();
         self.done.insert(name.to_string());
-        self.order.push(Module { name: name.to_string(), ko });
+        self.order.push(Module {
+            name: name.to_string(),
+            ko,
+        });
         Ok(())
     }
 }
@@ -165,9 +180,17 @@ fn decompress(src: &Path, dst: &Path) -> Result<PathBuf> {
         Some("gz") => "gzip",
         _ => bail!("unknown module compression: {}", src.display()),
     };
-    let out = Command::new(tool).arg("-dc").arg(src).output().with_context(|| format!("cannot run {tool}"))?;
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(src)
+        .output()
+        .with_context(|| format!("cannot run {tool}"))?;
     if !out.status.success() {
-        bail!("{tool} -dc {} failed: {}", src.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{tool} -dc {} failed: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     // Write under a temporary name so an interrupted run never leaves a truncated module.
     let tmp = dst.with_extension("ko.tmp");
@@ -183,21 +206,33 @@ fn depends(elf: &[u8]) -> Result<Vec<String>> {
         .split(|b| *b == 0)
         .find_map(|kv| kv.strip_prefix(b"depends="))
         .map(|v| {
-            String::from_utf8_lossy(v).split(',').filter(|d| !d.is_empty()).map(|d| d.replace('-', "_")).collect()
+            String::from_utf8_lossy(v)
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(|d| d.replace('-', "_"))
+                .collect()
         })
         .unwrap_or_default())
 }
 
 /// A section's bytes from a little-endian ELF64 file.
 fn section<'a>(elf: &'a [u8], wanted: &str) -> Result<&'a [u8]> {
-    let bytes = |off: usize, len: usize| off.checked_add(len).and_then(|end| elf.get(off..end)).context("truncated ELF");
-    let u16_at = |off| -> Result<usize> { Ok(u16::from_le_bytes(bytes(off, 2)?.try_into()?) as usize) };
-    let u32_at = |off| -> Result<usize> { Ok(u32::from_le_bytes(bytes(off, 4)?.try_into()?) as usize) };
-    let u64_at = |off| -> Result<usize> { Ok(u64::from_le_bytes(bytes(off, 8)?.try_into()?) as usize) };
+    let bytes = |off: usize, len: usize| {
+        off.checked_add(len)
+            .and_then(|end| elf.get(off..end))
+            .context("truncated ELF")
+    };
+    let u16_at =
+        |off| -> Result<usize> { Ok(u16::from_le_bytes(bytes(off, 2)?.try_into()?) as usize) };
+    let u32_at =
+        |off| -> Result<usize> { Ok(u32::from_le_bytes(bytes(off, 4)?.try_into()?) as usize) };
+    let u64_at =
+        |off| -> Result<usize> { Ok(u64::from_le_bytes(bytes(off, 8)?.try_into()?) as usize) };
     if bytes(0, 6)? != b"\x7fELF\x02\x01" {
         bail!("not a little-endian ELF64 file");
     }
-    let (shoff, shentsize, shnum, shstrndx) = (u64_at(0x28)?, u16_at(0x3a)?, u16_at(0x3c)?, u16_at(0x3e)?);
+    let (shoff, shentsize, shnum, shstrndx) =
+        (u64_at(0x28)?, u16_at(0x3a)?, u16_at(0x3c)?, u16_at(0x3e)?);
     // Offset of field `field` in section header `i`, without overflow on a corrupt file.
     let field = |i: usize, field: usize| -> Result<usize> {
         i.checked_mul(shentsize)
@@ -205,10 +240,13 @@ fn section<'a>(elf: &'a [u8], wanted: &str) -> Result<&'a [u8]> {
             .and_then(|o| o.checked_add(field))
             .context("bad section header offset")
     };
-    let contents = |i: usize| -> Result<&[u8]> { bytes(u64_at(field(i, 24)?)?, u64_at(field(i, 32)?)?) };
+    let contents =
+        |i: usize| -> Result<&[u8]> { bytes(u64_at(field(i, 24)?)?, u64_at(field(i, 32)?)?) };
     let names = contents(shstrndx)?;
     for i in 0..shnum {
-        let name = names.get(u32_at(field(i, 0)?)?..).context("bad section name offset")?;
+        let name = names
+            .get(u32_at(field(i, 0)?)?..)
+            .context("bad section name offset")?;
         let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
         if name == wanted.as_bytes() {
             return contents(i);
@@ -223,8 +261,14 @@ mod tests {
 
     #[test]
     fn module_names_follow_the_kernel_spelling() {
-        assert_eq!(module_name(Path::new("a/b/nf_conntrack.ko.xz")).as_deref(), Some("nf_conntrack"));
-        assert_eq!(module_name(Path::new("kernel/net/ipv4/netfilter/nf-log-ipv4.ko")).as_deref(), Some("nf_log_ipv4"));
+        assert_eq!(
+            module_name(Path::new("a/b/nf_conntrack.ko.xz")).as_deref(),
+            Some("nf_conntrack")
+        );
+        assert_eq!(
+            module_name(Path::new("kernel/net/ipv4/netfilter/nf-log-ipv4.ko")).as_deref(),
+            Some("nf_log_ipv4")
+        );
         assert_eq!(module_name(Path::new("modules.dep")), None);
     }
 

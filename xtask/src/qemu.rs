@@ -25,12 +25,21 @@ pub enum Mode {
 /// How long a guest that has printed CT-DONE may take to power off before it is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(30);
 
-pub fn run(kernel: &Kernel, vmlinuz: &Path, initrd: &Path, mode: Mode, timeout: Duration) -> Result<Tally> {
+pub fn run(
+    kernel: &Kernel,
+    vmlinuz: &Path,
+    initrd: &Path,
+    mode: Mode,
+    timeout: Duration,
+) -> Result<Tally> {
     let (mode_arg, what) = match mode {
         Mode::Test => ("test", "running VM tests"),
         Mode::Demo => ("demo", "running the demo"),
     };
-    println!("\n{what} on {}: {} {} ({})", kernel.name, kernel.package, kernel.version, kernel.why);
+    println!(
+        "\n{what} on {}: {} {} ({})",
+        kernel.name, kernel.package, kernel.version, kernel.why
+    );
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2"])
@@ -39,7 +48,10 @@ pub fn run(kernel: &Kernel, vmlinuz: &Path, initrd: &Path, mode: Mode, timeout: 
         .arg("-initrd")
         .arg(initrd)
         .arg("-append")
-        .arg(format!("console=ttyS0 quiet panic=-1 ct.kernel={} ct.mode={mode_arg}", kernel.name))
+        .arg(format!(
+            "console=ttyS0 quiet panic=-1 ct.kernel={} ct.mode={mode_arg}",
+            kernel.name
+        ))
         // The guest's networks are namespaces over veth inside it; it needs no host NIC.
         .args(["-nographic", "-no-reboot", "-nic", "none"])
         .stdin(Stdio::null())
@@ -74,7 +86,11 @@ pub fn run(kernel: &Kernel, vmlinuz: &Path, initrd: &Path, mode: Mode, timeout: 
     loop {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok((from_qemu, line)) => {
-                println!("[{}{}] {line}", kernel.name, if from_qemu { " qemu" } else { "" });
+                println!(
+                    "[{}{}] {line}",
+                    kernel.name,
+                    if from_qemu { " qemu" } else { "" }
+                );
                 if !from_qemu && guest.line(&line, started.elapsed()) == Event::Done {
                     deadline = deadline.min(Instant::now() + POWEROFF_GRACE);
                 }
@@ -101,27 +117,52 @@ pub fn run(kernel: &Kernel, vmlinuz: &Path, initrd: &Path, mode: Mode, timeout: 
                 format!("no CT-DONE within {}s; qemu was killed", timeout.as_secs())
             } else {
                 match guest.scenarios_exit {
-                    Some(code) => format!("ct-scenarios exited with status {code} without printing CT-DONE"),
-                    None => format!("the guest stopped before ct-scenarios finished (qemu {status}; kernel panic?)"),
+                    Some(code) => {
+                        format!("ct-scenarios exited with status {code} without printing CT-DONE")
+                    }
+                    None => format!(
+                        "the guest stopped before ct-scenarios finished (qemu {status}; kernel panic?)"
+                    ),
                 }
             };
             tally.fail(&format!("vm::{name}::ct-scenarios"), &reason);
         }
         Mode::Test => {
             if timed_out {
-                println!("[{name}] note: the guest printed CT-DONE but did not power off; qemu was killed");
+                println!(
+                    "[{name}] note: the guest printed CT-DONE but did not power off; qemu was killed"
+                );
             }
         }
         Mode::Demo => match guest.scenarios_exit {
             Some(0) => tally.pass(&format!("vm::{name}::demo")),
-            Some(code) => tally.fail(&format!("vm::{name}::demo"), &format!("ct-scenarios demo exited with status {code}")),
-            None if timed_out => tally.fail(&format!("vm::{name}::demo"), &format!("did not finish within {}s; qemu was killed", timeout.as_secs())),
-            None => tally.fail(&format!("vm::{name}::demo"), &format!("the guest stopped before the demo finished (qemu {status})")),
+            Some(code) => tally.fail(
+                &format!("vm::{name}::demo"),
+                &format!("ct-scenarios demo exited with status {code}"),
+            ),
+            None if timed_out => tally.fail(
+                &format!("vm::{name}::demo"),
+                &format!(
+                    "did not finish within {}s; qemu was killed",
+                    timeout.as_secs()
+                ),
+            ),
+            None => tally.fail(
+                &format!("vm::{name}::demo"),
+                &format!("the guest stopped before the demo finished (qemu {status})"),
+            ),
         },
     }
     match guest.booted {
-        Some(boot) => println!("[{name}] booted to /init in {:.1}s; guest finished in {:.1}s", boot.as_secs_f64(), wall.as_secs_f64()),
-        None => println!("[{name}] never reached /init; stopped after {:.1}s", wall.as_secs_f64()),
+        Some(boot) => println!(
+            "[{name}] booted to /init in {:.1}s; guest finished in {:.1}s",
+            boot.as_secs_f64(),
+            wall.as_secs_f64()
+        ),
+        None => println!(
+            "[{name}] never reached /init; stopped after {:.1}s",
+            wall.as_secs_f64()
+        ),
     }
     tally.wall = wall;
     tally.boot = guest.booted;
@@ -148,7 +189,13 @@ struct Protocol {
 
 impl Protocol {
     fn new(kernel: &'static str) -> Self {
-        Self { kernel, tally: Tally::default(), booted: None, done: false, scenarios_exit: None }
+        Self {
+            kernel,
+            tally: Tally::default(),
+            booted: None,
+            done: false,
+            scenarios_exit: None,
+        }
     }
 
     fn line(&mut self, line: &str, elapsed: Duration) -> Event {
@@ -162,8 +209,13 @@ impl Protocol {
                 _ if scenario.is_empty() => {}
                 "ok" => self.tally.pass(&name),
                 "ignored" => self.tally.ignore(&name),
-                "FAILED" => self.tally.fail(&name, words.next().unwrap_or("no reason given").trim()),
-                other => self.tally.fail(&name, &format!("unknown verdict '{other}' in: {}", line.trim())),
+                "FAILED" => self
+                    .tally
+                    .fail(&name, words.next().unwrap_or("no reason given").trim()),
+                other => self.tally.fail(
+                    &name,
+                    &format!("unknown verdict '{other}' in: {}", line.trim()),
+                ),
             }
         } else if let Some(rest) = marker(line, "CT-SCENARIOS-EXIT ") {
             self.scenarios_exit = rest.trim().parse().ok();
@@ -214,7 +266,10 @@ mod tests {
     #[test]
     fn control_sequences_are_dropped_colour_kept() {
         assert_eq!(printable("\x1bc\x1b[?7l\x1b[2JSeaBIOS"), "SeaBIOS");
-        assert_eq!(printable("\x1b[1;31mINVALID\x1b[0m x"), "\x1b[1;31mINVALID\x1b[0m x");
+        assert_eq!(
+            printable("\x1b[1;31mINVALID\x1b[0m x"),
+            "\x1b[1;31mINVALID\x1b[0m x"
+        );
         assert_eq!(printable("trailing \x1b"), "trailing ");
     }
 
@@ -224,7 +279,10 @@ mod tests {
         let t = Duration::from_secs(1);
         p.line("CT-BOOTED 6.12 6.12.115+deb12-cloud-amd64", t);
         p.line("CT-RESULT seq_over ok", t);
-        p.line("[   12.3] nf_ct_tcp: bad thing CT-RESULT ack_over FAILED expected 1 event, got 0", t);
+        p.line(
+            "[   12.3] nf_ct_tcp: bad thing CT-RESULT ack_over FAILED expected 1 event, got 0",
+            t,
+        );
         p.line("CT-RESULT old_retransmit ignored", t);
         p.line("CT-RESULT weird maybe", t);
         p.line("CT-RESULT", t);
@@ -235,7 +293,12 @@ mod tests {
         assert_eq!(p.scenarios_exit, Some(1));
         assert_eq!(p.tally.passed, 1);
         assert_eq!(p.tally.ignored, 1);
-        let failed: Vec<_> = p.tally.failures.iter().map(|(n, r)| (n.as_str(), r.as_str())).collect();
+        let failed: Vec<_> = p
+            .tally
+            .failures
+            .iter()
+            .map(|(n, r)| (n.as_str(), r.as_str()))
+            .collect();
         assert_eq!(failed[0], ("vm::6.12::ack_over", "expected 1 event, got 0"));
         assert_eq!(failed[1].0, "vm::6.12::weird");
         assert_eq!(failed.len(), 2);

@@ -36,7 +36,9 @@ pub fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
+        });
     base.join("conntrack-trace")
 }
 
@@ -85,7 +87,10 @@ fn rust_src() -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         println!("setup: rust-src for nightly: already installed, skipped");
         return Ok(());
     }
@@ -102,7 +107,10 @@ fn bpf_linker() -> Result<()> {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     if have.as_deref() == Some(&format!("bpf-linker {BPF_LINKER_VERSION}")) {
-        println!("setup: bpf-linker {BPF_LINKER_VERSION}: already at {}, skipped", linker.display());
+        println!(
+            "setup: bpf-linker {BPF_LINKER_VERSION}: already at {}, skipped",
+            linker.display()
+        );
         return Ok(());
     }
     println!(
@@ -114,8 +122,18 @@ fn bpf_linker() -> Result<()> {
     run_cmd(
         Command::new("cargo")
             .env("LLVM_PREFIX", &prefix)
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
-            .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{LLVM_MAJOR}"),
+            ])
             .arg("--force")
             .arg("--root")
             .arg(cache_dir()),
@@ -130,7 +148,10 @@ fn llvm_prefix() -> Result<PathBuf> {
         .output()
         .context("cannot run rustc +nightly")?;
     if !out.status.success() {
-        bail!("`rustc +nightly --print sysroot` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`rustc +nightly --print sysroot` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let sysroot_lib = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("lib");
     let wanted = format!("libLLVM.so.{LLVM_MAJOR}");
@@ -138,14 +159,24 @@ fn llvm_prefix() -> Result<PathBuf> {
         .with_context(|| format!("cannot list {}", sysroot_lib.display()))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&wanted)))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&wanted))
+        })
         .with_context(|| {
-            format!("no {wanted}* in {}: the nightly toolchain's LLVM is not {LLVM_MAJOR}", sysroot_lib.display())
+            format!(
+                "no {wanted}* in {}: the nightly toolchain's LLVM is not {LLVM_MAJOR}",
+                sysroot_lib.display()
+            )
         })?;
     let prefix = cache_dir().join("llvm");
     let dir = prefix.join("lib");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for name in [Path::new("libLLVM.so"), Path::new(lib.file_name().expect("has a name"))] {
+    for name in [
+        Path::new("libLLVM.so"),
+        Path::new(lib.file_name().expect("has a name")),
+    ] {
         let link = dir.join(name);
         if fs::read_link(&link).ok().as_deref() == Some(lib.as_path()) {
             continue;
@@ -157,14 +188,24 @@ fn llvm_prefix() -> Result<PathBuf> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     if missing.is_empty() {
-        println!("setup: Debian packages ({}): all installed, skipped", APT_PACKAGES.join(" "));
+        println!(
+            "setup: Debian packages ({}): all installed, skipped",
+            APT_PACKAGES.join(" ")
+        );
         return Ok(());
     }
     println!("setup: Debian packages: installing {}", missing.join(" "));
     if !is_root() {
-        bail!("installing Debian packages needs root: run `sudo apt-get install {}` or rerun as root", missing.join(" "));
+        bail!(
+            "installing Debian packages needs root: run `sudo apt-get install {}` or rerun as root",
+            missing.join(" ")
+        );
     }
     let install = || {
         let mut cmd = Command::new("apt-get");
