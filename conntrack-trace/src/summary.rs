@@ -27,6 +27,9 @@ pub struct Summary {
     pub fill_start: Option<(u64, u64)>,
     pub fill_end: Option<(u64, u64)>,
     pub seconds: f64,
+    /// Start-up: (reading kallsyms + BTF into the plan, launch to attached), in ms.
+    pub startup_ms: Option<(f64, f64)>,
+    pub peak_rss_kib: Option<u64>,
 }
 
 impl Summary {

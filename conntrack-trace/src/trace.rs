@@ -84,6 +84,13 @@ fn attach(bpf: &mut Ebpf, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// VmHWM: the most resident memory this process has used.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn stat_total(stats: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
     stats.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
@@ -97,7 +104,9 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
             check::KPROBES_MISSING
         );
     }
+    let launched = Instant::now();
     let (mut plan, _btf) = Plan::for_running_kernel(opts.exact)?;
+    let planned = launched.elapsed();
     let mut bpf = ebpf::open(&plan, opts.ring_bytes, &opts.filter)?;
     if plan.uses_fexit() && attach(&mut bpf, &plan).is_err() {
         // fexit refused (no trampoline support on this kernel).
@@ -129,10 +138,12 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
 
     let ns_before = counters::all_namespaces();
     let started = Instant::now();
+    let startup = (planned, launched.elapsed());
     eprintln!(
-        "conntrack-trace: attached {} programs on {} (window reasons from {:?}); Ctrl-C to stop",
+        "conntrack-trace: attached {} programs on {} in {} ms (window reasons from {:?}); Ctrl-C to stop",
         plan.attach.len(),
         plan.release,
+        startup.1.as_millis(),
         plan.window
     );
 
@@ -215,6 +226,8 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     summary.lost = lost;
     summary.untracked = stat_total(&stats, stat::NEST_OVERFLOW);
     summary.seconds = started.elapsed().as_secs_f64();
+    summary.startup_ms = Some((startup.0.as_secs_f64() * 1e3, startup.1.as_secs_f64() * 1e3));
+    summary.peak_rss_kib = peak_rss_kib();
     let ns_after = counters::all_namespaces();
     summary.namespaces = ns_after
         .keys()

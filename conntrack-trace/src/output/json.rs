@@ -152,6 +152,12 @@ struct SummaryLine<'a> {
     table_start: Option<Fill>,
     #[serde(skip_serializing_if = "Option::is_none")]
     table_end: Option<Fill>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    startup_btf_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    startup_attached_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_rss_kib: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -356,6 +362,9 @@ impl<W: Write> Output for Json<W> {
             namespaces: s.namespaces,
             table_start: fill(s.fill_start),
             table_end: fill(s.fill_end),
+            startup_btf_ms: s.startup_ms.map(|t| t.0),
+            startup_attached_ms: s.startup_ms.map(|t| t.1),
+            peak_rss_kib: s.peak_rss_kib,
         })
     }
 }

@@ -250,6 +250,13 @@ impl<W: Write> Output for Text<W> {
                 g("clashres")
             )?;
         }
+        if let (Some((btf, attached)), Some(rss)) = (s.startup_ms, s.peak_rss_kib) {
+            writeln!(
+                o,
+                "start-up {attached:.0} ms ({btf:.0} ms reading BTF), peak memory {} KiB",
+                rss
+            )?;
+        }
         if let (Some((c0, m0)), Some((c1, m1))) = (s.fill_start, s.fill_end) {
             writeln!(o, "conntrack table: {c0}/{m0} at start, {c1}/{m1} at end")?;
         }
