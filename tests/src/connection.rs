@@ -41,9 +41,15 @@ impl Flow {
             .server
             .run(|| TcpListener::bind(service.backend))?
             .with_context(|| format!("listen on {}", service.backend))?;
-        let client = topo.client.run(|| connect(service.vip, SMALL_RCVBUF))?.with_context(|| {
-            format!("connect to Service {} (DNAT to {})", service.vip, service.backend)
-        })?;
+        let client = topo
+            .client
+            .run(|| connect(service.vip, SMALL_RCVBUF))?
+            .with_context(|| {
+                format!(
+                    "connect to Service {} (DNAT to {})",
+                    service.vip, service.backend
+                )
+            })?;
         let server = accept(&listener)?;
         for s in [&client, &server] {
             s.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -54,7 +60,12 @@ impl Flow {
             std::net::SocketAddr::V4(a) => a,
             other => bail!("client bound to non-IPv4 {other}"),
         };
-        Ok(Flow { service, client_addr, client, server })
+        Ok(Flow {
+            service,
+            client_addr,
+            client,
+            server,
+        })
     }
 
     /// Request/response of `n` bytes each way, content verified: proves the connection
@@ -81,7 +92,10 @@ impl Flow {
             let writer = s.spawn(|| server.write_all(&data));
             let mut got = vec![0; n];
             let read = client.read_exact(&mut got).context("client bulk read");
-            writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))?.context("server bulk write")?;
+            writer
+                .join()
+                .map_err(|_| anyhow::anyhow!("writer panicked"))?
+                .context("server bulk write")?;
             read?;
             ensure!(got == data, "bulk data corrupted in transit");
             Ok(())
@@ -93,7 +107,10 @@ impl Flow {
     pub fn seqs(&self) -> Result<Seqs> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while outq(&self.client)? + outq(&self.server)? > 0 {
-            ensure!(Instant::now() < deadline, "connection did not go quiet within 10 s");
+            ensure!(
+                Instant::now() < deadline,
+                "connection did not go quiet within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let (server_next, server_expects) = repair_seqs(&self.server)?;
@@ -102,7 +119,10 @@ impl Flow {
             server_next == client_expects && client_next == server_expects,
             "ends disagree: server snd {server_next} rcv {server_expects}, client snd {client_next} rcv {client_expects}"
         );
-        Ok(Seqs { server_next, client_next })
+        Ok(Seqs {
+            server_next,
+            client_next,
+        })
     }
 
     /// Segments the backend's stack retransmitted over the connection's life.
@@ -141,12 +161,17 @@ fn connect(to: SocketAddrV4, rcvbuf: i32) -> io::Result<TcpStream> {
     }
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &rcvbuf)?;
-    let timeout = libc::timeval { tv_sec: IO_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
+    let timeout = libc::timeval {
+        tv_sec: IO_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &timeout)?;
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: to.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.ip().octets()),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: addr is a valid sockaddr_in.
@@ -183,17 +208,32 @@ fn accept(listener: &TcpListener) -> Result<TcpStream> {
 fn setsockopt<T>(fd: i32, level: i32, name: i32, value: &T) -> io::Result<()> {
     // SAFETY: value points to a live T of the given size.
     let rc = unsafe {
-        libc::setsockopt(fd, level, name, (value as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
     };
-    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc != 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn getsockopt_u32(fd: i32, level: i32, name: i32) -> io::Result<u32> {
     let mut value = 0u32;
     let mut len = 4 as libc::socklen_t;
     // SAFETY: value/len describe a valid writable u32.
-    let rc = unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut u32).cast(), &mut len) };
-    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(value) }
+    let rc =
+        unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut u32).cast(), &mut len) };
+    if rc != 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value)
+    }
 }
 
 /// Bytes written but not yet acknowledged by the peer (SIOCOUTQ).
@@ -216,12 +256,28 @@ fn repair_seqs(stream: &TcpStream) -> Result<(u32, u32)> {
     let fd = stream.as_raw_fd();
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, &TCP_REPAIR_ON).context("TCP_REPAIR on")?;
     let read = (|| -> io::Result<(u32, u32)> {
-        setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, &TCP_SEND_QUEUE)?;
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR_QUEUE,
+            &TCP_SEND_QUEUE,
+        )?;
         let snd = getsockopt_u32(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
-        setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, &TCP_RECV_QUEUE)?;
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR_QUEUE,
+            &TCP_RECV_QUEUE,
+        )?;
         let rcv = getsockopt_u32(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
         Ok((snd, rcv))
     })();
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP).context("TCP_REPAIR off")?;
+    setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+        &TCP_REPAIR_OFF_NO_WP,
+    )
+    .context("TCP_REPAIR off")?;
     read.context("TCP_QUEUE_SEQ")
 }

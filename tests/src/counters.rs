@@ -20,8 +20,13 @@ pub struct Counters {
 impl Counters {
     pub fn read(ns: &Netns) -> Result<Counters> {
         let text = ns.read_proc_net("stat/nf_conntrack")?;
-        let sums = parse(&text).with_context(|| format!("parse nf_conntrack stats of {}", ns.name()))?;
-        Ok(Counters { netns: ns.name().to_string(), inode: ns.inode(), sums })
+        let sums =
+            parse(&text).with_context(|| format!("parse nf_conntrack stats of {}", ns.name()))?;
+        Ok(Counters {
+            netns: ns.name().to_string(),
+            inode: ns.inode(),
+            sums,
+        })
     }
 
     pub fn get(&self, column: &str) -> u64 {
@@ -40,7 +45,10 @@ impl Counters {
 pub fn tcp_ext(ns: &Netns) -> Result<HashMap<String, u64>> {
     let text = ns.read_proc_net("netstat")?;
     let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (names, values) = lines.next().zip(lines.next()).context("no TcpExt lines in netstat")?;
+    let (names, values) = lines
+        .next()
+        .zip(lines.next())
+        .context("no TcpExt lines in netstat")?;
     Ok(names
         .split_whitespace()
         .zip(values.split_whitespace())
@@ -51,7 +59,11 @@ pub fn tcp_ext(ns: &Netns) -> Result<HashMap<String, u64>> {
 
 fn parse(text: &str) -> Result<HashMap<String, u64>> {
     let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().context("empty file")?.split_whitespace().collect();
+    let header: Vec<&str> = lines
+        .next()
+        .context("empty file")?
+        .split_whitespace()
+        .collect();
     if !header.contains(&"invalid") {
         bail!("no `invalid` column in header {header:?}");
     }
@@ -59,7 +71,11 @@ fn parse(text: &str) -> Result<HashMap<String, u64>> {
     for line in lines.filter(|l| !l.trim().is_empty()) {
         let values: Vec<&str> = line.split_whitespace().collect();
         if values.len() != header.len() {
-            bail!("row has {} values, header {}: {line:?}", values.len(), header.len());
+            bail!(
+                "row has {} values, header {}: {line:?}",
+                values.len(),
+                header.len()
+            );
         }
         for (name, value) in header.iter().zip(values) {
             let v = u64::from_str_radix(value, 16).with_context(|| format!("{name}={value}"))?;

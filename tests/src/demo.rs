@@ -41,9 +41,14 @@ pub fn run() -> Result<()> {
     sender.send(&scenarios::ack_over(&flow, now))?;
     std::thread::sleep(Duration::from_millis(300));
 
-    say("netem holds back 3% of the backend's segments for a second: real retransmits and late originals");
+    say(
+        "netem holds back 3% of the backend's segments for a second: real retransmits and late originals",
+    );
     scenarios::netem_transfer(&topo, &mut flow)?;
-    say(&format!("the backend retransmitted {} segments", flow.server_retransmits()?));
+    say(&format!(
+        "the backend retransmitted {} segments",
+        flow.server_retransmits()?
+    ));
 
     let now = flow.seqs()?;
     say(&format!(
@@ -57,7 +62,9 @@ pub fn run() -> Result<()> {
     ));
     sender.send(&scenarios::old_retransmit(&flow, old, now))?;
     if !reset_seen(&flow)? {
-        say("backend sends a segment far beyond the client's window: INVALID, so it is not un-NATed...");
+        say(
+            "backend sends a segment far beyond the client's window: INVALID, so it is not un-NATed...",
+        );
         sender.send(&scenarios::seq_over(&flow, now))?;
         if !reset_seen(&flow)? {
             say("...but the backend's connection is still up (no reset seen)");
@@ -79,7 +86,9 @@ fn reset_seen(flow: &Flow) -> Result<bool> {
     flow.server.set_nonblocking(false)?;
     match result {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-            say("...the client stack answered it with an RST and the backend's connection was reset (ECONNRESET)");
+            say(
+                "...the client stack answered it with an RST and the backend's connection was reset (ECONNRESET)",
+            );
             Ok(true)
         }
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),

@@ -41,12 +41,36 @@ pub struct Packet {
 }
 
 impl Packet {
-    pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, ack: u32, flags: u8, payload: Vec<u8>) -> Packet {
-        Packet { src, dst, transport: Transport::Tcp { seq, ack, flags, data_offset: 5 }, payload, bad_checksum: false }
+    pub fn tcp(
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        payload: Vec<u8>,
+    ) -> Packet {
+        Packet {
+            src,
+            dst,
+            transport: Transport::Tcp {
+                seq,
+                ack,
+                flags,
+                data_offset: 5,
+            },
+            payload,
+            bad_checksum: false,
+        }
     }
 
     pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: Vec<u8>) -> Packet {
-        Packet { src, dst, transport: Transport::Udp { claimed_len: None }, payload, bad_checksum: false }
+        Packet {
+            src,
+            dst,
+            transport: Transport::Udp { claimed_len: None },
+            payload,
+            bad_checksum: false,
+        }
     }
 
     pub fn protonum(&self) -> u8 {
@@ -65,7 +89,9 @@ impl Packet {
 
     pub fn describe(&self) -> String {
         match &self.transport {
-            Transport::Tcp { seq, ack, flags, .. } => format!(
+            Transport::Tcp {
+                seq, ack, flags, ..
+            } => format!(
                 "tcp {} -> {} [{}] seq {seq} ack {ack} len {}{}",
                 self.src,
                 self.dst,
@@ -78,7 +104,9 @@ impl Packet {
                 self.src,
                 self.dst,
                 self.payload.len(),
-                claimed_len.map(|l| format!(" (header claims {})", l.saturating_sub(8))).unwrap_or_default(),
+                claimed_len
+                    .map(|l| format!(" (header claims {})", l.saturating_sub(8)))
+                    .unwrap_or_default(),
                 if self.bad_checksum { " bad-csum" } else { "" }
             ),
         }
@@ -87,7 +115,12 @@ impl Packet {
     /// The IP datagram as it goes on the wire (IP length and checksum left to the kernel).
     pub fn bytes(&self) -> Vec<u8> {
         let l4 = match &self.transport {
-            Transport::Tcp { seq, ack, flags, data_offset } => {
+            Transport::Tcp {
+                seq,
+                ack,
+                flags,
+                data_offset,
+            } => {
                 let mut h = Vec::with_capacity(20 + self.payload.len());
                 h.extend_from_slice(&self.src.port().to_be_bytes());
                 h.extend_from_slice(&self.dst.port().to_be_bytes());
@@ -169,15 +202,22 @@ pub struct RawSender {
 
 impl RawSender {
     pub fn open(ns: &Netns) -> Result<RawSender> {
-        let fd = ns.run(|| {
-            // SAFETY: plain socket(2); the fd is owned right away.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-        })?
-        .with_context(|| format!("raw socket in {}", ns.name()))?;
+        let fd = ns
+            .run(|| {
+                // SAFETY: plain socket(2); the fd is owned right away.
+                let fd = unsafe {
+                    libc::socket(
+                        libc::AF_INET,
+                        libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                        libc::IPPROTO_RAW,
+                    )
+                };
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            })?
+            .with_context(|| format!("raw socket in {}", ns.name()))?;
         Ok(RawSender { fd })
     }
 
@@ -186,7 +226,9 @@ impl RawSender {
         let dst = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(packet.dst.ip().octets()) },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(packet.dst.ip().octets()),
+            },
             sin_zero: [0; 8],
         };
         // SAFETY: buffer and address are valid for the duration of the call.
@@ -201,7 +243,8 @@ impl RawSender {
             )
         };
         if n < 0 {
-            return Err(io::Error::last_os_error()).with_context(|| format!("send {}", packet.describe()));
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("send {}", packet.describe()));
         }
         Ok(())
     }
@@ -213,7 +256,14 @@ mod tests {
 
     #[test]
     fn checksum_of_valid_tcp_segment_verifies_to_zero() {
-        let p = Packet::tcp("10.0.0.2:8080".parse().unwrap(), "10.0.0.1:40000".parse().unwrap(), 7, 9, ACK | PSH, b"hello".to_vec());
+        let p = Packet::tcp(
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:40000".parse().unwrap(),
+            7,
+            9,
+            ACK | PSH,
+            b"hello".to_vec(),
+        );
         let bytes = p.bytes();
         let l4 = &bytes[20..];
         let mut pseudo = vec![10, 0, 0, 2, 10, 0, 0, 1, 0, 6];

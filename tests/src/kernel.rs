@@ -17,10 +17,16 @@ pub struct Kernel {
 
 impl Kernel {
     pub fn detect() -> Result<Kernel> {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_string();
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+            .trim()
+            .to_string();
         let mut parts = release.split(|c: char| !c.is_ascii_digit());
         let mut next = || -> Result<u32> {
-            parts.next().context("version part")?.parse().with_context(|| format!("kernel release {release:?}"))
+            parts
+                .next()
+                .context("version part")?
+                .parse()
+                .with_context(|| format!("kernel release {release:?}"))
         };
         let version = (next()?, next()?);
         let label = std::fs::read_to_string("/proc/cmdline")
@@ -28,8 +34,14 @@ impl Kernel {
             .split_whitespace()
             .find_map(|arg| arg.strip_prefix("ct.kernel=").map(str::to_string));
         let conntrack_btf = Path::new("/sys/kernel/btf/nf_conntrack").exists()
-            || (Path::new("/sys/kernel/btf/vmlinux").exists() && !Path::new("/sys/module/nf_conntrack/initstate").exists());
-        Ok(Kernel { release, label, version, conntrack_btf })
+            || (Path::new("/sys/kernel/btf/vmlinux").exists()
+                && !Path::new("/sys/module/nf_conntrack/initstate").exists());
+        Ok(Kernel {
+            release,
+            label,
+            version,
+            conntrack_btf,
+        })
     }
 
     /// 6.1 split window failures: SEQ/ACK *over* stay INVALID, SEQ/ACK *under* became
@@ -43,7 +55,11 @@ impl Kernel {
             "kernel {} ({}), nf_conntrack BTF {}",
             self.release,
             self.label.as_deref().unwrap_or("no ct.kernel label"),
-            if self.conntrack_btf { "present" } else { "absent" }
+            if self.conntrack_btf {
+                "present"
+            } else {
+                "absent"
+            }
         )
     }
 }

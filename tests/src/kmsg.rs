@@ -40,7 +40,10 @@ impl Kmsg {
                 Ok(0) => break,
                 Ok(n) => {
                     let record = String::from_utf8_lossy(&buf[..n]);
-                    if let Some(log) = record.split_once(';').and_then(|(_, msg)| CtLog::parse(msg)) {
+                    if let Some(log) = record
+                        .split_once(';')
+                        .and_then(|(_, msg)| CtLog::parse(msg))
+                    {
                         out.push(log);
                     }
                 }
@@ -98,9 +101,13 @@ impl CtLog {
     /// Kernel semantics of the window messages since 6.1: logged, but the packet keeps its
     /// conntrack entry (NFCT_TCP_IGNORE). Everything else conntrack logs is INVALID.
     pub fn is_window_ignore(&self) -> bool {
-        ["SEQ is under lower bound", "ignored ACK under lower bound", "bytes more than expected"]
-            .iter()
-            .any(|m| self.reason.contains(m))
+        [
+            "SEQ is under lower bound",
+            "ignored ACK under lower bound",
+            "bytes more than expected",
+        ]
+        .iter()
+        .any(|m| self.reason.contains(m))
     }
 
     pub fn involves_port(&self, port: u16) -> bool {
@@ -135,7 +142,10 @@ mod tests {
                    RES=0x00 ACK PSH URGP=0";
         let log = CtLog::parse(msg).unwrap();
         assert_eq!(log.protonum, 6);
-        assert_eq!(log.reason, "SEQ is over upper bound 2839577113 (over the window of the receiver)");
+        assert_eq!(
+            log.reason,
+            "SEQ is over upper bound 2839577113 (over the window of the receiver)"
+        );
         assert_eq!(log.bound(), Some(2839577113));
         assert_eq!((log.sport, log.dport), (Some(8080), Some(41234)));
         assert_eq!((log.seq, log.ack), (Some(3107012473), Some(1799)));

@@ -41,7 +41,14 @@ fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!("usage: ct-scenarios [--no-tracer] [SCENARIO...] | ct-scenarios demo");
-        println!("scenarios: {}", scenarios::ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" "));
+        println!(
+            "scenarios: {}",
+            scenarios::ALL
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         return ExitCode::SUCCESS;
     }
     if args.first().map(String::as_str) == Some("demo") {
@@ -50,7 +57,11 @@ fn main() -> ExitCode {
             println!("demo: failed: {e:#}");
         }
         println!("CT-DONE");
-        return if result.is_ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        return if result.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     let with_tracer = !args.iter().any(|a| a == "--no-tracer");
     args.retain(|a| a != "--no-tracer");
@@ -63,7 +74,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("ct-scenarios: {}{}", kernel.describe(), if with_tracer { "" } else { ", oracle only (no tracer)" });
+    println!(
+        "ct-scenarios: {}{}",
+        kernel.describe(),
+        if with_tracer {
+            ""
+        } else {
+            ", oracle only (no tracer)"
+        }
+    );
     let selected = match scenarios::select(&args) {
         Ok(s) => s,
         Err(e) => {
@@ -73,7 +92,10 @@ fn main() -> ExitCode {
         }
     };
 
-    let ctx = Ctx { kernel, with_tracer };
+    let ctx = Ctx {
+        kernel,
+        with_tracer,
+    };
     let watchdog = start_watchdog();
     let mut failed = 0;
     for (name, scenario) in selected {
@@ -85,7 +107,11 @@ fn main() -> ExitCode {
             Ok(Err(e)) => Some(format!("{e:#}")),
             Err(panic) => Some(format!(
                 "panic: {}",
-                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
             )),
         };
         let _ = watchdog.send(None);
@@ -99,7 +125,11 @@ fn main() -> ExitCode {
         }
     }
     println!("CT-DONE");
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn one_line(s: &str) -> String {
@@ -113,7 +143,9 @@ fn start_watchdog() -> mpsc::Sender<Option<(&'static str, Instant)>> {
     std::thread::spawn(move || {
         let mut current: Option<(&'static str, Instant)> = None;
         loop {
-            let wait = current.map_or(Duration::from_secs(3600), |(_, d)| d.saturating_duration_since(Instant::now()));
+            let wait = current.map_or(Duration::from_secs(3600), |(_, d)| {
+                d.saturating_duration_since(Instant::now())
+            });
             match rx.recv_timeout(wait) {
                 Ok(next) => current = next,
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -124,7 +156,10 @@ fn start_watchdog() -> mpsc::Sender<Option<(&'static str, Instant)>> {
                             // SAFETY: our own child.
                             unsafe { libc::kill(pid, libc::SIGKILL) };
                         }
-                        println!("CT-RESULT {name} FAILED watchdog: no result after {} s", SCENARIO_LIMIT.as_secs());
+                        println!(
+                            "CT-RESULT {name} FAILED watchdog: no result after {} s",
+                            SCENARIO_LIMIT.as_secs()
+                        );
                         println!("CT-DONE");
                         std::process::exit(1);
                     }

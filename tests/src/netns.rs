@@ -47,7 +47,11 @@ impl Netns {
 
     fn from_file(name: &str, file: File) -> Result<Netns> {
         let inode = file.metadata()?.ino();
-        Ok(Netns { name: name.to_string(), fd: file.into(), inode })
+        Ok(Netns {
+            name: name.to_string(),
+            fd: file.into(),
+            inode,
+        })
     }
 
     pub fn name(&self) -> &str {

@@ -21,6 +21,7 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Observer<'a> {
     topo: &'a Topology,
     tracer: Option<Tracer>,
+    tracer_error: Option<String>,
     kmsg: Kmsg,
     before: Vec<Counters>,
     logs: Vec<CtLog>,
@@ -31,18 +32,32 @@ pub struct Observation {
     pub after: Vec<Counters>,
     /// Conntrack log lines about our test addresses.
     pub logs: Vec<CtLog>,
-    /// `None` in oracle-only mode (no tracer run).
+    /// `None` in oracle-only mode (no tracer run) or when it failed to start.
     pub trace: Option<Trace>,
+    /// Why the tracer did not run although it should have.
+    pub tracer_error: Option<String>,
 }
 
 impl<'a> Observer<'a> {
     /// `tracer_args: None` runs without a tracer (developing scenarios on a host that
-    /// cannot attach kprobes).
+    /// cannot attach kprobes). A tracer that fails to start fails the scenario later, but
+    /// the scenario still runs so its kernel-side checks show whether the rest is sound.
     pub fn start(topo: &'a Topology, tracer_args: Option<&[String]>) -> Result<Observer<'a>> {
-        let tracer = tracer_args.map(Tracer::start_json).transpose()?;
+        let (tracer, tracer_error) = match tracer_args.map(Tracer::start_json) {
+            None => (None, None),
+            Some(Ok(t)) => (Some(t), None),
+            Some(Err(e)) => (None, Some(format!("{e:#}"))),
+        };
         let kmsg = Kmsg::open_at_end()?;
         let before = topo.counters()?;
-        Ok(Observer { topo, tracer, kmsg, before, logs: Vec::new() })
+        Ok(Observer {
+            topo,
+            tracer,
+            tracer_error,
+            kmsg,
+            before,
+            logs: Vec::new(),
+        })
     }
 
     /// Waits (bounded) until the kernel has logged at least `n` lines for our addresses.
@@ -73,7 +88,10 @@ impl<'a> Observer<'a> {
                 let want = expected_events(&self.logs);
                 let caught_up = tracer.wait_for(SETTLE_TIMEOUT, |evs| verdicts(evs) >= want);
                 if !caught_up {
-                    println!("observe: tracer reported {} of {want} expected events before stop", verdicts(&tracer.events()));
+                    println!(
+                        "observe: tracer reported {} of {want} expected events before stop",
+                        verdicts(&tracer.events())
+                    );
                 }
                 Some(tracer.stop()?)
             }
@@ -93,7 +111,13 @@ impl<'a> Observer<'a> {
                 a.delta(b, "icmp_error")
             );
         }
-        Ok(Observation { before: self.before, after, logs: self.logs, trace })
+        Ok(Observation {
+            before: self.before,
+            after,
+            logs: self.logs,
+            trace,
+            tracer_error: self.tracer_error,
+        })
     }
 }
 
@@ -104,7 +128,10 @@ fn is_ours(log: &CtLog) -> bool {
 }
 
 fn verdicts(events: &[Value]) -> usize {
-    events.iter().filter(|e| e["event"] == "invalid" || e["event"] == "ignored").count()
+    events
+        .iter()
+        .filter(|e| e["event"] == "invalid" || e["event"] == "ignored")
+        .count()
 }
 
 impl Observation {

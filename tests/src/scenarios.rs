@@ -12,8 +12,8 @@ use crate::inject::{ACK, PSH, Packet, RST, RawSender, SYN, Transport};
 use crate::kernel::Kernel;
 use crate::kmsg::CtLog;
 use crate::observe::{Observation, Observer};
-use crate::topology::{API, CLIENT_IP, SERVER_IP, Service, Topology, WEB, WIRE_TO_CLIENT_IF};
 use crate::tools;
+use crate::topology::{API, CLIENT_IP, SERVER_IP, Service, Topology, WEB, WIRE_TO_CLIENT_IF};
 use crate::verify::{self, Expected, Problems, Verdict};
 
 pub struct Ctx {
@@ -46,18 +46,39 @@ pub const BULK: usize = 256 * 1024;
 
 /// A data segment from the backend far above the client's receive window.
 pub fn seq_over(flow: &Flow, now: Seqs) -> Packet {
-    Packet::tcp(flow.service.backend, flow.client_addr, now.server_next.wrapping_add(FAR), now.client_next, ACK | PSH, vec![b'o'; 100])
+    Packet::tcp(
+        flow.service.backend,
+        flow.client_addr,
+        now.server_next.wrapping_add(FAR),
+        now.client_next,
+        ACK | PSH,
+        vec![b'o'; 100],
+    )
 }
 
 /// A pure ACK from the backend acknowledging data the client never sent.
 pub fn ack_over(flow: &Flow, now: Seqs) -> Packet {
-    Packet::tcp(flow.service.backend, flow.client_addr, now.server_next, now.client_next.wrapping_add(FAR), ACK, Vec::new())
+    Packet::tcp(
+        flow.service.backend,
+        flow.client_addr,
+        now.server_next,
+        now.client_next.wrapping_add(FAR),
+        ACK,
+        Vec::new(),
+    )
 }
 
 /// A retransmit of bytes the client received and acknowledged long ago (`old` was taken
 /// before a bulk transfer of several windows).
 pub fn old_retransmit(flow: &Flow, old: Seqs, now: Seqs) -> Packet {
-    Packet::tcp(flow.service.backend, flow.client_addr, old.server_next, now.client_next, ACK | PSH, vec![b'r'; 100])
+    Packet::tcp(
+        flow.service.backend,
+        flow.client_addr,
+        old.server_next,
+        now.client_next,
+        ACK | PSH,
+        vec![b'r'; 100],
+    )
 }
 
 /// Out-of-window segments on a live DNAT'd connection: SEQ over (INVALID), ACK over
@@ -70,17 +91,41 @@ fn tcp_window(ctx: &Ctx) -> Result<()> {
     let old = flow.seqs()?;
     flow.bulk_to_client(BULK)?;
     let now = flow.seqs()?;
-    let under = if ctx.kernel.window_under_is_ignored() { Verdict::Ignored } else { Verdict::Invalid };
+    let under = if ctx.kernel.window_under_is_ignored() {
+        Verdict::Ignored
+    } else {
+        Verdict::Invalid
+    };
     let expected = [
-        window("SEQ over window", seq_over(&flow, now), "seq_over", "SEQ is over", Verdict::Invalid),
-        window("ACK over sent data", ack_over(&flow, now), "ack_over", "ACK is over", Verdict::Invalid),
-        window("old retransmit", old_retransmit(&flow, old, now), "seq_under", "SEQ is under", under),
+        window(
+            "SEQ over window",
+            seq_over(&flow, now),
+            "seq_over",
+            "SEQ is over",
+            Verdict::Invalid,
+        ),
+        window(
+            "ACK over sent data",
+            ack_over(&flow, now),
+            "ack_over",
+            "ACK is over",
+            Verdict::Invalid,
+        ),
+        window(
+            "old retransmit",
+            old_retransmit(&flow, old, now),
+            "seq_under",
+            "SEQ is under",
+            under,
+        ),
     ];
     let obs = inject(ctx, &topo, None, &expected)?;
     let alive = flow.exchange(100);
     let mut problems = Problems::default();
     if let Err(e) = alive {
-        problems.0.push(format!("connection did not survive the injections: {e:#}"));
+        problems
+            .0
+            .push(format!("connection did not survive the injections: {e:#}"));
     }
     check_injections(ctx, &topo, &obs, &expected, &mut problems);
     problems.into_result()
@@ -101,16 +146,33 @@ fn tcp_bad_packets(ctx: &Ctx) -> Result<()> {
     let mut bad_csum = Packet::tcp(from, to, seq(1), now.client_next, ACK | PSH, vec![b'c'; 50]);
     bad_csum.bad_checksum = true;
     let mut truncated = Packet::tcp(from, to, seq(2), now.client_next, ACK, Vec::new());
-    truncated.transport = Transport::Tcp { seq: seq(2), ack: now.client_next, flags: ACK, data_offset: 15 };
+    truncated.transport = Transport::Tcp {
+        seq: seq(2),
+        ack: now.client_next,
+        flags: ACK,
+        data_offset: 15,
+    };
     let expected = [
-        plain("SYN+RST", syn_rst, "bad_flags", "invalid tcp flag combination"),
+        plain(
+            "SYN+RST",
+            syn_rst,
+            "bad_flags",
+            "invalid tcp flag combination",
+        ),
         plain("bad TCP checksum", bad_csum, "bad_checksum", "bad checksum"),
-        plain("truncated TCP header", truncated, "truncated", "truncated packet"),
+        plain(
+            "truncated TCP header",
+            truncated,
+            "truncated",
+            "truncated packet",
+        ),
     ];
     let obs = inject(ctx, &topo, None, &expected)?;
     let mut problems = Problems::default();
     if let Err(e) = flow.exchange(100) {
-        problems.0.push(format!("connection did not survive the injections: {e:#}"));
+        problems
+            .0
+            .push(format!("connection did not survive the injections: {e:#}"));
     }
     check_injections(ctx, &topo, &obs, &expected, &mut problems);
     problems.into_result()
@@ -119,12 +181,27 @@ fn tcp_bad_packets(ctx: &Ctx) -> Result<()> {
 /// Malformed UDP: a length field longer than the datagram, and a bad checksum.
 fn udp_bad_packets(ctx: &Ctx) -> Result<()> {
     let topo = Topology::build("badudp", true)?;
-    let mut truncated = Packet::udp(SocketAddrV4::new(SERVER_IP, 5353), SocketAddrV4::new(CLIENT_IP, 5353), vec![b'u'; 40]);
-    truncated.transport = Transport::Udp { claimed_len: Some(8 + 40 + 64) };
-    let mut bad_csum = Packet::udp(SocketAddrV4::new(SERVER_IP, 5354), SocketAddrV4::new(CLIENT_IP, 5354), vec![b'u'; 40]);
+    let mut truncated = Packet::udp(
+        SocketAddrV4::new(SERVER_IP, 5353),
+        SocketAddrV4::new(CLIENT_IP, 5353),
+        vec![b'u'; 40],
+    );
+    truncated.transport = Transport::Udp {
+        claimed_len: Some(8 + 40 + 64),
+    };
+    let mut bad_csum = Packet::udp(
+        SocketAddrV4::new(SERVER_IP, 5354),
+        SocketAddrV4::new(CLIENT_IP, 5354),
+        vec![b'u'; 40],
+    );
     bad_csum.bad_checksum = true;
     let expected = [
-        plain("truncated UDP", truncated, "udp_*", "truncated/malformed packet"),
+        plain(
+            "truncated UDP",
+            truncated,
+            "udp_*",
+            "truncated/malformed packet",
+        ),
         plain("bad UDP checksum", bad_csum, "udp_*", "bad checksum"),
     ];
     let obs = inject(ctx, &topo, None, &expected)?;
@@ -143,7 +220,10 @@ fn real_retransmits(ctx: &Ctx) -> Result<()> {
     let mut flow = Flow::open(&topo, WEB)?;
     flow.exchange(1000)?;
     let retrans_before = flow.server_retransmits()?;
-    let stacks_before = [counters::tcp_ext(&topo.server)?, counters::tcp_ext(&topo.client)?];
+    let stacks_before = [
+        counters::tcp_ext(&topo.server)?,
+        counters::tcp_ext(&topo.client)?,
+    ];
     let mut observer = Observer::start(&topo, ctx.tracer_args(&[]))?;
     netem_transfer(&topo, &mut flow)?;
     flow.exchange(100).context("connection after netem")?;
@@ -151,11 +231,22 @@ fn real_retransmits(ctx: &Ctx) -> Result<()> {
     observer.wait_logs(0)?;
     let obs = observer.finish(|logs| logs.len())?;
 
-    let stacks_after = [counters::tcp_ext(&topo.server)?, counters::tcp_ext(&topo.client)?];
+    let stacks_after = [
+        counters::tcp_ext(&topo.server)?,
+        counters::tcp_ext(&topo.client)?,
+    ];
     let moved = |side: usize, name: &str| {
-        stacks_after[side].get(name).copied().unwrap_or(0).saturating_sub(stacks_before[side].get(name).copied().unwrap_or(0))
+        stacks_after[side]
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(stacks_before[side].get(name).copied().unwrap_or(0))
     };
-    let ignored = obs.logs.iter().filter(|l| ctx.kernel.window_under_is_ignored() && l.is_window_ignore()).count();
+    let ignored = obs
+        .logs
+        .iter()
+        .filter(|l| ctx.kernel.window_under_is_ignored() && l.is_window_ignore())
+        .count();
     println!(
         "real-retransmits: backend retransmitted {retransmits} segments (RTO {}, fast {}, loss probes {}); \
          client saw {} old duplicates (D-SACK); conntrack logged {} lines ({ignored} IGNORE), invalid counter +{}",
@@ -168,7 +259,9 @@ fn real_retransmits(ctx: &Ctx) -> Result<()> {
     );
     let mut problems = Problems::default();
     if retransmits == 0 {
-        problems.0.push("netem caused no retransmits: the scenario proved nothing".into());
+        problems
+            .0
+            .push("netem caused no retransmits: the scenario proved nothing".into());
     }
     verify::tracer_matches_kernel(&ctx.kernel, &topo, &obs, None, &mut problems);
     problems.into_result()
@@ -185,10 +278,26 @@ const NETEM_DELAY: Duration = Duration::from_millis(1000);
 pub fn netem_transfer(topo: &Topology, flow: &mut Flow) -> Result<()> {
     let tc = tools::tc().context("no tc binary in this image: netem cannot be configured")?;
     let delay = format!("{}ms", NETEM_DELAY.as_millis());
-    topo.wire.exec(tc, &["qdisc", "add", "dev", WIRE_TO_CLIENT_IF, "root", "netem", "delay", &delay, "reorder", "97%"])?;
+    topo.wire.exec(
+        tc,
+        &[
+            "qdisc",
+            "add",
+            "dev",
+            WIRE_TO_CLIENT_IF,
+            "root",
+            "netem",
+            "delay",
+            &delay,
+            "reorder",
+            "97%",
+        ],
+    )?;
     let transfer = flow.bulk_to_client(2 * BULK);
     std::thread::sleep(NETEM_DELAY + Duration::from_millis(300));
-    let removed = topo.wire.exec(tc, &["qdisc", "del", "dev", WIRE_TO_CLIENT_IF, "root"]);
+    let removed = topo
+        .wire
+        .exec(tc, &["qdisc", "del", "dev", WIRE_TO_CLIENT_IF, "root"]);
     transfer.context("bulk transfer under netem")?;
     removed.map(drop)
 }
@@ -202,8 +311,20 @@ fn port_filter(ctx: &Ctx) -> Result<()> {
     web.exchange(1000)?;
     api.exchange(1000)?;
     let port = API.backend.port();
-    let hidden = window("SEQ over on :8080", seq_over(&web, web.seqs()?), "seq_over", "SEQ is over", Verdict::Invalid);
-    let shown = window("SEQ over on :9090", seq_over(&api, api.seqs()?), "seq_over", "SEQ is over", Verdict::Invalid);
+    let hidden = window(
+        "SEQ over on :8080",
+        seq_over(&web, web.seqs()?),
+        "seq_over",
+        "SEQ is over",
+        Verdict::Invalid,
+    );
+    let shown = window(
+        "SEQ over on :9090",
+        seq_over(&api, api.seqs()?),
+        "seq_over",
+        "SEQ is over",
+        Verdict::Invalid,
+    );
     let expected = [hidden, shown];
     let obs = inject(ctx, &topo, Some(port), &expected)?;
 
@@ -214,20 +335,49 @@ fn port_filter(ctx: &Ctx) -> Result<()> {
     problems.into_result()
 }
 
-fn window(what: &'static str, packet: Packet, code: &'static str, text: &'static str, verdict: Verdict) -> Expected {
-    let service = [WEB, API].into_iter().find(|s: &Service| s.backend == packet.src);
-    Expected { what, packet, reason_code: code, kernel_text: text, verdict, service }
+fn window(
+    what: &'static str,
+    packet: Packet,
+    code: &'static str,
+    text: &'static str,
+    verdict: Verdict,
+) -> Expected {
+    let service = [WEB, API]
+        .into_iter()
+        .find(|s: &Service| s.backend == packet.src);
+    Expected {
+        what,
+        packet,
+        reason_code: code,
+        kernel_text: text,
+        verdict,
+        service,
+    }
 }
 
 fn plain(what: &'static str, packet: Packet, code: &'static str, text: &'static str) -> Expected {
-    Expected { what, packet, reason_code: code, kernel_text: text, verdict: Verdict::Invalid, service: None }
+    Expected {
+        what,
+        packet,
+        reason_code: code,
+        kernel_text: text,
+        verdict: Verdict::Invalid,
+        service: None,
+    }
 }
 
 /// Sends the packets from the backend's namespace (they enter the client namespace through
 /// PRE_ROUTING) inside one observation window; `port` runs the tracer with `--port`.
-fn inject(ctx: &Ctx, topo: &Topology, port: Option<u16>, expected: &[Expected]) -> Result<Observation> {
+fn inject(
+    ctx: &Ctx,
+    topo: &Topology,
+    port: Option<u16>,
+    expected: &[Expected],
+) -> Result<Observation> {
     let sender = RawSender::open(&topo.server)?;
-    let args: Vec<String> = port.map(|p| vec!["--port".to_string(), p.to_string()]).unwrap_or_default();
+    let args: Vec<String> = port
+        .map(|p| vec!["--port".to_string(), p.to_string()])
+        .unwrap_or_default();
     let mut observer = Observer::start(topo, ctx.tracer_args(&args))?;
     for e in expected {
         println!("inject: {}: {}", e.what, e.packet.describe());
@@ -236,10 +386,20 @@ fn inject(ctx: &Ctx, topo: &Topology, port: Option<u16>, expected: &[Expected]) 
         std::thread::sleep(Duration::from_millis(20));
     }
     observer.wait_logs(expected.len())?;
-    observer.finish(|logs: &[CtLog]| logs.iter().filter(|l| port.is_none_or(|p| l.involves_port(p))).count())
+    observer.finish(|logs: &[CtLog]| {
+        logs.iter()
+            .filter(|l| port.is_none_or(|p| l.involves_port(p)))
+            .count()
+    })
 }
 
-fn check_injections(ctx: &Ctx, topo: &Topology, obs: &Observation, expected: &[Expected], problems: &mut Problems) {
+fn check_injections(
+    ctx: &Ctx,
+    topo: &Topology,
+    obs: &Observation,
+    expected: &[Expected],
+    problems: &mut Problems,
+) {
     verify::kernel_saw_injections(topo, obs, expected, problems);
     verify::tracer_reported_injections(&ctx.kernel, topo, obs, expected, problems);
     verify::tracer_matches_kernel(&ctx.kernel, topo, obs, None, problems);
@@ -253,9 +413,15 @@ pub fn select(names: &[String]) -> Result<Vec<(&'static str, Scenario)>> {
     names
         .iter()
         .map(|n| {
-            ALL.iter().find(|(name, _)| name == n).copied().with_context(|| {
-                format!("unknown scenario {n}; known: {}", ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))
-            })
+            ALL.iter()
+                .find(|(name, _)| name == n)
+                .copied()
+                .with_context(|| {
+                    format!(
+                        "unknown scenario {n}; known: {}",
+                        ALL.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                    )
+                })
         })
         .collect()
 }

@@ -18,7 +18,9 @@ pub fn tracer() -> String {
     if let Ok(path) = std::env::var("CT_TRACER") {
         return path;
     }
-    first_existing(&["/bin/conntrack-trace"]).unwrap_or("conntrack-trace").to_string()
+    first_existing(&["/bin/conntrack-trace"])
+        .unwrap_or("conntrack-trace")
+        .to_string()
 }
 
 fn first_existing(candidates: &[&'static str]) -> Option<&'static str> {

@@ -74,8 +74,30 @@ impl Topology {
         let wire = Netns::create(&format!("{tag}-wire"))?;
         let server = Netns::create(&format!("{tag}-server"))?;
 
-        client.ip(&["link", "add", CLIENT_IF, "type", "veth", "peer", "name", WIRE_TO_CLIENT_IF, "netns", &wire.path()])?;
-        server.ip(&["link", "add", SERVER_IF, "type", "veth", "peer", "name", WIRE_TO_SERVER_IF, "netns", &wire.path()])?;
+        client.ip(&[
+            "link",
+            "add",
+            CLIENT_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            WIRE_TO_CLIENT_IF,
+            "netns",
+            &wire.path(),
+        ])?;
+        server.ip(&[
+            "link",
+            "add",
+            SERVER_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            WIRE_TO_SERVER_IF,
+            "netns",
+            &wire.path(),
+        ])?;
         for (ns, dev, addr) in [
             (&client, CLIENT_IF, CLIENT_IP),
             (&wire, WIRE_TO_CLIENT_IF, WIRE_CLIENT_SIDE_IP),
@@ -88,20 +110,52 @@ impl Topology {
         wire.sysctl("net.ipv4.ip_forward", "1")?;
         // Default routes through the wire; for the client this also routes the Service VIPs,
         // which connect() needs before nat OUTPUT rewrites them.
-        client.ip(&["route", "add", "default", "via", &WIRE_CLIENT_SIDE_IP.to_string()])?;
-        server.ip(&["route", "add", "default", "via", &WIRE_SERVER_SIDE_IP.to_string()])?;
+        client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &WIRE_CLIENT_SIDE_IP.to_string(),
+        ])?;
+        server.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &WIRE_SERVER_SIDE_IP.to_string(),
+        ])?;
 
         client.iptables(&["-t", "nat", "-N", "KUBE-SERVICES"])?;
         client.iptables(&["-t", "nat", "-A", "OUTPUT", "-j", "KUBE-SERVICES"])?;
         for svc in [WEB, API] {
             client.iptables(&[
-                "-t", "nat", "-A", "KUBE-SERVICES",
-                "-d", &format!("{}/32", svc.vip.ip()), "-p", "tcp", "--dport", &svc.vip.port().to_string(),
-                "-j", "DNAT", "--to-destination", &svc.backend.to_string(),
+                "-t",
+                "nat",
+                "-A",
+                "KUBE-SERVICES",
+                "-d",
+                &format!("{}/32", svc.vip.ip()),
+                "-p",
+                "tcp",
+                "--dport",
+                &svc.vip.port().to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &svc.backend.to_string(),
             ])?;
         }
         if drop_invalid {
-            client.iptables(&["-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])?;
+            client.iptables(&[
+                "-A",
+                "INPUT",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "INVALID",
+                "-j",
+                "DROP",
+            ])?;
         }
 
         // The kernel's own log is an oracle: every INVALID/IGNORE reason, per packet, with
@@ -123,7 +177,14 @@ impl Topology {
             .and_then(|n| n.trim().parse().ok())
             .with_context(|| format!("ifindex from {link:?}"))?;
 
-        Ok(Topology { init, client, wire, server, client_ifindex, restore })
+        Ok(Topology {
+            init,
+            client,
+            wire,
+            server,
+            client_ifindex,
+            restore,
+        })
     }
 
     /// Our namespaces, in the order counters are reported.
@@ -133,7 +194,10 @@ impl Topology {
 
     /// `/proc/net/stat/nf_conntrack` of every namespace we own (the file is per netns).
     pub fn counters(&self) -> Result<Vec<Counters>> {
-        self.namespaces().iter().map(|ns| Counters::read(ns)).collect()
+        self.namespaces()
+            .iter()
+            .map(|ns| Counters::read(ns))
+            .collect()
     }
 }
 

@@ -54,7 +54,11 @@ impl Tracer {
         let mut child = Command::new(&binary)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(if capture { Stdio::piped() } else { Stdio::inherit() })
+            .stdout(if capture {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawn {binary}"))?;
@@ -85,7 +89,12 @@ impl Tracer {
             }
         });
 
-        let mut tracer = Tracer { child, events, stdout, stderr: Some(stderr) };
+        let mut tracer = Tracer {
+            child,
+            events,
+            stdout,
+            stderr: Some(stderr),
+        };
         let deadline = Instant::now() + ATTACH_TIMEOUT;
         loop {
             if attached_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
@@ -153,7 +162,10 @@ impl Tracer {
     }
 
     fn join_readers(&mut self) {
-        for handle in [self.stdout.take(), self.stderr.take()].into_iter().flatten() {
+        for handle in [self.stdout.take(), self.stderr.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = handle.join();
         }
     }

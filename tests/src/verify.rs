@@ -66,75 +66,161 @@ impl Problems {
 /// The injection did what it was meant to: the kernel logged each packet once with the
 /// expected reason, and its INVALID counter moved by the number of INVALID packets, in the
 /// client namespace only.
-pub fn kernel_saw_injections(topo: &Topology, obs: &Observation, expected: &[Expected], problems: &mut Problems) {
+pub fn kernel_saw_injections(
+    topo: &Topology,
+    obs: &Observation,
+    expected: &[Expected],
+    problems: &mut Problems,
+) {
     for e in expected {
-        let logs: Vec<&CtLog> = obs.logs.iter().filter(|l| log_is_packet(l, &e.packet)).collect();
+        let logs: Vec<&CtLog> = obs
+            .logs
+            .iter()
+            .filter(|l| log_is_packet(l, &e.packet))
+            .collect();
         match logs.as_slice() {
             [log] if log.reason.contains(e.kernel_text) => {}
-            [log] => problems.add(format!("{}: kernel logged \"{}\", expected \"{}\"", e.what, log.reason, e.kernel_text)),
-            other => problems.add(format!("{}: kernel logged {} lines for {}", e.what, other.len(), e.packet.describe())),
+            [log] => problems.add(format!(
+                "{}: kernel logged \"{}\", expected \"{}\"",
+                e.what, log.reason, e.kernel_text
+            )),
+            other => problems.add(format!(
+                "{}: kernel logged {} lines for {}",
+                e.what,
+                other.len(),
+                e.packet.describe()
+            )),
         }
     }
-    let invalid = expected.iter().filter(|e| e.verdict == Verdict::Invalid).count() as u64;
+    let invalid = expected
+        .iter()
+        .filter(|e| e.verdict == Verdict::Invalid)
+        .count() as u64;
     for ns in topo.namespaces() {
-        let want = if ns.inode() == topo.client.inode() { invalid } else { 0 };
+        let want = if ns.inode() == topo.client.inode() {
+            invalid
+        } else {
+            0
+        };
         let got = obs.invalid_delta(ns.inode());
         if got != want {
-            problems.add(format!("kernel invalid counter in {} moved by {got}, injected {want} INVALID packets", ns.name()));
+            problems.add(format!(
+                "kernel invalid counter in {} moved by {got}, injected {want} INVALID packets",
+                ns.name()
+            ));
         }
     }
 }
 
 /// Every injected packet appears exactly once in the tracer's output, with the packet's own
 /// numbers and the kernel's reason, bound and conntrack entry.
-pub fn tracer_reported_injections(kernel: &Kernel, topo: &Topology, obs: &Observation, expected: &[Expected], problems: &mut Problems) {
+pub fn tracer_reported_injections(
+    kernel: &Kernel,
+    topo: &Topology,
+    obs: &Observation,
+    expected: &[Expected],
+    problems: &mut Problems,
+) {
     let Some(trace) = &obs.trace else { return };
     for e in expected {
-        let events: Vec<&Value> = trace.events.iter().filter(|ev| event_is_packet(ev, &e.packet)).collect();
+        let events: Vec<&Value> = trace
+            .events
+            .iter()
+            .filter(|ev| event_is_packet(ev, &e.packet))
+            .collect();
         let [ev] = events.as_slice() else {
-            problems.add(format!("{}: tracer printed {} events for {}", e.what, events.len(), e.packet.describe()));
+            problems.add(format!(
+                "{}: tracer printed {} events for {}",
+                e.what,
+                events.len(),
+                e.packet.describe()
+            ));
             continue;
         };
         let mut check = |ok: bool, what: String| {
             if !ok {
-                problems.add(format!("{}: {what}; event {ev}", e.what));
+                problems.add(format!("{}: {what}; event {}", e.what, brief(ev)));
             }
         };
-        check(ev["event"] == e.verdict.event(), format!("event should be \"{}\"", e.verdict.event()));
+        check(
+            ev["event"] == e.verdict.event(),
+            format!("event should be \"{}\"", e.verdict.event()),
+        );
         let code = ev["reason_code"].as_str().unwrap_or("");
         let code_ok = match e.reason_code.strip_suffix('*') {
             Some(prefix) => code.starts_with(prefix),
             None => code == e.reason_code,
         };
         check(code_ok, format!("reason_code should be {}", e.reason_code));
-        check(ev["netns"].as_u64() == Some(topo.client.inode()), format!("netns should be {}", topo.client.inode()));
-        check(optional_eq(&ev["hook"], &Value::from("PRE_ROUTING")), "hook should be PRE_ROUTING".into());
-        check(optional_eq(&ev["ifindex"], &Value::from(topo.client_ifindex)), format!("ifindex should be {}", topo.client_ifindex));
-        if let Transport::Tcp { flags, data_offset, .. } = e.packet.transport {
-            let got: std::collections::BTreeSet<char> = ev["tcp"]["flags"].as_str().unwrap_or("").chars().collect();
-            check(got == flag_letters(flags), format!("tcp.flags should be {:?}", flag_letters(flags)));
+        check(
+            ev["netns"].as_u64() == Some(topo.client.inode()),
+            format!("netns should be {}", topo.client.inode()),
+        );
+        check(
+            optional_eq(&ev["hook"], &Value::from("PRE_ROUTING")),
+            "hook should be PRE_ROUTING".into(),
+        );
+        check(
+            optional_eq(&ev["ifindex"], &Value::from(topo.client_ifindex)),
+            format!("ifindex should be {}", topo.client_ifindex),
+        );
+        if let Transport::Tcp {
+            flags, data_offset, ..
+        } = e.packet.transport
+        {
+            let got: std::collections::BTreeSet<char> =
+                ev["tcp"]["flags"].as_str().unwrap_or("").chars().collect();
+            check(
+                got == flag_letters(flags),
+                format!("tcp.flags should be {:?}", flag_letters(flags)),
+            );
             // A header claiming more than it has has no meaningful payload length.
             if data_offset == 5 {
-                check(ev["tcp"]["len"].as_u64() == Some(e.packet.payload.len() as u64), format!("tcp.len should be {}", e.packet.payload.len()));
+                check(
+                    ev["tcp"]["len"].as_u64() == Some(e.packet.payload.len() as u64),
+                    format!("tcp.len should be {}", e.packet.payload.len()),
+                );
             }
         }
         if let Some(log) = obs.logs.iter().find(|l| log_is_packet(l, &e.packet)) {
-            check(ev["reason"].as_str() == Some(log.reason.as_str()), format!("reason should be the kernel's \"{}\"", log.reason));
+            check(
+                ev["reason"].as_str() == Some(log.reason.as_str()),
+                format!("reason should be the kernel's \"{}\"", log.reason),
+            );
             if let Some(bound) = log.bound() {
-                check(ev["window"]["bound"].as_u64() == Some(bound), format!("window.bound should be the kernel's {bound}"));
+                check(
+                    ev["window"]["bound"].as_u64() == Some(bound),
+                    format!("window.bound should be the kernel's {bound}"),
+                );
             }
         }
         if let Some(svc) = e.service {
             // Without nf_conntrack BTF the entry may be missing, but never wrong.
             if kernel.conntrack_btf || !ev["ct"].is_null() {
                 let client = e.packet.dst;
-                check(ev["ct"]["state"] == "ESTABLISHED", "ct.state should be ESTABLISHED".into());
-                check(endpoint(&ev["ct"]["original"], "s") == Some((*client.ip(), client.port())), format!("ct.original source should be the client {client}"));
-                check(endpoint(&ev["ct"]["original"], "d") == Some((*svc.vip.ip(), svc.vip.port())), format!("ct.original destination should be the Service {}", svc.vip));
-                check(endpoint(&ev["ct"]["reply"], "s") == Some((*svc.backend.ip(), svc.backend.port())), format!("ct.reply source should be the backend {}", svc.backend));
+                check(
+                    ev["ct"]["state"] == "ESTABLISHED",
+                    "ct.state should be ESTABLISHED".into(),
+                );
+                check(
+                    endpoint(&ev["ct"]["original"], "s") == Some((*client.ip(), client.port())),
+                    format!("ct.original source should be the client {client}"),
+                );
+                check(
+                    endpoint(&ev["ct"]["original"], "d") == Some((*svc.vip.ip(), svc.vip.port())),
+                    format!("ct.original destination should be the Service {}", svc.vip),
+                );
+                check(
+                    endpoint(&ev["ct"]["reply"], "s")
+                        == Some((*svc.backend.ip(), svc.backend.port())),
+                    format!("ct.reply source should be the backend {}", svc.backend),
+                );
             }
             if kernel.conntrack_btf {
-                check(ev["window"]["sender"].is_object() && ev["window"]["receiver"].is_object(), "window.sender/receiver should be present".into());
+                check(
+                    ev["window"]["sender"].is_object() && ev["window"]["receiver"].is_object(),
+                    "window.sender/receiver should be present".into(),
+                );
             }
         }
     }
@@ -144,16 +230,29 @@ pub fn tracer_reported_injections(kernel: &Kernel, topo: &Topology, obs: &Observ
 /// packet, same reason, same kind), INVALID events per namespace equal to that namespace's
 /// counter delta, a summary that adds up, and nothing lost.
 /// With `port` (a `--port` filter), only lines and counts for that port are compared.
-pub fn tracer_matches_kernel(kernel: &Kernel, topo: &Topology, obs: &Observation, port: Option<u16>, problems: &mut Problems) {
+pub fn tracer_matches_kernel(
+    kernel: &Kernel,
+    topo: &Topology,
+    obs: &Observation,
+    port: Option<u16>,
+    problems: &mut Problems,
+) {
+    if let Some(e) = &obs.tracer_error {
+        problems.add(format!("tracer: {e}"));
+    }
     let Some(trace) = &obs.trace else { return };
-    let verdicts: Vec<&Value> = trace.events.iter().filter(|e| e["event"] == "invalid" || e["event"] == "ignored").collect();
+    let verdicts: Vec<&Value> = trace
+        .events
+        .iter()
+        .filter(|e| e["event"] == "invalid" || e["event"] == "ignored")
+        .collect();
     let invalid = verdicts.iter().filter(|e| e["event"] == "invalid").count() as u64;
     let ignored = verdicts.len() as u64 - invalid;
 
     for ev in &trace.events {
         match ev["event"].as_str() {
-            Some("lost") => problems.add(format!("tracer lost events: {ev}")),
-            Some("drop") => problems.add(format!("unexpected drop event: {ev}")),
+            Some("lost") => problems.add(format!("tracer lost events: {}", brief(ev))),
+            Some("drop") => problems.add(format!("unexpected drop event: {}", brief(ev))),
             _ => {}
         }
     }
@@ -164,47 +263,97 @@ pub fn tracer_matches_kernel(kernel: &Kernel, topo: &Topology, obs: &Observation
                 problems.add(format!("summary.lost should be 0: {s}"));
             }
             if s["invalid"].as_u64() != Some(invalid) || s["ignored"].as_u64() != Some(ignored) {
-                problems.add(format!("summary says invalid {} ignored {}, stream had {invalid} and {ignored}", s["invalid"], s["ignored"]));
+                problems.add(format!(
+                    "summary says invalid {} ignored {}, stream had {invalid} and {ignored}",
+                    s["invalid"], s["ignored"]
+                ));
             }
         }
     }
 
     if let Some(port) = port {
         for ev in &verdicts {
-            if ev["sport"].as_u64() != Some(port.into()) && ev["dport"].as_u64() != Some(port.into()) {
-                problems.add(format!("--port {port} let through {ev}"));
+            if ev["sport"].as_u64() != Some(port.into())
+                && ev["dport"].as_u64() != Some(port.into())
+            {
+                problems.add(format!("--port {port} let through {}", brief(ev)));
             }
         }
     } else {
         let ours: Vec<u64> = topo.namespaces().iter().map(|ns| ns.inode()).collect();
         for ns in topo.namespaces() {
-            let events = verdicts.iter().filter(|e| e["event"] == "invalid" && e["netns"].as_u64() == Some(ns.inode())).count() as u64;
+            let events = verdicts
+                .iter()
+                .filter(|e| e["event"] == "invalid" && e["netns"].as_u64() == Some(ns.inode()))
+                .count() as u64;
             let delta = obs.invalid_delta(ns.inode());
             if events != delta {
-                problems.add(format!("{}: tracer printed {events} invalid events, kernel counter moved by {delta}", ns.name()));
+                problems.add(format!(
+                    "{}: tracer printed {events} invalid events, kernel counter moved by {delta}",
+                    ns.name()
+                ));
             }
         }
-        for ev in verdicts.iter().filter(|e| !e["netns"].as_u64().is_some_and(|n| ours.contains(&n))) {
-            problems.add(format!("event from a namespace the test does not own: {ev}"));
+        for ev in verdicts
+            .iter()
+            .filter(|e| !e["netns"].as_u64().is_some_and(|n| ours.contains(&n)))
+        {
+            problems.add(format!(
+                "event from a namespace the test does not own: {}",
+                brief(ev)
+            ));
         }
     }
 
     let mut unmatched: Vec<&Value> = verdicts.clone();
-    for log in obs.logs.iter().filter(|l| port.is_none_or(|p| l.involves_port(p))) {
-        let kind = if kernel.window_under_is_ignored() && log.is_window_ignore() { "ignored" } else { "invalid" };
+    for log in obs
+        .logs
+        .iter()
+        .filter(|l| port.is_none_or(|p| l.involves_port(p)))
+    {
+        let kind = if kernel.window_under_is_ignored() && log.is_window_ignore() {
+            "ignored"
+        } else {
+            "invalid"
+        };
         match unmatched.iter().position(|ev| event_is_log(ev, log)) {
             Some(i) => {
                 let ev = unmatched.swap_remove(i);
                 if ev["event"] != kind {
-                    problems.add(format!("kernel line \"{}\" means {kind}, tracer said {}", log.summary(), ev["event"]));
+                    problems.add(format!(
+                        "kernel line \"{}\" means {kind}, tracer said {}",
+                        log.summary(),
+                        ev["event"]
+                    ));
                 }
             }
             None => problems.add(format!("no tracer event for kernel line {}", log.summary())),
         }
     }
     for ev in unmatched {
-        problems.add(format!("tracer event with no kernel log line: {ev}"));
+        problems.add(format!(
+            "tracer event with no kernel log line: {}",
+            brief(ev)
+        ));
     }
+}
+
+/// An event in one line, for problem messages (the full JSON is in the log already).
+fn brief(ev: &Value) -> String {
+    let mut s = format!(
+        "{} {} {} {}:{} -> {}:{}",
+        ev["event"].as_str().unwrap_or("?"),
+        ev["reason_code"].as_str().unwrap_or("-"),
+        ev["proto"].as_str().unwrap_or("?"),
+        ev["saddr"].as_str().unwrap_or("?"),
+        ev["sport"],
+        ev["daddr"].as_str().unwrap_or("?"),
+        ev["dport"]
+    );
+    if ev["tcp"].is_object() {
+        s += &format!(" seq {} ack {}", ev["tcp"]["seq"], ev["tcp"]["ack"]);
+    }
+    s + &format!(" netns {}", ev["netns"])
 }
 
 /// A JSON value that, when present, must equal `want` (keys unknown on a kernel are omitted).
@@ -224,7 +373,10 @@ fn event_is_packet(ev: &Value, p: &Packet) -> bool {
         Transport::Udp { .. } => "udp",
     };
     let same_numbers = match p.seq_ack() {
-        Some((seq, ack)) => ev["tcp"]["seq"].as_u64() == Some(seq.into()) && ev["tcp"]["ack"].as_u64() == Some(ack.into()),
+        Some((seq, ack)) => {
+            ev["tcp"]["seq"].as_u64() == Some(seq.into())
+                && ev["tcp"]["ack"].as_u64() == Some(ack.into())
+        }
         None => true,
     };
     ev["proto"] == proto
@@ -239,7 +391,8 @@ fn log_is_packet(log: &CtLog, p: &Packet) -> bool {
         && log.dst == *p.dst.ip()
         && log.sport == Some(p.src.port())
         && log.dport == Some(p.dst.port())
-        && p.seq_ack().is_none_or(|(seq, ack)| log.seq == Some(seq) && log.ack == Some(ack))
+        && p.seq_ack()
+            .is_none_or(|(seq, ack)| log.seq == Some(seq) && log.ack == Some(ack))
 }
 
 fn event_is_log(ev: &Value, log: &CtLog) -> bool {
@@ -252,9 +405,17 @@ fn event_is_log(ev: &Value, log: &CtLog) -> bool {
     proto_ok
         && ev["saddr"].as_str().and_then(|a| a.parse().ok()) == Some(log.src)
         && ev["daddr"].as_str().and_then(|a| a.parse().ok()) == Some(log.dst)
-        && log.sport.is_none_or(|p| ev["sport"].as_u64() == Some(p.into()))
-        && log.dport.is_none_or(|p| ev["dport"].as_u64() == Some(p.into()))
-        && log.seq.is_none_or(|s| ev["tcp"]["seq"].as_u64() == Some(s.into()))
-        && log.ack.is_none_or(|a| ev["tcp"]["ack"].as_u64() == Some(a.into()))
+        && log
+            .sport
+            .is_none_or(|p| ev["sport"].as_u64() == Some(p.into()))
+        && log
+            .dport
+            .is_none_or(|p| ev["dport"].as_u64() == Some(p.into()))
+        && log
+            .seq
+            .is_none_or(|s| ev["tcp"]["seq"].as_u64() == Some(s.into()))
+        && log
+            .ack
+            .is_none_or(|a| ev["tcp"]["ack"].as_u64() == Some(a.into()))
         && ev["reason"].as_str() == Some(log.reason.as_str())
 }
