@@ -263,6 +263,15 @@ fn real_retransmits(ctx: &Ctx) -> Result<()> {
             .0
             .push("netem caused no retransmits: the scenario proved nothing".into());
     }
+    // The kernel agrees with itself: every INVALID it counted was logged, so the log lines
+    // the tracer is matched against are complete.
+    let logged_invalid = obs.logs.len() - ignored;
+    let counted = obs.invalid_delta(topo.client.inode());
+    if logged_invalid as u64 != counted {
+        problems.0.push(format!(
+            "kernel counted {counted} INVALID but logged {logged_invalid}: the log oracle is incomplete"
+        ));
+    }
     verify::tracer_matches_kernel(&ctx.kernel, &topo, &obs, None, &mut problems);
     problems.into_result()
 }
