@@ -28,6 +28,9 @@ pub struct Frames {
     pub _pad: [u8; 3],
     /// The skb `nf_ct_resolve_clash` is deciding about (confirm does not nest: BH is off).
     pub clash_skb: u64,
+    /// The skb `nf_tcp_log_invalid` is logging for, until it returns: the generic logger it
+    /// calls with the same text must not report the packet a second time.
+    pub tcp_log_skb: u64,
     pub frame: [Frame; MAX_NEST],
 }
 

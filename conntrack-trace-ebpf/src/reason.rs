@@ -46,8 +46,11 @@ pub fn nf_l4proto_log_invalid(ctx: ProbeContext) -> u32 {
 fn record(ctx: &ProbeContext, conn: u64, state: u64, proto: u8, fmt_idx: u64) -> u32 {
     let skb = arg(ctx, 0);
     let fmt = arg(ctx, fmt_idx);
-    // "%pV" is a reason re-logged by the more specific logger that already ran for this packet.
-    if field::<[u8; 4]>(fmt, 0) == Some(*b"%pV\0") {
+    // The TCP logger re-logs through here ("%pV" on 6.1, its own text on the struct form):
+    // that packet is already reported.
+    if field::<[u8; 4]>(fmt, 0) == Some(*b"%pV\0")
+        || crate::frame::frames().is_some_and(|f| f.tcp_log_skb == skb && skb != 0)
+    {
         return 0;
     }
     let Some(f) = for_reason(skb, state) else {

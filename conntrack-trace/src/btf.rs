@@ -161,9 +161,14 @@ impl KernelBtf {
     /// Byte offset only, with the expected size checked so a changed type is caught here
     /// rather than read wrongly in the kernel.
     fn field(&self, root: &str, path: &str, size: usize) -> Result<u32> {
+        self.field_sized(root, path, &[size])
+    }
+
+    /// Like `field`, for a member whose width changed between kernels (read as its low bytes).
+    fn field_sized(&self, root: &str, path: &str, sizes: &[usize]) -> Result<u32> {
         let (off, got) = self.offset_of(root, path)?;
-        if got != size {
-            bail!("{root}.{path} is {got} bytes, expected {size}");
+        if !sizes.contains(&got) {
+            bail!("{root}.{path} is {got} bytes, expected {sizes:?}");
         }
         Ok(off)
     }
@@ -207,7 +212,8 @@ impl KernelBtf {
         o.skb_len = self.field("sk_buff", "len", 4)?;
         o.skb_dev = self.field("sk_buff", "dev", 8)?;
         o.skb_data = self.field("sk_buff", "data", 8)?;
-        o.state_hook = self.field("nf_hook_state", "hook", 1)?;
+        // `unsigned int hook` until 5.12, `u8` since: the low byte is the same on x86-64.
+        o.state_hook = self.field_sized("nf_hook_state", "hook", &[1, 4])?;
         o.state_pf = self.field("nf_hook_state", "pf", 1)?;
         o.state_in = self.field("nf_hook_state", "in", 8)?;
         o.state_out = self.field("nf_hook_state", "out", 8)?;
@@ -219,7 +225,7 @@ impl KernelBtf {
         o.net_tcp_be_liberal = optional(
             &mut notes,
             "per-netns tcp_be_liberal",
-            self.field("net", "ct.nf_ct_proto.tcp.tcp_be_liberal", 1),
+            self.field_sized("net", "ct.nf_ct_proto.tcp.tcp_be_liberal", &[1, 4]),
         );
         o.ct_status = optional(
             &mut notes,

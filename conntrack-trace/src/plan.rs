@@ -150,10 +150,12 @@ impl Plan {
             btf.func("nf_tcp_log_invalid"),
         ) {
             (Some(sym), Some(p)) if p.variadic => {
+                add("nf_tcp_log_invalid_ret", Flavor::KRetProbe, sym);
                 add("nf_tcp_log_invalid_variadic", Flavor::KProbe, sym);
                 WindowSource::LogVariadic
             }
             (Some(sym), Some(p)) if p.params.len() == 4 && offsets.log_type != u32::MAX => {
+                add("nf_tcp_log_invalid_ret", Flavor::KRetProbe, sym);
                 add("nf_tcp_log_invalid_struct", Flavor::KProbe, sym);
                 WindowSource::LogStruct
             }

@@ -40,6 +40,47 @@ pub fn decode(e: &ResetEvent, clock: &Clock) -> Reset {
     }
 }
 
+/// What an RST does to the connection it reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Its sequence number is exactly what the peer expects: the connection is reset.
+    Reset,
+    /// In the peer's window but not exact: the peer answers with a challenge ACK.
+    ChallengeAck,
+    /// Outside the peer's window: dropped, the connection survives.
+    Ignored,
+    /// Not decidable without the window state (no conntrack BTF, or no ACK on the segment).
+    Unknown,
+}
+
+impl Effect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Reset => "reset",
+            Effect::ChallengeAck => "challenge_ack",
+            Effect::Ignored => "ignored",
+            Effect::Unknown => "unknown",
+        }
+    }
+
+    pub fn sentence(self) -> &'static str {
+        match self {
+            Effect::Reset => {
+                "its sequence number is exactly what the sender expects: the connection is reset"
+            }
+            Effect::ChallengeAck => {
+                "its sequence number is in the sender's window but not exact: the sender answers with a challenge ACK and the connection survives"
+            }
+            Effect::Ignored => {
+                "its sequence number is outside the sender's window: it is dropped and the connection survives"
+            }
+            Effect::Unknown => {
+                "it may reset the connection (its sequence number cannot be checked without the window state)"
+            }
+        }
+    }
+}
+
 /// An address and port.
 pub type Addr = (IpAddr, u16);
 
@@ -54,6 +95,28 @@ pub struct Incident {
 }
 
 impl Incident {
+    /// What the RST does to the connection whose packet was INVALID. The kernel's RST for a
+    /// segment with ACK carries seq = that segment's ack; the segment's sender accepts an RST
+    /// only at exactly its rcv_nxt, which conntrack knows as the other side's `td_end`
+    /// (RFC 5961: in window but not exact gets a challenge ACK, outside is dropped).
+    pub fn effect(&self) -> Effect {
+        let (Some(tcp), Some(w)) = (&self.invalid.pkt.tcp, &self.invalid.window) else {
+            return Effect::Unknown;
+        };
+        if !tcp.flags.contains('A') {
+            return Effect::Unknown;
+        }
+        let rst_seq = tcp.ack;
+        let from_edge = rst_seq.wrapping_sub(w.receiver.end);
+        if from_edge == 0 {
+            Effect::Reset
+        } else if from_edge < w.sender.maxwin.max(1) {
+            Effect::ChallengeAck
+        } else {
+            Effect::Ignored
+        }
+    }
+
     /// (client, Service, backend) when the entry is DNAT'd.
     pub fn roles(&self) -> Option<(&Endpoints, Addr, Addr)> {
         let ct = self.ct.as_ref()?;
@@ -220,6 +283,44 @@ mod tests {
             c.reset(&rst(300, pkt("10.0.2.2", 8080, "10.0.1.2", 40000)))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn effect_follows_rfc5961() {
+        use crate::window;
+        use conntrack_trace_common::window::TcpWindow;
+        let w = |end, maxwin| TcpWindow {
+            end,
+            maxend: 0,
+            maxwin,
+            maxack: 0,
+            scale: 0,
+            flags: 0,
+            _pad: [0; 2],
+        };
+        let mut inv = invalid(1, pkt("10.0.2.2", 8080, "10.0.1.2", 40000));
+        let incident = |inv: &Record| Incident {
+            invalid: inv.clone(),
+            reset: rst(2, inv.pkt.clone()),
+            ct: None,
+        };
+        assert_eq!(incident(&inv).effect(), Effect::Unknown, "no window state");
+        inv.pkt.tcp.as_mut().unwrap().flags = "PA".into();
+        for (ack, want) in [
+            (5000, Effect::Reset),
+            (5100, Effect::ChallengeAck),
+            (5000 + (1 << 28), Effect::Ignored),
+        ] {
+            inv.pkt.tcp.as_mut().unwrap().ack = ack;
+            inv.window = Some(window::Explained {
+                sender: w(1, 65535),
+                receiver: w(5000, 65535),
+                bound: None,
+                excess: None,
+                text: String::new(),
+            });
+            assert_eq!(incident(&inv).effect(), want, "ack {ack}");
+        }
     }
 
     #[test]

@@ -291,6 +291,8 @@ struct IncidentLine<'a> {
     ct: Option<Ct<'a>>,
     invalid: Event<'a>,
     reset: ResetLine<'a>,
+    /// `reset`, `challenge_ack`, `ignored` or `unknown`: what the RST does to the connection.
+    effect: &'static str,
     explain: String,
 }
 
@@ -329,6 +331,7 @@ impl<W: Write> Output for Json<W> {
             }),
             invalid: event_of(&i.invalid),
             reset: reset_of(&i.reset),
+            effect: i.effect().as_str(),
             explain: super::incident_story(i),
         })
     }

@@ -40,7 +40,7 @@ pub fn incident_story(i: &Incident) -> String {
     };
     format!(
         "{head}segment {} > {} was INVALID ({}) in netns {}, so it was not NATed; netns {} had no \
-         socket for it and answered RST {} > {}, which resets the real connection",
+         socket for it and answered RST {} > {}: {}",
         ep(inv.pkt.saddr, inv.pkt.sport),
         ep(inv.pkt.daddr, inv.pkt.dport),
         inv.reason_code(),
@@ -48,6 +48,7 @@ pub fn incident_story(i: &Incident) -> String {
         i.reset.netns.map_or("?".into(), |n| n.to_string()),
         ep(trig.daddr, trig.dport),
         ep(trig.saddr, trig.sport),
+        i.effect().sentence(),
     )
 }
 
