@@ -154,7 +154,6 @@ pub fn fetch(kernel: &Kernel) -> Result<Unpacked> {
     let marker = root.join(".unpacked-sha256");
     if fs::read_to_string(&marker).ok().as_deref() != Some(kernel.sha256) {
         let _ = fs::remove_dir_all(&root);
-        let _ = fs::remove_dir_all(dir.join("work"));
         run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
         fs::write(&marker, kernel.sha256)?;
     }
@@ -173,7 +172,19 @@ pub fn fetch(kernel: &Kernel) -> Result<Unpacked> {
         .and_then(|n| n.to_str())
         .expect("checked above")["vmlinuz-".len()..]
         .to_string();
-    let work = dir.join("work");
+    // One work dir (decompressed modules, initrd) per xtask process: two runs of the same
+    // kernel at once must not boot each other's half-written initramfs. Dirs of processes
+    // that are gone are removed.
+    for e in fs::read_dir(&dir)?.flatten() {
+        let name = e.file_name();
+        if let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("work-"))
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    let _ = fs::remove_dir_all(dir.join("work"));
+    let work = dir.join(format!("work-{}", std::process::id()));
     fs::create_dir_all(&work)?;
     Ok(Unpacked {
         root,
