@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use btf_rs::{Btf, BtfType as _, Type};
+use btf_rs::{Backend, Btf, BtfType as _, Type};
 use conntrack_trace_common::{ct::TUPLE_SIZE, offsets::Offsets};
 
 pub struct KernelBtf {
@@ -39,8 +39,12 @@ impl KernelBtf {
                 vmlinux.display()
             );
         }
-        let base =
-            Btf::from_file(&vmlinux).with_context(|| format!("parsing {}", vmlinux.display()))?;
+        // Mapped, not parsed up front: the full parse of vmlinux BTF costs ~40 MiB and seconds
+        // under emulation, for the few dozen lookups the plan needs. Kernels whose sysfs file
+        // cannot be mapped get the parsed form.
+        let base = Btf::from_file_with_backend(&vmlinux, Backend::Mmap)
+            .or_else(|_| Btf::from_file(&vmlinux))
+            .with_context(|| format!("parsing {}", vmlinux.display()))?;
         let module = dir.join("nf_conntrack");
         if module.exists() {
             let btf = Btf::from_split_file(&module, &base)

@@ -9,7 +9,12 @@ use aya::{
     programs::{FExit, KProbe, ProgramError, TracePoint},
 };
 
-use crate::{ebpf, plan::Plan, privs, symbols::Symbols};
+use crate::{
+    ebpf,
+    plan::{self, Plan},
+    privs,
+    symbols::Symbols,
+};
 
 /// Functions whose presence decides the attach plan, with what each gives.
 const ATTACH_POINTS: &[(&str, &str)] = &[
@@ -49,7 +54,7 @@ pub enum Outcome {
 pub fn run(out: &mut impl Write) -> Result<bool> {
     privs::check()?;
     let (plan, btf) = Plan::for_running_kernel(false)?;
-    let syms = Symbols::from_proc()?;
+    let syms = Symbols::from_proc(plan::KERNEL_FUNCTIONS)?;
     writeln!(out, "kernel {}", plan.release)?;
     writeln!(out, "BTF: conntrack types {:?}", btf.conntrack_source)?;
 

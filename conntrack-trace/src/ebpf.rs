@@ -14,6 +14,9 @@ pub static OBJECT: &[u8] =
 /// Creates the maps and relocates the programs; nothing is loaded into the verifier yet.
 pub fn open(plan: &Plan, ring_bytes: u32, filter: &Filter) -> Result<Ebpf> {
     EbpfLoader::new()
+        // No CO-RE relocations to apply (offsets come in as globals): skip aya's own parse of
+        // the kernel BTF, which would double start-up time and memory.
+        .btf(None)
         .override_global("OFFSETS", &plan.offsets, true)
         .override_global("LOG_ARGS", &plan.log_args, true)
         .override_global("MODE", &plan.mode, true)

@@ -11,6 +11,19 @@ use crate::{
     symbols::Symbols,
 };
 
+/// Every kernel function the plan may attach to or decide by.
+pub const KERNEL_FUNCTIONS: &[&str] = &[
+    "nf_conntrack_in",
+    "tcp_in_window",
+    "nf_tcp_log_invalid",
+    "nf_ct_l4proto_log_invalid",
+    "nf_l4proto_log_invalid",
+    "early_drop",
+    "nf_ct_resolve_clash",
+    "tcp_v4_send_reset",
+    "tcp_v6_send_reset",
+];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavor {
     KProbe,
@@ -75,7 +88,7 @@ impl Plan {
             .unwrap_or_default()
             .trim()
             .to_string();
-        let syms = Symbols::from_proc()?;
+        let syms = Symbols::from_proc(KERNEL_FUNCTIONS)?;
         let btf = KernelBtf::from_sys()?;
         let tp = tracefs()
             .and_then(|t| std::fs::read_to_string(t.join("events/tcp/tcp_send_reset/format")).ok());
@@ -424,7 +437,7 @@ mod tests {
     #[test]
     fn missing_conntrack_is_explained() {
         let btf = KernelBtf::from_sys().unwrap();
-        let syms = Symbols::parse("ffffffff81000000 T tcp_v4_rcv\n");
+        let syms = Symbols::parse(["ffffffff81000000 T tcp_v4_rcv"], KERNEL_FUNCTIONS);
         let err = Plan::new("6.1.0-1-amd64", &syms, &btf, None, false)
             .unwrap_err()
             .to_string();

@@ -1,6 +1,9 @@
 //! `/proc/kallsyms`: which kernel functions exist as attachable symbols on this kernel.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader},
+};
 
 use anyhow::{Context as _, Result};
 
@@ -12,15 +15,19 @@ pub struct Symbols {
 }
 
 impl Symbols {
-    pub fn from_proc() -> Result<Self> {
-        let text = std::fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
-        Ok(Self::parse(&text))
+    /// The `wanted` functions of the running kernel. kallsyms has ~10^5 lines: it is streamed
+    /// and only the wanted names are kept.
+    pub fn from_proc(wanted: &[&str]) -> Result<Self> {
+        let f = std::fs::File::open("/proc/kallsyms").context("reading /proc/kallsyms")?;
+        let lines = BufReader::new(f).lines().map_while(Result::ok);
+        Ok(Self::parse(lines, wanted))
     }
 
-    pub fn parse(text: &str) -> Self {
+    pub fn parse<S: AsRef<str>>(lines: impl IntoIterator<Item = S>, wanted: &[&str]) -> Self {
         let mut names = HashMap::new();
         let mut modules = HashMap::new();
-        for line in text.lines() {
+        for line in lines {
+            let line = line.as_ref();
             let mut it = line.split_whitespace();
             let (Some(_addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
                 continue;
@@ -34,6 +41,9 @@ impl Symbols {
                 continue;
             }
             let base = name.split('.').next().unwrap_or(name);
+            if !wanted.contains(&base) {
+                continue;
+            }
             // Prefer the exact name when both exist.
             if base == name || !names.contains_key(base) {
                 names.insert(base.to_string(), name.to_string());
@@ -66,7 +76,20 @@ mod tests {
              ffffffff81f910e0 T nf_conntrack_in\n\
              ffffffffc0a01000 t tcp_in_window.isra.0\t[nf_conntrack]\n\
              ffffffffc0a02000 t nf_tcp_log_invalid.cold\t[nf_conntrack]\n\
-             ffffffff82000000 D some_data\n",
+             ffffffff82000000 D some_data\n\
+             ffffffff82000010 T unwanted_function\n"
+                .lines(),
+            &[
+                "nf_conntrack_in",
+                "tcp_in_window",
+                "nf_tcp_log_invalid",
+                "some_data",
+            ],
+        );
+        assert_eq!(
+            s.find("unwanted_function"),
+            None,
+            "only wanted names are kept"
         );
         assert_eq!(s.find("nf_conntrack_in"), Some("nf_conntrack_in"));
         assert_eq!(s.find("tcp_in_window"), Some("tcp_in_window.isra.0"));
