@@ -43,12 +43,22 @@ impl Counters {
 /// the stacks did (timeouts, fast retransmits, old duplicates received), which conntrack's
 /// verdicts are then compared against.
 pub fn tcp_ext(ns: &Netns) -> Result<HashMap<String, u64>> {
-    let text = ns.read_proc_net("netstat")?;
-    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    stack_counters(ns, "netstat", "TcpExt:")
+}
+
+/// The TCP MIB (`Tcp:` lines of `/proc/net/snmp`): `OutRsts` counts the RSTs a stack sent.
+pub fn tcp_mib(ns: &Netns) -> Result<HashMap<String, u64>> {
+    stack_counters(ns, "snmp", "Tcp:")
+}
+
+/// A `Prefix: names...` line followed by a `Prefix: values...` line.
+fn stack_counters(ns: &Netns, file: &str, prefix: &str) -> Result<HashMap<String, u64>> {
+    let text = ns.read_proc_net(file)?;
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
     let (names, values) = lines
         .next()
         .zip(lines.next())
-        .context("no TcpExt lines in netstat")?;
+        .with_context(|| format!("no {prefix} lines in {file}"))?;
     Ok(names
         .split_whitespace()
         .zip(values.split_whitespace())

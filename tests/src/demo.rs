@@ -13,13 +13,18 @@ use crate::connection::Flow;
 use crate::inject::RawSender;
 use crate::kernel::Kernel;
 use crate::scenarios::{self, BULK};
-use crate::topology::{Topology, WEB};
+use crate::topology::{Nat, Topology, WEB};
 use crate::tracer::Tracer;
 
 pub fn run() -> Result<()> {
     let kernel = Kernel::detect()?;
     say(&kernel.describe());
-    let topo = Topology::build("demo", false)?;
+    let topo = Topology::build(
+        "demo",
+        Nat::Client {
+            drop_invalid: false,
+        },
+    )?;
     let mut flow = Flow::open(&topo, WEB)?;
     say(&format!(
         "client {} -> Service {} -> DNAT -> backend {} (client netns {}, conntrack lives there)",

@@ -30,8 +30,8 @@ impl Kmsg {
         Ok(Kmsg { file })
     }
 
-    /// Every conntrack log line recorded since the last call (non-blocking).
-    pub fn read_new(&mut self) -> Result<Vec<CtLog>> {
+    /// Every message logged since the last call (non-blocking), without the record header.
+    pub fn read_new(&mut self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         // One read() returns exactly one record; 8 KiB is the kernel's record limit.
         let mut buf = vec![0u8; 8192];
@@ -40,11 +40,8 @@ impl Kmsg {
                 Ok(0) => break,
                 Ok(n) => {
                     let record = String::from_utf8_lossy(&buf[..n]);
-                    if let Some(log) = record
-                        .split_once(';')
-                        .and_then(|(_, msg)| CtLog::parse(msg))
-                    {
-                        out.push(log);
+                    if let Some((_, msg)) = record.split_once(';') {
+                        out.push(msg.trim_end().to_string());
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,

@@ -14,12 +14,15 @@
 mod connection;
 mod counters;
 mod demo;
+mod evidence;
 mod inject;
 mod kernel;
 mod kmsg;
+mod kube;
 mod netns;
 mod observe;
 mod scenarios;
+mod table_full;
 mod tools;
 mod topology;
 mod tracer;

@@ -136,6 +136,15 @@ impl Netns {
             .with_context(|| format!("[{}] sysctl {key}={value}", self.name))
     }
 
+    /// Reads a per-namespace sysctl, trimmed.
+    pub fn read_sysctl(&self, key: &str) -> Result<String> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = self
+            .run(|| std::fs::read_to_string(&path))?
+            .with_context(|| format!("[{}] read sysctl {key}", self.name))?;
+        Ok(value.trim().to_string())
+    }
+
     /// Reads a file under `/proc/thread-self/net/` as seen from inside this namespace.
     pub fn read_proc_net(&self, file: &str) -> Result<String> {
         let path = format!("/proc/thread-self/net/{file}");

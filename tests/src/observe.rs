@@ -22,9 +22,11 @@ pub struct Observer<'a> {
     topo: &'a Topology,
     tracer: Option<Tracer>,
     tracer_error: Option<String>,
+    exact: bool,
     kmsg: Kmsg,
     before: Vec<Counters>,
     logs: Vec<CtLog>,
+    messages: Vec<String>,
 }
 
 pub struct Observation {
@@ -32,10 +34,14 @@ pub struct Observation {
     pub after: Vec<Counters>,
     /// Conntrack log lines about our test addresses.
     pub logs: Vec<CtLog>,
+    /// Other kernel messages of netfilter conntrack ("nf_conntrack: table full, ...").
+    pub messages: Vec<String>,
     /// `None` in oracle-only mode (no tracer run) or when it failed to start.
     pub trace: Option<Trace>,
     /// Why the tracer did not run although it should have.
     pub tracer_error: Option<String>,
+    /// The tracer ran with `--exact`: it also reports INVALIDs the kernel does not log.
+    pub exact: bool,
 }
 
 impl<'a> Observer<'a> {
@@ -43,6 +49,7 @@ impl<'a> Observer<'a> {
     /// cannot attach kprobes). A tracer that fails to start fails the scenario later, but
     /// the scenario still runs so its kernel-side checks show whether the rest is sound.
     pub fn start(topo: &'a Topology, tracer_args: Option<&[String]>) -> Result<Observer<'a>> {
+        let exact = tracer_args.is_some_and(|a| a.iter().any(|a| a == "--exact"));
         let (tracer, tracer_error) = match tracer_args.map(Tracer::start_json) {
             None => (None, None),
             Some(Ok(t)) => (Some(t), None),
@@ -54,9 +61,11 @@ impl<'a> Observer<'a> {
             topo,
             tracer,
             tracer_error,
+            exact,
             kmsg,
             before,
             logs: Vec::new(),
+            messages: Vec::new(),
         })
     }
 
@@ -73,51 +82,67 @@ impl<'a> Observer<'a> {
     }
 
     fn poll_logs(&mut self) -> Result<()> {
-        let new = self.kmsg.read_new()?;
-        self.logs.extend(new.into_iter().filter(is_ours));
+        for msg in self.kmsg.read_new()? {
+            match CtLog::parse(&msg) {
+                Some(log) if is_ours(&log) => self.logs.push(log),
+                Some(_) => {}
+                None if msg.contains("nf_conntrack") => self.messages.push(msg),
+                None => {}
+            }
+        }
         Ok(())
     }
 
-    /// Ends the window. `expected_events` says how many tracer events (invalid + ignored)
-    /// the kernel log implies, so we wait for the tracer to catch up before stopping it.
-    pub fn finish(mut self, expected_events: impl Fn(&[CtLog]) -> usize) -> Result<Observation> {
+    /// Ends the window. `expected_events` says, from the kernel's side of the window, how
+    /// many tracer events (invalid + ignored + drop) to wait for before stopping the tracer.
+    pub fn finish(
+        mut self,
+        expected_events: impl Fn(&Observation) -> usize,
+    ) -> Result<Observation> {
         self.poll_logs()?;
         let after = self.topo.counters()?;
-        let trace = match self.tracer.take() {
-            Some(tracer) => {
-                let want = expected_events(&self.logs);
-                let caught_up = tracer.wait_for(SETTLE_TIMEOUT, |evs| verdicts(evs) >= want);
-                if !caught_up {
-                    println!(
-                        "observe: tracer reported {} of {want} expected events before stop",
-                        verdicts(&tracer.events())
-                    );
-                }
-                Some(tracer.stop()?)
-            }
-            None => None,
+        let mut obs = Observation {
+            before: std::mem::take(&mut self.before),
+            after,
+            logs: self.logs.clone(),
+            messages: Vec::new(),
+            trace: None,
+            tracer_error: self.tracer_error.take(),
+            exact: self.exact,
         };
+        if let Some(tracer) = self.tracer.take() {
+            let want = expected_events(&obs);
+            let caught_up = tracer.wait_for(SETTLE_TIMEOUT, |evs| verdicts(evs) >= want);
+            if !caught_up {
+                println!(
+                    "observe: tracer reported {} of {want} expected events before stop",
+                    verdicts(&tracer.events())
+                );
+            }
+            obs.trace = Some(tracer.stop()?);
+        }
+        // Lines the kernel printed while the tracer drained still belong to the window.
         self.poll_logs()?;
-        for log in &self.logs {
+        obs.logs = self.logs;
+        obs.messages = self.messages;
+        for log in &obs.logs {
             println!("kmsg: {}", log.summary());
         }
-        for (b, a) in self.before.iter().zip(&after) {
+        for msg in &obs.messages {
+            println!("kmsg: {msg}");
+        }
+        for (b, a) in obs.before.iter().zip(&obs.after) {
             println!(
-                "counters[{}]: invalid +{} ignore +{} drop +{} error +{}",
+                "counters[{}]: invalid +{} ignore +{} drop +{} early_drop +{} error +{}",
                 a.netns,
                 a.delta(b, "invalid"),
                 a.delta(b, "ignore"),
                 a.delta(b, "drop"),
+                a.delta(b, "early_drop"),
                 a.delta(b, "icmp_error")
             );
         }
-        Ok(Observation {
-            before: self.before,
-            after,
-            logs: self.logs,
-            trace,
-            tracer_error: self.tracer_error,
-        })
+        Ok(obs)
     }
 }
 
@@ -127,21 +152,36 @@ fn is_ours(log: &CtLog) -> bool {
     test_net(log.src) || test_net(log.dst)
 }
 
+/// Per-packet events: verdicts and drops (not resets, incidents or the summary).
 fn verdicts(events: &[Value]) -> usize {
     events
         .iter()
-        .filter(|e| e["event"] == "invalid" || e["event"] == "ignored")
+        .filter(|e| matches!(e["event"].as_str(), Some("invalid" | "ignored" | "drop")))
         .count()
 }
 
 impl Observation {
-    /// `invalid` counter growth in the namespace with this inode.
-    pub fn invalid_delta(&self, inode: u64) -> u64 {
+    /// Growth of counter `column` in the namespace with this inode.
+    pub fn delta(&self, inode: u64, column: &str) -> u64 {
         self.before
             .iter()
             .zip(&self.after)
             .find(|(_, a)| a.inode == inode)
-            .map(|(b, a)| a.delta(b, "invalid"))
+            .map(|(b, a)| a.delta(b, column))
             .unwrap_or(0)
+    }
+
+    /// `invalid` counter growth in the namespace with this inode.
+    pub fn invalid_delta(&self, inode: u64) -> u64 {
+        self.delta(inode, "invalid")
+    }
+
+    /// The tracer's events of one kind (`invalid`, `incident`, ...).
+    pub fn events(&self, kind: &str) -> Vec<&Value> {
+        self.trace
+            .iter()
+            .flat_map(|t| &t.events)
+            .filter(|e| e["event"] == kind)
+            .collect()
     }
 }

@@ -8,12 +8,17 @@ use anyhow::{Context, Result};
 
 use crate::connection::{Flow, Seqs};
 use crate::counters;
+use crate::evidence;
 use crate::inject::{ACK, PSH, Packet, RST, RawSender, SYN, Transport};
 use crate::kernel::Kernel;
-use crate::kmsg::CtLog;
 use crate::observe::{Observation, Observer};
 use crate::tools;
-use crate::topology::{API, CLIENT_IP, SERVER_IP, Service, Topology, WEB, WIRE_TO_CLIENT_IF};
+use crate::topology::{API, CLIENT_IP, Nat, SERVER_IP, Service, Topology, WEB, WIRE_TO_CLIENT_IF};
+use crate::{kube, table_full};
+
+/// The suite's usual topology: Service DNAT in the client namespace, with kube-proxy's
+/// INVALID drop rule so that injected segments never reset the connection under test.
+const DROP_INVALID: Nat = Nat::Client { drop_invalid: true };
 use crate::verify::{self, Expected, Problems, Verdict};
 
 pub struct Ctx {
@@ -23,7 +28,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn tracer_args<'a>(&self, args: &'a [String]) -> Option<&'a [String]> {
+    pub fn tracer_args<'a>(&self, args: &'a [String]) -> Option<&'a [String]> {
         self.with_tracer.then_some(args)
     }
 }
@@ -32,10 +37,14 @@ pub type Scenario = fn(&Ctx) -> Result<()>;
 
 pub const ALL: &[(&str, Scenario)] = &[
     ("tcp-window", tcp_window),
+    ("tcp-window-exact", tcp_window_exact),
     ("tcp-bad-packets", tcp_bad_packets),
     ("udp-bad-packets", udp_bad_packets),
     ("real-retransmits", real_retransmits),
     ("port-filter", port_filter),
+    ("kube-proxy-incident", kube::kube_proxy_incident),
+    // Last: it lowers the global nf_conntrack_max (restored when it ends).
+    ("table-full", table_full::table_full),
 ];
 
 /// Far beyond any window this connection can have (max is 1 GiB with scale 14, ours is
@@ -83,9 +92,21 @@ pub fn old_retransmit(flow: &Flow, old: Seqs, now: Seqs) -> Packet {
 
 /// Out-of-window segments on a live DNAT'd connection: SEQ over (INVALID), ACK over
 /// (INVALID), old retransmit below the window (IGNORE on 6.1+, INVALID before). With
-/// kube-proxy's INVALID drop rule the connection must survive all three.
+/// kube-proxy's INVALID drop rule the connection must survive all three. The tracer also
+/// writes `--pcap` and `--record` files, checked against the same expectations, and the
+/// recording goes to the host as a fixture.
 fn tcp_window(ctx: &Ctx) -> Result<()> {
-    let topo = Topology::build("win", true)?;
+    tcp_window_in(ctx, "tcp-window", &[])
+}
+
+/// The same with `--exact`: the verdict now comes from the nf_conntrack_in probe instead of
+/// the loggers, and must be the same, packet for packet and against the counters.
+fn tcp_window_exact(ctx: &Ctx) -> Result<()> {
+    tcp_window_in(ctx, "tcp-window-exact", &["--exact"])
+}
+
+fn tcp_window_in(ctx: &Ctx, name: &str, mode: &[&str]) -> Result<()> {
+    let topo = Topology::build("win", DROP_INVALID)?;
     let mut flow = Flow::open(&topo, WEB)?;
     flow.exchange(1000)?;
     let old = flow.seqs()?;
@@ -119,22 +140,35 @@ fn tcp_window(ctx: &Ctx) -> Result<()> {
             under,
         ),
     ];
-    let obs = inject(ctx, &topo, None, &expected)?;
+    let (pcap, record) = (evidence::pcap_path(name), evidence::record_path(name));
+    let mut args: Vec<String> = mode.iter().map(|a| a.to_string()).collect();
+    args.extend([
+        "--pcap".into(),
+        pcap.clone(),
+        "--record".into(),
+        record.clone(),
+    ]);
+    let obs = inject(ctx, &topo, &args, None, &expected)?;
     let alive = flow.exchange(100);
     let mut problems = Problems::default();
     if let Err(e) = alive {
-        problems
-            .0
-            .push(format!("connection did not survive the injections: {e:#}"));
+        problems.add(format!("connection did not survive the injections: {e:#}"));
     }
     check_injections(ctx, &topo, &obs, &expected, &mut problems);
+    if obs.trace.is_some() {
+        evidence::check_pcap(&pcap, &obs, &expected, &mut problems);
+        evidence::check_replay(&record, &obs, &mut problems);
+        if let Err(e) = evidence::print_fixture(&ctx.kernel, name, &record) {
+            problems.add(format!("fixture: {e:#}"));
+        }
+    }
     problems.into_result()
 }
 
 /// Malformed TCP on the live connection: SYN+RST, a bad checksum (PRE_ROUTING with
 /// nf_conntrack_checksum=1), a header that claims more bytes than the packet has.
 fn tcp_bad_packets(ctx: &Ctx) -> Result<()> {
-    let topo = Topology::build("badtcp", true)?;
+    let topo = Topology::build("badtcp", DROP_INVALID)?;
     let mut flow = Flow::open(&topo, WEB)?;
     flow.exchange(1000)?;
     let now = flow.seqs()?;
@@ -167,12 +201,10 @@ fn tcp_bad_packets(ctx: &Ctx) -> Result<()> {
             "truncated packet",
         ),
     ];
-    let obs = inject(ctx, &topo, None, &expected)?;
+    let obs = inject(ctx, &topo, &[], None, &expected)?;
     let mut problems = Problems::default();
     if let Err(e) = flow.exchange(100) {
-        problems
-            .0
-            .push(format!("connection did not survive the injections: {e:#}"));
+        problems.add(format!("connection did not survive the injections: {e:#}"));
     }
     check_injections(ctx, &topo, &obs, &expected, &mut problems);
     problems.into_result()
@@ -180,7 +212,7 @@ fn tcp_bad_packets(ctx: &Ctx) -> Result<()> {
 
 /// Malformed UDP: a length field longer than the datagram, and a bad checksum.
 fn udp_bad_packets(ctx: &Ctx) -> Result<()> {
-    let topo = Topology::build("badudp", true)?;
+    let topo = Topology::build("badudp", DROP_INVALID)?;
     let mut truncated = Packet::udp(
         SocketAddrV4::new(SERVER_IP, 5353),
         SocketAddrV4::new(CLIENT_IP, 5353),
@@ -204,7 +236,7 @@ fn udp_bad_packets(ctx: &Ctx) -> Result<()> {
         ),
         plain("bad UDP checksum", bad_csum, "udp_*", "bad checksum"),
     ];
-    let obs = inject(ctx, &topo, None, &expected)?;
+    let obs = inject(ctx, &topo, &[], None, &expected)?;
     let mut problems = Problems::default();
     check_injections(ctx, &topo, &obs, &expected, &mut problems);
     problems.into_result()
@@ -216,7 +248,7 @@ fn udp_bad_packets(ctx: &Ctx) -> Result<()> {
 /// the stream has moved on by more than a window. No expectation is made up for what
 /// conntrack does with them: the tracer must agree with the kernel's log and counters.
 fn real_retransmits(ctx: &Ctx) -> Result<()> {
-    let topo = Topology::build("rtx", true)?;
+    let topo = Topology::build("rtx", DROP_INVALID)?;
     let mut flow = Flow::open(&topo, WEB)?;
     flow.exchange(1000)?;
     let retrans_before = flow.server_retransmits()?;
@@ -229,7 +261,7 @@ fn real_retransmits(ctx: &Ctx) -> Result<()> {
     flow.exchange(100).context("connection after netem")?;
     let retransmits = flow.server_retransmits()? - retrans_before;
     observer.wait_logs(0)?;
-    let obs = observer.finish(|logs| logs.len())?;
+    let obs = observer.finish(|o| o.logs.len())?;
 
     let stacks_after = [
         counters::tcp_ext(&topo.server)?,
@@ -259,16 +291,14 @@ fn real_retransmits(ctx: &Ctx) -> Result<()> {
     );
     let mut problems = Problems::default();
     if retransmits == 0 {
-        problems
-            .0
-            .push("netem caused no retransmits: the scenario proved nothing".into());
+        problems.add("netem caused no retransmits: the scenario proved nothing".into());
     }
     // The kernel agrees with itself: every INVALID it counted was logged, so the log lines
     // the tracer is matched against are complete.
     let logged_invalid = obs.logs.len() - ignored;
     let counted = obs.invalid_delta(topo.client.inode());
     if logged_invalid as u64 != counted {
-        problems.0.push(format!(
+        problems.add(format!(
             "kernel counted {counted} INVALID but logged {logged_invalid}: the log oracle is incomplete"
         ));
     }
@@ -314,7 +344,7 @@ pub fn netem_transfer(topo: &Topology, flow: &mut Flow) -> Result<()> {
 /// `--port 9090`: of two identical out-of-window segments, one on the 8080 backend's
 /// connection and one on the 9090 backend's, only the latter may be reported.
 fn port_filter(ctx: &Ctx) -> Result<()> {
-    let topo = Topology::build("filter", true)?;
+    let topo = Topology::build("filter", DROP_INVALID)?;
     let mut web = Flow::open(&topo, WEB)?;
     let mut api = Flow::open(&topo, API)?;
     web.exchange(1000)?;
@@ -335,7 +365,8 @@ fn port_filter(ctx: &Ctx) -> Result<()> {
         Verdict::Invalid,
     );
     let expected = [hidden, shown];
-    let obs = inject(ctx, &topo, Some(port), &expected)?;
+    let args = ["--port".to_string(), port.to_string()];
+    let obs = inject(ctx, &topo, &args, Some(port), &expected)?;
 
     let mut problems = Problems::default();
     verify::kernel_saw_injections(&topo, &obs, &expected, &mut problems);
@@ -344,7 +375,7 @@ fn port_filter(ctx: &Ctx) -> Result<()> {
     problems.into_result()
 }
 
-fn window(
+pub fn window(
     what: &'static str,
     packet: Packet,
     code: &'static str,
@@ -375,19 +406,18 @@ fn plain(what: &'static str, packet: Packet, code: &'static str, text: &'static 
     }
 }
 
-/// Sends the packets from the backend's namespace (they enter the client namespace through
-/// PRE_ROUTING) inside one observation window; `port` runs the tracer with `--port`.
+/// Sends the packets from the backend's namespace (they enter the conntrack namespace
+/// through PRE_ROUTING) inside one observation window with the tracer running with `args`;
+/// `port` is the `--port` filter among them, if any, to which the kernel's lines are held.
 fn inject(
     ctx: &Ctx,
     topo: &Topology,
+    args: &[String],
     port: Option<u16>,
     expected: &[Expected],
 ) -> Result<Observation> {
     let sender = RawSender::open(&topo.server)?;
-    let args: Vec<String> = port
-        .map(|p| vec!["--port".to_string(), p.to_string()])
-        .unwrap_or_default();
-    let mut observer = Observer::start(topo, ctx.tracer_args(&args))?;
+    let mut observer = Observer::start(topo, ctx.tracer_args(args))?;
     for e in expected {
         println!("inject: {}: {}", e.what, e.packet.describe());
         sender.send(&e.packet)?;
@@ -395,8 +425,9 @@ fn inject(
         std::thread::sleep(Duration::from_millis(20));
     }
     observer.wait_logs(expected.len())?;
-    observer.finish(|logs: &[CtLog]| {
-        logs.iter()
+    observer.finish(|o| {
+        o.logs
+            .iter()
             .filter(|l| port.is_none_or(|p| l.involves_port(p)))
             .count()
     })

@@ -1,24 +1,31 @@
-//! The test network: client and backend namespaces joined through a plain router
-//! namespace ("wire"), with kube-proxy-style Service DNAT in the client namespace, where
-//! conntrack does its work.
+//! The test network: client and backend namespaces joined through a router namespace
+//! ("wire"), with kube-proxy-style Service DNAT either in the client namespace or on the
+//! router, which then plays the Kubernetes node.
 //!
 //! ```text
-//!  client netns (conntrack, DNAT)          wire netns (router)          server netns
+//!  client netns                            wire netns (router)          server netns
 //!  10.0.0.1 veth-client <---> wire-c 10.0.0.254 | 10.0.1.254 wire-s <---> veth-server 10.0.1.2
-//!  connect(10.96.0.10:80) --nat OUTPUT DNAT--> 10.0.1.2:8080                 listener :8080
-//!  connect(10.96.0.11:80) --nat OUTPUT DNAT--> 10.0.1.2:9090                 listener :9090
+//!  connect(10.96.0.10:80) --DNAT--> 10.0.1.2:8080                               listener :8080
+//!  connect(10.96.0.11:80) --DNAT--> 10.0.1.2:9090                               listener :9090
 //! ```
 //!
-//! Forged segments are sent from the server namespace, so they enter the client namespace
-//! through PRE_ROUTING, the hook where conntrack also verifies checksums — exactly where a
-//! backend's late retransmit meets the node's conntrack in the kube-proxy incident.
+//! `Nat::Client`: the DNAT is in the client's nat OUTPUT, so conntrack works in the client
+//! namespace (a pod talking to a Service on its own node). `Nat::Node`: the DNAT is in the
+//! wire's nat PREROUTING, so conntrack works on the router, the client namespace has no
+//! conntrack at all, and an INVALID segment is forwarded un-NATed to a client stack that
+//! has no socket for it (a client behind a node that routes to the backend).
 //!
-//! The router exists for netem: TCP does not retransmit a segment while the original is
-//! still queued on its own host ("TCPSpuriousRtxHostQueues"), and a segment only leaves
+//! Forged segments are sent from the server namespace, so they reach conntrack through
+//! PRE_ROUTING (where it also verifies checksums), exactly where a backend's late
+//! retransmit meets a node's conntrack in the kube-proxy incident.
+//!
+//! The router also exists for netem: TCP does not retransmit a segment while the original
+//! is still queued on its own host ("TCPSpuriousRtxHostQueues"), and a segment only leaves
 //! that state when an IP layer receives it. Delayed on the wire's egress, the original has
 //! left the backend, so the backend really retransmits and the original arrives late.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::{Child, Stdio};
 
 use anyhow::{Context, Result};
 
@@ -52,23 +59,39 @@ pub const API: Service = Service {
     backend: SocketAddrV4::new(SERVER_IP, 9090),
 };
 
+/// Where the Service DNAT, and with it conntrack, lives.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Nat {
+    /// nat OUTPUT of the client namespace. `drop_invalid` adds kube-proxy's own mitigation
+    /// (`--ctstate INVALID -j DROP` in INPUT): an INVALID segment is never DNAT-reversed, so
+    /// without the rule the client stack answers it with an RST that kills the connection.
+    Client { drop_invalid: bool },
+    /// nat PREROUTING of the wire namespace (the node), with no INVALID drop rule anywhere.
+    Node,
+}
+
 pub struct Topology {
     pub init: Netns,
     pub client: Netns,
     pub wire: Netns,
     pub server: Netns,
-    /// ifindex of `veth-client` inside the client netns (the tracer's `ifindex`).
-    pub client_ifindex: u64,
-    /// Init-netns sysctls changed for the log oracle, restored on drop.
+    pub nat: Nat,
+    /// ifindex, in the conntrack namespace, of the interface the backend's packets arrive on
+    /// (the tracer's `ifindex` for them).
+    pub from_server_ifindex: u64,
+    /// The same for packets from the client (only meaningful with `Nat::Node`: with
+    /// `Nat::Client` the client's own packets are locally generated).
+    pub from_client_ifindex: u64,
+    /// Init-netns sysctls changed by the topology or a scenario, restored on drop.
     restore: Vec<(String, String)>,
+    /// A process living in the conntrack namespace, as on any real node or pod. The tracer
+    /// finds namespaces through `/proc/<pid>/ns/net`: it reads their counters for its
+    /// summary and their conntrack table where the kernel gave it no entry (no module BTF).
+    resident: Child,
 }
 
 impl Topology {
-    /// `drop_invalid` installs kube-proxy's own mitigation (`--ctstate INVALID -j DROP` in
-    /// INPUT). The suite wants it: an INVALID segment is never DNAT-reversed, so without the
-    /// rule the client stack answers it with an RST that conntrack judges too and that kills
-    /// the live connection. The demo leaves it out to show exactly that.
-    pub fn build(tag: &str, drop_invalid: bool) -> Result<Topology> {
+    pub fn build(tag: &str, nat: Nat) -> Result<Topology> {
         let init = Netns::current("init")?;
         let client = Netns::create(&format!("{tag}-client"))?;
         let wire = Netns::create(&format!("{tag}-wire"))?;
@@ -125,10 +148,18 @@ impl Topology {
             &WIRE_SERVER_SIDE_IP.to_string(),
         ])?;
 
-        client.iptables(&["-t", "nat", "-N", "KUBE-SERVICES"])?;
-        client.iptables(&["-t", "nat", "-A", "OUTPUT", "-j", "KUBE-SERVICES"])?;
+        let ct = match nat {
+            Nat::Client { .. } => &client,
+            Nat::Node => &wire,
+        };
+        let entry_chain = match nat {
+            Nat::Client { .. } => "OUTPUT",
+            Nat::Node => "PREROUTING",
+        };
+        ct.iptables(&["-t", "nat", "-N", "KUBE-SERVICES"])?;
+        ct.iptables(&["-t", "nat", "-A", entry_chain, "-j", "KUBE-SERVICES"])?;
         for svc in [WEB, API] {
-            client.iptables(&[
+            ct.iptables(&[
                 "-t",
                 "nat",
                 "-A",
@@ -145,7 +176,7 @@ impl Topology {
                 &svc.backend.to_string(),
             ])?;
         }
-        if drop_invalid {
+        if nat == (Nat::Client { drop_invalid: true }) {
             client.iptables(&[
                 "-A",
                 "INPUT",
@@ -160,31 +191,55 @@ impl Topology {
 
         // The kernel's own log is an oracle: every INVALID/IGNORE reason, per packet, with
         // the same %u bound the tracer must report. 255 = log every protocol.
-        client.sysctl("net.netfilter.nf_conntrack_log_invalid", "255")?;
-        client.sysctl("net.netfilter.nf_log.2", "nf_log_ipv4")?;
-        client.sysctl("net.netfilter.nf_conntrack_checksum", "1")?;
-        let mut restore = Vec::new();
-        let key = "net.netfilter.nf_log_all_netns";
-        let old = std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/")))
-            .context("nf_log_all_netns (is nf_conntrack loaded?)")?;
-        init.sysctl(key, "1")?;
-        restore.push((key.to_string(), old.trim().to_string()));
+        ct.sysctl("net.netfilter.nf_conntrack_log_invalid", "255")?;
+        ct.sysctl("net.netfilter.nf_log.2", "nf_log_ipv4")?;
+        ct.sysctl("net.netfilter.nf_conntrack_checksum", "1")?;
+        let (from_server_ifindex, from_client_ifindex) = match nat {
+            Nat::Client { .. } => (ifindex(&client, CLIENT_IF)?, 0),
+            Nat::Node => (
+                ifindex(&wire, WIRE_TO_SERVER_IF)?,
+                ifindex(&wire, WIRE_TO_CLIENT_IF)?,
+            ),
+        };
 
-        let link = client.ip(&["-o", "link", "show", CLIENT_IF])?;
-        let client_ifindex = link
-            .split(':')
-            .next()
-            .and_then(|n| n.trim().parse().ok())
-            .with_context(|| format!("ifindex from {link:?}"))?;
-
-        Ok(Topology {
+        let resident = ct
+            .command("sleep")
+            .arg("3600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("spawn a resident process in the conntrack namespace")?;
+        let mut topo = Topology {
             init,
             client,
             wire,
             server,
-            client_ifindex,
-            restore,
-        })
+            nat,
+            from_server_ifindex,
+            from_client_ifindex,
+            restore: Vec::new(),
+            resident,
+        };
+        topo.set_global_sysctl("net.netfilter.nf_log_all_netns", "1")
+            .context("is nf_conntrack loaded?")?;
+        Ok(topo)
+    }
+
+    /// Sets a sysctl of the init namespace (global settings live there), restored when the
+    /// topology is dropped.
+    pub fn set_global_sysctl(&mut self, key: &str, value: &str) -> Result<()> {
+        let old = self.init.read_sysctl(key)?;
+        self.init.sysctl(key, value)?;
+        self.restore.push((key.to_string(), old));
+        Ok(())
+    }
+
+    /// The namespace whose conntrack judges the test traffic.
+    pub fn ct(&self) -> &Netns {
+        match self.nat {
+            Nat::Client { .. } => &self.client,
+            Nat::Node => &self.wire,
+        }
     }
 
     /// Our namespaces, in the order counters are reported.
@@ -201,9 +256,19 @@ impl Topology {
     }
 }
 
+fn ifindex(ns: &Netns, dev: &str) -> Result<u64> {
+    let link = ns.ip(&["-o", "link", "show", dev])?;
+    link.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("ifindex from {link:?}"))
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
-        for (key, value) in &self.restore {
+        let _ = self.resident.kill();
+        let _ = self.resident.wait();
+        for (key, value) in self.restore.iter().rev() {
             if let Err(e) = self.init.sysctl(key, value) {
                 println!("warning: could not restore {key}={value}: {e:#}");
             }
