@@ -1,7 +1,12 @@
 //! The kernel's own conntrack counters: `/proc/net/stat/nf_conntrack` (per CPU, hex, one
 //! file per network namespace) and the table fill. The tracer's ground truth.
 
-use std::{collections::BTreeMap, fs, path::Path};
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -89,38 +94,92 @@ impl Stats {
     }
 }
 
-/// One process per network namespace: netns inode -> pid.
-fn namespaces() -> BTreeMap<u64, u32> {
+/// A way into a network namespace.
+#[derive(Clone, Debug)]
+enum NsHandle {
+    /// A process living in it: its /proc/PID/net files are that namespace's.
+    Pid(u32),
+    /// A file that pins it (a namespace fd a process holds, a bind mount under /run/netns)
+    /// when no process lives in it: entered with setns(2) on a helper thread.
+    Pinned(PathBuf),
+}
+
+/// Every network namespace this machine has that can be reached: those processes live in,
+/// those pinned by an open fd, and those bind-mounted by `ip netns` / CNI plugins.
+fn namespaces() -> BTreeMap<u64, NsHandle> {
     let mut out = BTreeMap::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(meta) = fs::metadata(p.path().join("ns/net")) {
-            out.entry(std::os::unix::fs::MetadataExt::ino(&meta))
-                .or_insert(pid);
+    let ino = |p: &Path| fs::metadata(p).ok().map(|m| m.ino());
+    let procs: Vec<(u32, PathBuf)> = fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (pid, dir) in &procs {
+        if let Some(i) = ino(&dir.join("ns/net")) {
+            out.entry(i).or_insert(NsHandle::Pid(*pid));
+        }
+    }
+    let mut pinned: Vec<PathBuf> = Vec::new();
+    for dir in ["/run/netns", "/var/run/netns"] {
+        pinned.extend(
+            fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path()),
+        );
+    }
+    for (_, dir) in &procs {
+        for fd in fs::read_dir(dir.join("fd")).into_iter().flatten().flatten() {
+            if fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with("net:[")) {
+                pinned.push(fd.path());
+            }
+        }
+    }
+    for p in pinned {
+        if let Some(i) = ino(&p) {
+            out.entry(i).or_insert(NsHandle::Pinned(p));
         }
     }
     out
 }
 
-/// A process living in namespace `ino`, through which its /proc/PID/net files are read.
-pub fn pid_in_netns(ino: u64) -> Option<u32> {
-    namespaces().get(&ino).copied()
+/// Reads `/proc/net/<rel>` as seen from network namespace `ns`.
+fn read_in(ns: &NsHandle, rel: &str) -> Option<String> {
+    match ns {
+        NsHandle::Pid(pid) => fs::read_to_string(format!("/proc/{pid}/net/{rel}")).ok(),
+        NsHandle::Pinned(path) => {
+            let (path, rel) = (path.clone(), rel.to_string());
+            // setns changes only the calling thread's namespace: a thread that then exits.
+            std::thread::spawn(move || {
+                let f = fs::File::open(&path).ok()?;
+                // SAFETY: a valid namespace fd; CLONE_NEWNET checks it is a network namespace.
+                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return None;
+                }
+                fs::read_to_string(format!("/proc/thread-self/net/{rel}")).ok()
+            })
+            .join()
+            .ok()
+            .flatten()
+        }
+    }
 }
 
-/// Counters of every network namespace some process lives in, keyed by netns inode. The
-/// tracer sees all namespaces, so its totals compare against the sum of these.
+/// Reads `/proc/net/<rel>` in the network namespace with inode `ino`, if it can be reached.
+pub fn read_in_netns(ino: u64, rel: &str) -> Option<String> {
+    read_in(namespaces().get(&ino)?, rel)
+}
+
+/// Counters of every reachable network namespace, keyed by netns inode. The tracer sees all
+/// namespaces, so its totals compare against the sum of these.
 pub fn all_namespaces() -> BTreeMap<u64, Stats> {
     namespaces()
         .into_iter()
-        .filter_map(|(ino, pid)| {
-            Stats::read(Path::new(&format!("/proc/{pid}/net/stat/nf_conntrack")))
-                .ok()
-                .map(|s| (ino, s))
+        .filter_map(|(ino, ns)| {
+            Some((ino, Stats::parse(&read_in(&ns, "stat/nf_conntrack")?).ok()?))
         })
         .collect()
 }
@@ -179,5 +238,32 @@ mod tests {
             "{s:?}"
         );
         assert!(!all_namespaces().is_empty());
+    }
+
+    /// A namespace no process lives in, pinned only by an fd this test holds, is still read.
+    #[test]
+    fn reaches_namespaces_pinned_only_by_an_fd() {
+        let before = all_namespaces();
+        // unshare(CLONE_NEWNET) on a thread that then exits, keeping its ns as an open fd.
+        let pinned = std::thread::spawn(|| {
+            // SAFETY: affects only this short-lived thread.
+            assert_eq!(
+                unsafe { libc::unshare(libc::CLONE_NEWNET) },
+                0,
+                "needs root"
+            );
+            fs::File::open("/proc/thread-self/ns/net").unwrap()
+        })
+        .join()
+        .unwrap();
+        let ino = pinned.metadata().unwrap().ino();
+        assert!(!before.contains_key(&ino));
+        let after = all_namespaces();
+        let s = after.get(&ino).expect("the pinned namespace's counters");
+        assert_eq!(
+            s.get("invalid"),
+            Some(0),
+            "a fresh namespace counts nothing"
+        );
     }
 }

@@ -177,8 +177,7 @@ impl Correlator {
 fn lookup_entry(r: &Record) -> Option<Conntrack> {
     let ns = r.netns?;
     let (s, sp, d, dp) = r.pkt.tuple()?;
-    let pid = crate::counters::pid_in_netns(ns as u64)?;
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/nf_conntrack")).ok()?;
+    let table = crate::counters::read_in_netns(ns as u64, "nf_conntrack")?;
     table.lines().find_map(|line| {
         let ct = parse_proc_entry(line)?;
         let is = |e: &Endpoints| e.saddr == s && e.sport == sp && e.daddr == d && e.dport == dp;
