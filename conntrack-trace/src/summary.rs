@@ -30,9 +30,35 @@ pub struct Summary {
     /// Start-up: (reading kallsyms + BTF into the plan, launch to attached), in ms.
     pub startup_ms: Option<(f64, f64)>,
     pub peak_rss_kib: Option<u64>,
+    /// Whether a filter was set (then fewer events than the kernel counted is expected).
+    pub filtered: bool,
+    /// Cold mode: INVALIDs the kernel does not log are not seen.
+    pub cold: bool,
 }
 
 impl Summary {
+    /// INVALIDs the kernel counted that were not reported, and why, when that is a surprise.
+    pub fn missed(&self) -> Option<String> {
+        let counted = self.kernel.as_ref()?.get("invalid")?;
+        let missed = counted
+            .checked_sub(self.invalid + self.lost)
+            .filter(|&m| m > 0)?;
+        Some(if self.filtered {
+            format!(
+                "the kernel counted {missed} more INVALID packets than were reported; a filter is set"
+            )
+        } else if self.cold {
+            format!(
+                "the kernel counted {missed} more INVALID packets than it logged a reason for; \
+                 run with --exact to see those too"
+            )
+        } else {
+            format!(
+                "the kernel counted {missed} more INVALID packets than were reported (namespaces that came or went during the trace are not compared)"
+            )
+        })
+    }
+
     pub fn record(&mut self, r: &Record) {
         match r.verdict {
             Verdict::Invalid => self.invalid += 1,

@@ -235,6 +235,8 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         .count();
     summary.kernel = Some(counters::delta_common(&ns_before, &ns_after));
     summary.fill_end = counters::table_fill();
+    summary.filtered = opts.filter != Filter::any();
+    summary.cold = plan.mode == conntrack_trace_common::mode::COLD;
     match out.summary(&summary) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("writing the summary"),

@@ -149,6 +149,8 @@ struct SummaryLine<'a> {
     kernel: Option<&'a BTreeMap<String, u64>>,
     namespaces: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
+    missed: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     table_start: Option<Fill>,
     #[serde(skip_serializing_if = "Option::is_none")]
     table_end: Option<Fill>,
@@ -363,6 +365,7 @@ impl<W: Write> Output for Json<W> {
                 .collect(),
             kernel: s.kernel.as_ref().map(|k| &k.0),
             namespaces: s.namespaces,
+            missed: s.missed(),
             table_start: fill(s.fill_start),
             table_end: fill(s.fill_end),
             startup_btf_ms: s.startup_ms.map(|t| t.0),

@@ -250,6 +250,9 @@ impl<W: Write> Output for Text<W> {
                 g("clashres")
             )?;
         }
+        if let Some(m) = s.missed() {
+            writeln!(o, "NOTE: {m}")?;
+        }
         if let (Some((btf, attached)), Some(rss)) = (s.startup_ms, s.peak_rss_kib) {
             writeln!(
                 o,
