@@ -92,3 +92,28 @@ impl Summary {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_kernel(invalid: u64) -> Summary {
+        let mut s = Summary::default();
+        s.kernel = Some(Stats([("invalid".to_string(), invalid)].into_iter().collect()));
+        s
+    }
+
+    #[test]
+    fn missed_invalids_are_explained() {
+        let mut s = with_kernel(5);
+        s.invalid = 3;
+        s.lost = 2;
+        assert_eq!(s.missed(), None, "reported + lost covers the counter");
+        s.lost = 0;
+        s.cold = true;
+        assert!(s.missed().unwrap().contains("--exact"));
+        s.filtered = true;
+        assert!(s.missed().unwrap().contains("filter"));
+        assert_eq!(Summary::default().missed(), None, "no counters, nothing to compare");
+    }
+}
