@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::connection::Flow;
 use crate::inject::RawSender;
@@ -73,6 +73,8 @@ pub fn run() -> Result<()> {
         sender.send(&scenarios::seq_over(&flow, now))?;
         if !reset_seen(&flow)? {
             say("...but the backend's connection is still up (no reset seen)");
+            tracer.stop().context("stop tracer")?;
+            bail!("the incident was not reproduced: the backend's connection was not reset");
         }
     }
 
