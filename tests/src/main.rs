@@ -11,6 +11,7 @@
 //! log. `--no-tracer` checks only the injections and the kernel oracles, for developing
 //! scenarios on a machine that cannot attach probes.
 
+mod bench;
 mod connection;
 mod counters;
 mod demo;
@@ -53,6 +54,15 @@ fn main() -> ExitCode {
                 .join(" ")
         );
         return ExitCode::SUCCESS;
+    }
+    if args.first().map(String::as_str) == Some("bench") {
+        let ok = bench::run();
+        println!("CT-DONE");
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     if args.first().map(String::as_str) == Some("demo") {
         let result = demo::run();

@@ -46,10 +46,10 @@ else
     echo "CT-RESULT check FAILED conntrack-trace check exited with status $rc"
 fi
 
-if [ "$CT_MODE" = demo ]; then
-    /bin/ct-scenarios demo
-else
-    /bin/ct-scenarios
-fi
+case "$CT_MODE" in
+    demo) /bin/ct-scenarios demo ;;
+    bench) /bin/ct-scenarios bench ;;
+    *) /bin/ct-scenarios ;;
+esac
 echo "CT-SCENARIOS-EXIT $?"
 poweroff -f

@@ -2,6 +2,7 @@
 //! test command the README gives.
 
 mod apt;
+mod bench;
 mod cpio;
 mod guest_build;
 mod initramfs;
@@ -50,6 +51,16 @@ enum Task {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Boot kernels in bench mode and write the measurements into BENCHMARKS.md (never part
+    /// of `test`: these are benchmarks, not timed tests).
+    Bench {
+        /// Kernels to benchmark (repeatable).
+        #[arg(long = "kernel", value_parser = PossibleValuesParser::new(kernels::names()), default_value = kernels::DEFAULT)]
+        kernels: Vec<String>,
+        /// Seconds a guest may run; the flood may try several ring sizes, each slow under TCG.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
     /// Set up, run the host tests, then the VM suite on every kernel.
     Test {
         #[arg(long, default_value_t = 600)]
@@ -85,6 +96,10 @@ fn run(task: Task) -> Result<bool> {
         Task::Demo { kernel, timeout } => {
             setup::run()?;
             demo(&kernel, timeout)
+        }
+        Task::Bench { kernels, timeout } => {
+            setup::run()?;
+            bench(&kernels, timeout)
         }
         Task::Test { timeout } => {
             setup::run()?;
@@ -151,11 +166,13 @@ fn vm_test(names: &[String], timeout: u64) -> Result<bool> {
     let mut times = Vec::new();
     for kernel in selected {
         // A kernel that cannot be fetched or packed is that kernel's failure, not the run's.
-        let tally = boot(kernel, &bins, Mode::Test, timeout).unwrap_or_else(|e| {
-            let mut t = Tally::default();
-            t.fail(&format!("vm::{}::boot", kernel.name), &format!("{e:#}"));
-            t
-        });
+        let tally = boot(kernel, &bins, Mode::Test, timeout)
+            .map(|o| o.tally)
+            .unwrap_or_else(|e| {
+                let mut t = Tally::default();
+                t.fail(&format!("vm::{}::boot", kernel.name), &format!("{e:#}"));
+                t
+            });
         times.push((kernel.name, tally.boot, tally.wall));
         total.add(&tally);
     }
@@ -178,8 +195,71 @@ fn vm_test(names: &[String], timeout: u64) -> Result<bool> {
 fn demo(name: &str, timeout: u64) -> Result<bool> {
     let kernel = kernels::select(&[name.to_string()])?[0];
     let bins = guest_build::build()?;
-    let tally = boot(kernel, &bins, Mode::Demo, timeout)?;
-    Ok(tally.ok())
+    let outcome = boot(kernel, &bins, Mode::Demo, timeout)?;
+    Ok(outcome.tally.ok())
+}
+
+/// Boots each kernel in bench mode and rewrites its section of BENCHMARKS.md from what the
+/// guest measured (also when a phase failed: its numbers are real and the failure is shown).
+fn bench(names: &[String], timeout: u64) -> Result<bool> {
+    let selected = kernels::select(names)?;
+    let bins = guest_build::build()?;
+    let command = format!(
+        "cargo xtask {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let date = run_output(Command::new("date").args(["-u", "+%Y-%m-%d"]))?;
+    let host = host_cpus();
+    let file = workspace_root().join(bench::FILE);
+    let mut ok = true;
+    for kernel in selected {
+        let outcome = boot(kernel, &bins, Mode::Bench, timeout)?;
+        ok &= outcome.tally.ok();
+        if outcome.bench.is_empty() {
+            println!(
+                "xtask bench: {}: the guest measured nothing; {} left as it was",
+                kernel.name,
+                file.display()
+            );
+            continue;
+        }
+        let ctx = bench::Run {
+            kernel,
+            command: &command,
+            date: date.trim(),
+            host: &host,
+        };
+        let section = bench::render(&ctx, &outcome.bench)?;
+        println!("\n{section}");
+        bench::update_file(&file, kernel.name, &section)?;
+        println!(
+            "xtask bench: {}: wrote its section of {}",
+            kernel.name,
+            file.display()
+        );
+    }
+    Ok(ok)
+}
+
+/// "2 x <model name>" from /proc/cpuinfo, for saying what the TCG numbers ran on.
+fn host_cpus() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map_or("unknown CPU", |(_, m)| m.trim());
+    let count = info.lines().filter(|l| l.starts_with("processor")).count();
+    format!("{count} x {model}")
+}
+
+fn run_output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Fetches the kernel, builds its initramfs and runs one guest.
@@ -188,7 +268,7 @@ fn boot(
     bins: &guest_build::GuestBins,
     mode: Mode,
     timeout: u64,
-) -> Result<Tally> {
+) -> Result<qemu::Outcome> {
     let unpacked = kernels::fetch(kernel)?;
     let initrd = initramfs::build(kernel, &unpacked, bins)?;
     qemu::run(

@@ -20,6 +20,15 @@ pub enum Mode {
     Test,
     /// `ct-scenarios demo`: the tracer's live output is the point; success is its exit status.
     Demo,
+    /// `ct-scenarios bench`: measurements (`CT-BENCH` lines) and a result per phase.
+    Bench,
+}
+
+/// What one guest run produced.
+pub struct Outcome {
+    pub tally: Tally,
+    /// The JSON payloads of the guest's `CT-BENCH` lines, in order.
+    pub bench: Vec<String>,
 }
 
 /// How long a guest that has printed CT-DONE may take to power off before it is killed.
@@ -31,10 +40,11 @@ pub fn run(
     initrd: &Path,
     mode: Mode,
     timeout: Duration,
-) -> Result<Tally> {
+) -> Result<Outcome> {
     let (mode_arg, what) = match mode {
         Mode::Test => ("test", "running VM tests"),
         Mode::Demo => ("demo", "running the demo"),
+        Mode::Bench => ("bench", "running the benchmarks"),
     };
     println!(
         "\n{what} on {}: {} {} ({})",
@@ -112,7 +122,7 @@ pub fn run(
     let name = kernel.name;
     let mut tally = guest.tally;
     match mode {
-        Mode::Test if !guest.done => {
+        Mode::Test | Mode::Bench if !guest.done => {
             let reason = if timed_out {
                 format!("no CT-DONE within {}s; qemu was killed", timeout.as_secs())
             } else {
@@ -127,7 +137,7 @@ pub fn run(
             };
             tally.fail(&format!("vm::{name}::ct-scenarios"), &reason);
         }
-        Mode::Test => {
+        Mode::Test | Mode::Bench => {
             if timed_out {
                 println!(
                     "[{name}] note: the guest printed CT-DONE but did not power off; qemu was killed"
@@ -167,7 +177,10 @@ pub fn run(
     tally.wall = wall;
     tally.boot = guest.booted;
     tally.print_result();
-    Ok(tally)
+    Ok(Outcome {
+        tally,
+        bench: guest.bench,
+    })
 }
 
 #[derive(PartialEq, Debug)]
@@ -177,7 +190,7 @@ enum Event {
 }
 
 /// The guest protocol: `CT-BOOTED ...`, `CT-RESULT <scenario> ok|ignored|FAILED <reason>`,
-/// `CT-DONE`, `CT-SCENARIOS-EXIT <status>`. Markers are found anywhere in a line because
+/// `CT-BENCH <json>`, `CT-DONE`, `CT-SCENARIOS-EXIT <status>`. Markers are found anywhere in a line because
 /// kernel messages can share a console line with them.
 struct Protocol {
     kernel: &'static str,
@@ -185,6 +198,7 @@ struct Protocol {
     booted: Option<Duration>,
     done: bool,
     scenarios_exit: Option<i32>,
+    bench: Vec<String>,
 }
 
 impl Protocol {
@@ -195,6 +209,7 @@ impl Protocol {
             booted: None,
             done: false,
             scenarios_exit: None,
+            bench: Vec::new(),
         }
     }
 
@@ -217,6 +232,8 @@ impl Protocol {
                     &format!("unknown verdict '{other}' in: {}", line.trim()),
                 ),
             }
+        } else if let Some(rest) = marker(line, "CT-BENCH ") {
+            self.bench.push(rest.trim().to_string());
         } else if let Some(rest) = marker(line, "CT-SCENARIOS-EXIT ") {
             self.scenarios_exit = rest.trim().parse().ok();
         } else if marker(line, "CT-DONE").is_some() {
@@ -286,11 +303,13 @@ mod tests {
         p.line("CT-RESULT old_retransmit ignored", t);
         p.line("CT-RESULT weird maybe", t);
         p.line("CT-RESULT", t);
+        p.line(r#"CT-BENCH {"kind":"env"}"#, t);
         assert_eq!(p.line("CT-DONE", t), Event::Done);
         p.line("CT-SCENARIOS-EXIT 1", t);
         assert_eq!(p.booted, Some(t));
         assert!(p.done);
         assert_eq!(p.scenarios_exit, Some(1));
+        assert_eq!(p.bench, [r#"{"kind":"env"}"#]);
         assert_eq!(p.tally.passed, 1);
         assert_eq!(p.tally.ignored, 1);
         let failed: Vec<_> = p

@@ -1,0 +1,443 @@
+//! `cargo xtask bench`: renders the guest's `CT-BENCH` records (tests/src/bench) into
+//! BENCHMARKS.md, one section per kernel between `<!-- bench:NAME -->` markers, so a run
+//! on one kernel replaces that kernel's tables and leaves the rest of the file alone.
+
+use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::kernels::Kernel;
+
+pub const FILE: &str = "BENCHMARKS.md";
+const CRITERION_HEADING: &str = "## Userspace decode + render (criterion)";
+
+/// Everything a section says besides the guest's records.
+pub struct Run<'a> {
+    pub kernel: &'a Kernel,
+    /// The command line as typed, e.g. `cargo xtask bench --kernel 6.12`.
+    pub command: &'a str,
+    /// UTC date of the run.
+    pub date: &'a str,
+    /// Host CPU model and count, from /proc/cpuinfo.
+    pub host: &'a str,
+}
+
+/// The kernel's section of BENCHMARKS.md.
+pub fn render(ctx: &Run, lines: &[String]) -> Result<String> {
+    let records: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("bad CT-BENCH record: {l}")))
+        .collect::<Result<_>>()?;
+    let of = |kind: &str| -> Vec<&Value> { records.iter().filter(|r| r["kind"] == kind).collect() };
+    let env = of("env").first().copied().cloned().unwrap_or(Value::Null);
+    let module = env["nf_conntrack"] == "module";
+
+    let mut s = String::new();
+    let k = ctx.kernel;
+    writeln!(
+        s,
+        "## Linux {} (`{}` {}, guest `{}`)\n",
+        k.name,
+        k.package,
+        k.version,
+        env["release"].as_str().unwrap_or("?")
+    )?;
+    writeln!(
+        s,
+        "Produced by `{}` on {}: QEMU **TCG** (no KVM on this host), guest `-smp 2 -m 1024`, on \
+         the 2 cores of this host ({}). TCG emulates every guest instruction, so absolute times \
+         are far above real hardware; compare rows within a table. nf_conntrack is {} in this \
+         kernel.\n",
+        ctx.command,
+        ctx.date,
+        ctx.host,
+        if module {
+            "a loadable module"
+        } else {
+            "built into the kernel"
+        }
+    )?;
+    cost_table(&mut s, &of("cost"), &of("throughput"), module)?;
+    throughput_table(&mut s, &of("throughput"))?;
+    flood_tables(
+        &mut s,
+        &of("flood"),
+        &of("flood_prog"),
+        &of("flood_zero_loss"),
+    )?;
+    startup_table(&mut s, &of("startup"))?;
+    Ok(s)
+}
+
+/// (mode, program) -> (runs, run_time_ns), in the order first seen.
+type Totals<'a> = Vec<((&'a str, &'a str), (u64, u64))>;
+
+fn cost_table(s: &mut String, cost: &[&Value], tput: &[&Value], module: bool) -> Result<()> {
+    writeln!(
+        s,
+        "### Per-packet kernel cost, bulk TCP transfer through the Service DNAT\n\n\
+         `kernel.bpf_stats_enabled=1`: `run_time_ns` / `run_cnt` from the fdinfo of every \
+         program the tracer holds, summed over all measurement windows of a mode (rounds \
+         interleave off / default / exact). *skbs* are what conntrack saw: the client veth's \
+         rx + tx packets, one `nf_conntrack_in` call each (veth does GSO: one skb carries up to \
+         64 KiB). `run_time_ns` times the program body only (plus the stats' own clock reads); \
+         the kprobe/kretprobe entry and trampoline cost is not in it and shows in the \
+         throughput table instead.\n"
+    )?;
+    writeln!(
+        s,
+        "| mode | program | runs | runs per skb | ns per run | ns per skb |\n|---|---|---:|---:|---:|---:|"
+    )?;
+    let mut skbs: BTreeMap<&str, u64> = BTreeMap::new();
+    for t in tput {
+        *skbs.entry(str_of(t, "mode")).or_default() += u64_of(t, "skbs");
+    }
+    let mut progs: Totals = Vec::new();
+    for c in cost {
+        let key = (str_of(c, "mode"), str_of(c, "program"));
+        match progs.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, (runs, ns))) => {
+                *runs += u64_of(c, "runs");
+                *ns += u64_of(c, "run_time_ns");
+            }
+            None => progs.push((key, (u64_of(c, "runs"), u64_of(c, "run_time_ns")))),
+        }
+    }
+    let mut modes: Vec<&str> = Vec::new();
+    for ((m, _), _) in &progs {
+        if !modes.contains(m) {
+            modes.push(m);
+        }
+    }
+    for mode in modes {
+        let n = skbs.get(mode).copied().unwrap_or(0);
+        let mut total = 0;
+        for ((_, prog), (runs, ns)) in progs.iter().filter(|((m, _), _)| *m == mode) {
+            total += ns;
+            writeln!(
+                s,
+                "| {mode} | `{prog}` | {runs} | {} | {} | {} |",
+                ratio(*runs as f64, n as f64, 3),
+                if *runs == 0 {
+                    "–".into()
+                } else {
+                    format!("{:.0}", *ns as f64 / *runs as f64)
+                },
+                ratio(*ns as f64, n as f64, 1)
+            )?;
+        }
+        writeln!(
+            s,
+            "| {mode} | **all programs** ({n} skbs) | | | | **{}** |",
+            ratio(total as f64, n as f64, 1)
+        )?;
+    }
+    if module {
+        writeln!(
+            s,
+            "| fexit | `nf_conntrack_in_fexit` | – | – | – | not measurable: nf_conntrack is a \
+             module on this kernel and aya 0.14 cannot attach fexit to a module's BTF |"
+        )?;
+    }
+    writeln!(
+        s,
+        "\nFor context only (shared/docs/peers.md, `bpf bench` on real hardware, batched, per \
+         hit): fentry 7.5 ns, fexit 14.6, kprobe 18.0, kretprobe 44.7 — those include the \
+         attach mechanism, which the run_time above does not.\n"
+    )?;
+    Ok(())
+}
+
+fn throughput_table(s: &mut String, tput: &[&Value]) -> Result<()> {
+    writeln!(
+        s,
+        "### Throughput of the same transfer\n\nMiB/s the client read per measurement window.\n"
+    )?;
+    let mut by_mode: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
+    for t in tput {
+        let secs = f64_of(t, "secs");
+        let point = (
+            u64_of(t, "bytes") as f64 / secs / (1u64 << 20) as f64,
+            u64_of(t, "skbs") as f64 / secs,
+        );
+        match by_mode.iter_mut().find(|(m, _)| *m == str_of(t, "mode")) {
+            Some((_, v)) => v.push(point),
+            None => by_mode.push((str_of(t, "mode"), vec![point])),
+        }
+    }
+    let off = by_mode
+        .iter()
+        .find(|(m, _)| *m == "off")
+        .map(|(_, v)| median(v.iter().map(|p| p.0).collect()));
+    writeln!(
+        s,
+        "| tracer | MiB/s per round | median MiB/s | vs off | skbs/s (median) |\n|---|---|---:|---:|---:|"
+    )?;
+    for (mode, points) in &by_mode {
+        let mib = median(points.iter().map(|p| p.0).collect());
+        writeln!(
+            s,
+            "| {mode} | {} | {mib:.1} | {} | {:.0} |",
+            points
+                .iter()
+                .map(|p| format!("{:.1}", p.0))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            off.map_or("–".into(), |o| format!("{:.2}", mib / o)),
+            median(points.iter().map(|p| p.1).collect())
+        )?;
+    }
+    writeln!(s)?;
+    Ok(())
+}
+
+fn flood_tables(s: &mut String, flood: &[&Value], progs: &[&Value], zero: &[&Value]) -> Result<()> {
+    let sent = flood.first().map_or(0, |f| u64_of(f, "sent"));
+    writeln!(
+        s,
+        "### Flood: {sent} forged SEQ-over-window segments on one live connection\n\n\
+         Sent from the backend's namespace through one raw socket as fast as it goes; tracer in \
+         its default mode, `--json` read by a consumer that counts lines. The kernel log runs \
+         too (`nf_conntrack_log_invalid=255`, `nf_log.2=nf_log_ipv4`, as in the scenarios); \
+         its lines are counted by `/dev/kmsg` sequence number between two markers, so lines \
+         the log buffer overwrote still count.\n"
+    )?;
+    writeln!(
+        s,
+        "| ring | sent in | kernel `invalid` Δ | events | lost (summary / `lost` lines) | events + lost = Δ | kernel log lines | tracer CPU / wall | caught up after |\n\
+         |---|---:|---:|---:|---:|---|---:|---:|---:|"
+    )?;
+    for f in flood {
+        let send_s = f64_of(f, "send_s");
+        writeln!(
+            s,
+            "| {}{} | {send_s:.1} s ({:.0}/s) | {} | {} | {} / {} | {} | {}{} | {:.1} s / {:.1} s | {} |",
+            mib(u64_of(f, "ring_bytes")),
+            if f["default_ring"] == true {
+                " (default)"
+            } else {
+                ""
+            },
+            u64_of(f, "sent") as f64 / send_s,
+            u64_of(f, "invalid_delta"),
+            u64_of(f, "events"),
+            u64_of(f, "lost"),
+            u64_of(f, "lost_in_lines"),
+            if f["equal"] == true { "yes" } else { "**NO**" },
+            u64_of(f, "log_records"),
+            if f["log_wrapped"] == true {
+                format!(" ({} still readable)", u64_of(f, "log_conntrack_read"))
+            } else {
+                String::new()
+            },
+            f64_of(f, "tracer_cpu_s"),
+            f64_of(f, "busy_s"),
+            f["caught_up_s"]
+                .as_f64()
+                .map_or("never (stalled)".into(), |t| format!("{t:.1} s")),
+        )?;
+    }
+    if let Some(z) = zero.first() {
+        match z["zero_loss_ring"].as_u64() {
+            Some(r) if Some(r) == z["default_ring"].as_u64() => {
+                writeln!(s, "\nNo losses at the default ring size ({}).", mib(r))?
+            }
+            Some(r) => writeln!(
+                s,
+                "\nSmallest ring without losses at this rate: `--ring-size {r}` ({}).",
+                mib(r)
+            )?,
+            None => writeln!(s, "\nEvery ring size tried lost events.")?,
+        }
+    }
+    writeln!(
+        s,
+        "\nCold-path programs during the flood (per hit):\n\n| ring | program | runs | ns per run |\n|---|---|---:|---:|"
+    )?;
+    for p in progs {
+        let runs = u64_of(p, "runs");
+        writeln!(
+            s,
+            "| {} | `{}` | {runs} | {} |",
+            mib(u64_of(p, "ring_bytes")),
+            str_of(p, "program"),
+            ratio(u64_of(p, "run_time_ns") as f64, runs as f64, 0)
+        )?;
+    }
+    writeln!(s)?;
+    Ok(())
+}
+
+fn startup_table(s: &mut String, runs: &[&Value]) -> Result<()> {
+    writeln!(
+        s,
+        "### Start-up and memory\n\nFrom the tracer's JSON summary: launch to \"attached\" \
+         (`startup_attached_ms`), the BTF part of it (`startup_btf_ms`), peak RSS (`peak_rss_kib`, \
+         VmHWM).\n\n| mode | during | runs | launch → attached ms, median (min–max) | BTF ms, median | peak RSS KiB, max |\n\
+         |---|---|---:|---:|---:|---:|"
+    )?;
+    let mut groups: Vec<((&str, &str), Vec<&Value>)> = Vec::new();
+    for r in runs {
+        let key = (str_of(r, "mode"), str_of(r, "during"));
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(r),
+            None => groups.push((key, vec![r])),
+        }
+    }
+    for ((mode, during), rs) in &groups {
+        let attached: Vec<f64> = rs.iter().map(|r| f64_of(r, "attached_ms")).collect();
+        let btf: Vec<f64> = rs.iter().map(|r| f64_of(r, "btf_ms")).collect();
+        let rss = rs
+            .iter()
+            .map(|r| u64_of(r, "peak_rss_kib"))
+            .max()
+            .unwrap_or(0);
+        writeln!(
+            s,
+            "| {mode} | {during} | {} | {:.0} ({:.0}–{:.0}) | {:.0} | {rss} |",
+            rs.len(),
+            median(attached.clone()),
+            attached.iter().copied().fold(f64::INFINITY, f64::min),
+            attached.iter().copied().fold(0.0, f64::max),
+            median(btf),
+        )?;
+    }
+    writeln!(s)?;
+    Ok(())
+}
+
+/// Replaces the kernel's section of `path` (creating the file when needed) with `section`.
+pub fn update_file(path: &Path, kernel: &str, section: &str) -> Result<()> {
+    let (begin, end) = (
+        format!("<!-- bench:{kernel} -->"),
+        format!("<!-- /bench:{kernel} -->"),
+    );
+    let block = format!("{begin}\n{}\n{end}\n", section.trim_end());
+    let old = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => skeleton(),
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(b), Some(e)) if b < e => format!(
+            "{}{block}{}",
+            &old[..b],
+            &old[e + end.len()..].trim_start_matches('\n')
+        ),
+        // New kernel: before the userspace section, whose numbers are not from the VM.
+        _ => match old.find(CRITERION_HEADING) {
+            Some(at) => format!("{}{block}\n{}", &old[..at], &old[at..]),
+            None => format!("{}\n{block}", old.trim_end()),
+        },
+    };
+    fs::write(path, new).with_context(|| format!("write {}", path.display()))
+}
+
+fn skeleton() -> String {
+    format!(
+        "# Benchmarks\n\n\
+         Every number below comes from a run recorded here, under the command that produced it. \
+         The kernel sections come from `cargo xtask bench [--kernel K]` (default 6.12), which \
+         boots the Debian kernel under QEMU with `ct-scenarios bench` (tests/src/bench) and \
+         rewrites that kernel's section of this file.\n\n\
+         {CRITERION_HEADING}\n\nSee below.\n"
+    )
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("?")
+}
+
+fn u64_of(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(0)
+}
+
+fn f64_of(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+fn ratio(num: f64, den: f64, decimals: usize) -> String {
+    if den == 0.0 {
+        "–".into()
+    } else {
+        format!("{:.*}", decimals, num / den)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel() -> &'static Kernel {
+        &crate::kernels::KERNELS[0]
+    }
+
+    fn records() -> Vec<String> {
+        [
+            r#"{"kind":"env","release":"6.12.0-test","nf_conntrack":"module","cpus":2}"#,
+            r#"{"kind":"throughput","mode":"off","round":1,"bytes":104857600,"secs":1.0,"skbs":1000}"#,
+            r#"{"kind":"throughput","mode":"exact","round":1,"bytes":52428800,"secs":1.0,"skbs":800}"#,
+            r#"{"kind":"cost","mode":"exact","round":1,"program":"nf_conntrack_in","runs":800,"run_time_ns":80000,"skbs":800}"#,
+            r#"{"kind":"cost","mode":"exact","round":1,"program":"nf_conntrack_in_ret","runs":800,"run_time_ns":160000,"skbs":800}"#,
+            r#"{"kind":"flood","ring_bytes":8388608,"default_ring":true,"sent":100000,"send_s":10.0,"invalid_delta":100000,"events":90000,"lost":10000,"lost_in_lines":10000,"log_records":100001,"log_conntrack_read":900,"log_wrapped":true,"tracer_cpu_s":9.0,"busy_s":12.0,"caught_up_s":11.5,"equal":true}"#,
+            r#"{"kind":"flood_zero_loss","default_ring":8388608,"zero_loss_ring":33554432}"#,
+            r#"{"kind":"startup","mode":"exact","during":"bulk","btf_ms":300.0,"attached_ms":900.0,"peak_rss_kib":20000}"#,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    #[test]
+    fn section_has_command_tables_and_sums() {
+        let ctx = Run {
+            kernel: kernel(),
+            command: "cargo xtask bench --kernel 6.12",
+            date: "2026-11-26",
+            host: "2 x Test CPU",
+        };
+        let text = render(&ctx, &records()).unwrap();
+        assert!(text.contains("Produced by `cargo xtask bench --kernel 6.12`"));
+        assert!(text.contains("QEMU **TCG**"));
+        // 80 + 160 us over 800 skbs.
+        assert!(text.contains("| exact | **all programs** (800 skbs) | | | | **300.0** |"));
+        assert!(text.contains("| exact | `nf_conntrack_in_ret` | 800 | 1.000 | 200 | 200.0 |"));
+        assert!(text.contains("| exact | 50.0 | 50.0 | 0.50 | 800 |"));
+        assert!(text.contains("not measurable: nf_conntrack is a module"));
+        assert!(text.contains("| 8 MiB (default) | 10.0 s (10000/s) | 100000 | 90000 | 10000 / 10000 | yes | 100001 (900 still readable) |"));
+        assert!(text.contains("`--ring-size 33554432` (32 MiB)"));
+        assert!(text.contains("| exact | bulk | 1 | 900 (900–900) | 300 | 20000 |"));
+    }
+
+    #[test]
+    fn a_kernel_section_is_replaced_and_the_rest_kept() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(FILE);
+        let _ = fs::remove_file(&path);
+        update_file(&path, "6.12", "## Linux 6.12\nfirst\n").unwrap();
+        update_file(&path, "6.1-struct", "## Linux 6.1-struct\nother\n").unwrap();
+        update_file(&path, "6.12", "## Linux 6.12\nsecond\n").unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(text.starts_with("# Benchmarks\n"));
+        assert!(text.contains("second") && !text.contains("first"));
+        assert!(text.contains("other"));
+        let criterion = text.find(CRITERION_HEADING).unwrap();
+        assert!(text.find("second").unwrap() < criterion);
+        assert!(text.find("other").unwrap() < criterion);
+        assert!(text.ends_with("See below.\n"));
+    }
+}
