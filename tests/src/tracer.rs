@@ -132,7 +132,8 @@ impl Tracer {
     pub fn stop(mut self) -> Result<Trace> {
         // SAFETY: signalling our own child, which has not been reaped yet.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + EXIT_TIMEOUT;
+        let signalled = Instant::now();
+        let deadline = signalled + EXIT_TIMEOUT;
         let status = loop {
             if let Some(status) = self.child.try_wait()? {
                 break status;
@@ -144,7 +145,10 @@ impl Tracer {
             std::thread::sleep(Duration::from_millis(20));
         };
         RUNNING_PID.store(0, Ordering::SeqCst);
-        println!("tracer: exited with {status}");
+        println!(
+            "tracer: exited with {status}, {} ms after SIGINT",
+            signalled.elapsed().as_millis()
+        );
         self.join_readers();
         let mut events = std::mem::take(&mut *self.events.lock().unwrap());
         let summary = match events.last() {
