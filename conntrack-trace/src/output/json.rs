@@ -43,7 +43,8 @@ struct Event<'a> {
     reason_code: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     family: Option<&'static str>,
-    proto: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proto: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     saddr: Option<IpAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -194,7 +195,7 @@ fn event_of(r: &Record) -> Event<'_> {
         reason: r.reason_text(),
         reason_code: r.reason_code(),
         family: r.pkt.family,
-        proto: r.pkt.proto_name(),
+        proto: r.pkt.proto.map(|_| r.pkt.proto_name()),
         saddr: r.pkt.saddr,
         sport: r.pkt.sport,
         daddr: r.pkt.daddr,
