@@ -139,6 +139,7 @@ impl Tracer {
                 break status;
             }
             if Instant::now() > deadline {
+                print_tasks(self.child.id());
                 self.kill();
                 bail!("tracer still running {EXIT_TIMEOUT:?} after SIGINT");
             }
@@ -171,6 +172,37 @@ impl Tracer {
             .flatten()
         {
             let _ = handle.join();
+        }
+    }
+}
+
+/// Where each thread of a process is stuck, for a tracer that does not exit: name, state,
+/// the kernel function it sleeps in and its kernel stack (as far as this kernel shows them).
+fn print_tasks(pid: u32) {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let status = read("status");
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or("?")
+                .trim()
+                .to_string()
+        };
+        println!(
+            "tracer: thread {} {:?} state {} wchan {}",
+            task.file_name().to_string_lossy(),
+            field("Name:"),
+            field("State:"),
+            read("wchan")
+        );
+        for frame in read("stack").lines() {
+            println!("tracer:     {frame}");
         }
     }
 }
