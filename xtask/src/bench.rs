@@ -58,8 +58,8 @@ pub fn render(ctx: &Run, lines: &[String]) -> Result<String> {
             "built into the kernel"
         }
     )?;
-    cost_table(&mut s, &of("cost"), &of("throughput"), module)?;
-    throughput_table(&mut s, &of("throughput"))?;
+    let ns_per_skb = cost_table(&mut s, &of("cost"), &of("throughput"), module)?;
+    throughput_table(&mut s, &of("throughput"), &ns_per_skb)?;
     flood_tables(
         &mut s,
         &of("flood"),
@@ -70,10 +70,29 @@ pub fn render(ctx: &Run, lines: &[String]) -> Result<String> {
     Ok(s)
 }
 
-/// (mode, program) -> (runs, run_time_ns), in the order first seen.
-type Totals<'a> = Vec<((&'a str, &'a str), (u64, u64))>;
+/// Sums `runs` and `run_time_ns` per key, keys in the order first seen.
+fn totals<'a, K: PartialEq>(
+    records: &[&'a Value],
+    key: impl Fn(&'a Value) -> K,
+) -> Vec<(K, (u64, u64))> {
+    let mut out: Vec<(K, (u64, u64))> = Vec::new();
+    for r in records {
+        let (k, runs, ns) = (key(r), u64_of(r, "runs"), u64_of(r, "run_time_ns"));
+        match out.iter_mut().find(|(o, _)| *o == k) {
+            Some((_, t)) => *t = (t.0 + runs, t.1 + ns),
+            None => out.push((k, (runs, ns))),
+        }
+    }
+    out
+}
 
-fn cost_table(s: &mut String, cost: &[&Value], tput: &[&Value], module: bool) -> Result<()> {
+/// Writes the table; returns each mode's BPF nanoseconds per skb.
+fn cost_table(
+    s: &mut String,
+    cost: &[&Value],
+    tput: &[&Value],
+    module: bool,
+) -> Result<BTreeMap<String, f64>> {
     writeln!(
         s,
         "### Per-packet kernel cost, bulk TCP transfer through the Service DNAT\n\n\
@@ -93,17 +112,8 @@ fn cost_table(s: &mut String, cost: &[&Value], tput: &[&Value], module: bool) ->
     for t in tput {
         *skbs.entry(str_of(t, "mode")).or_default() += u64_of(t, "skbs");
     }
-    let mut progs: Totals = Vec::new();
-    for c in cost {
-        let key = (str_of(c, "mode"), str_of(c, "program"));
-        match progs.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, (runs, ns))) => {
-                *runs += u64_of(c, "runs");
-                *ns += u64_of(c, "run_time_ns");
-            }
-            None => progs.push((key, (u64_of(c, "runs"), u64_of(c, "run_time_ns")))),
-        }
-    }
+    let progs = totals(cost, |c| (str_of(c, "mode"), str_of(c, "program")));
+    let mut per_skb = BTreeMap::new();
     let mut modes: Vec<&str> = Vec::new();
     for ((m, _), _) in &progs {
         if !modes.contains(m) {
@@ -132,6 +142,7 @@ fn cost_table(s: &mut String, cost: &[&Value], tput: &[&Value], module: bool) ->
             "| {mode} | **all programs** ({n} skbs) | | | | **{}** |",
             ratio(total as f64, n as f64, 1)
         )?;
+        per_skb.insert(mode.to_string(), total as f64 / n as f64);
     }
     if module {
         writeln!(
@@ -146,10 +157,14 @@ fn cost_table(s: &mut String, cost: &[&Value], tput: &[&Value], module: bool) ->
          hit): fentry 7.5 ns, fexit 14.6, kprobe 18.0, kretprobe 44.7 — those include the \
          attach mechanism, which the run_time above does not.\n"
     )?;
-    Ok(())
+    Ok(per_skb)
 }
 
-fn throughput_table(s: &mut String, tput: &[&Value]) -> Result<()> {
+fn throughput_table(
+    s: &mut String,
+    tput: &[&Value],
+    ns_per_skb: &BTreeMap<String, f64>,
+) -> Result<()> {
     writeln!(
         s,
         "### Throughput of the same transfer\n\nMiB/s the client read per measurement window.\n"
@@ -174,8 +189,17 @@ fn throughput_table(s: &mut String, tput: &[&Value]) -> Result<()> {
         s,
         "| tracer | MiB/s per round | median MiB/s | vs off | skbs/s (median) |\n|---|---|---:|---:|---:|"
     )?;
+    let (mut overheads, mut worst_pct) = (Vec::new(), 0.0f64);
     for (mode, points) in &by_mode {
         let mib = median(points.iter().map(|p| p.0).collect());
+        let skbs_per_s = median(points.iter().map(|p| p.1).collect());
+        if let Some(ns) = ns_per_skb.get(*mode).filter(|ns| **ns > 0.0) {
+            let pct = ns * skbs_per_s / 1e7;
+            worst_pct = worst_pct.max(pct);
+            overheads.push(format!(
+                "{mode}: {ns:.0} ns per skb × {skbs_per_s:.0} skbs/s = {pct:.2}% of one vCPU"
+            ));
+        }
         writeln!(
             s,
             "| {mode} | {} | {mib:.1} | {} | {:.0} |",
@@ -185,7 +209,36 @@ fn throughput_table(s: &mut String, tput: &[&Value]) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(" / "),
             off.map_or("–".into(), |o| format!("{:.2}", mib / o)),
-            median(points.iter().map(|p| p.1).collect())
+            skbs_per_s
+        )?;
+    }
+    if let Some((_, points)) = by_mode.iter().find(|(m, _)| *m == "off") {
+        let mibs: Vec<f64> = points.iter().map(|p| p.0).collect();
+        let (lo, hi) = (
+            mibs.iter().copied().fold(f64::INFINITY, f64::min),
+            mibs.iter().copied().fold(0.0, f64::max),
+        );
+        let spread_pct = (hi - lo) / median(mibs) * 100.0;
+        writeln!(
+            s,
+            "\nWith the tracer off the rounds spread over {lo:.1}–{hi:.1} MiB/s ({spread_pct:.0}% of \
+             the median). The programs' own time at these rates ({}) is {} that spread, so the \
+             ratios above are {}.",
+            if overheads.is_empty() {
+                "none measured".to_string()
+            } else {
+                overheads.join("; ")
+            },
+            if worst_pct < spread_pct {
+                "inside"
+            } else {
+                "larger than"
+            },
+            if worst_pct < spread_pct {
+                "mostly noise plus whatever the attach mechanism costs"
+            } else {
+                "the programs' cost plus the attach mechanism's"
+            }
         )?;
     }
     writeln!(s)?;
@@ -205,14 +258,14 @@ fn flood_tables(s: &mut String, flood: &[&Value], progs: &[&Value], zero: &[&Val
     )?;
     writeln!(
         s,
-        "| ring | sent in | kernel `invalid` Δ | events | lost (summary / `lost` lines) | events + lost = Δ | kernel log lines | tracer CPU / wall | caught up after |\n\
-         |---|---:|---:|---:|---:|---|---:|---:|---:|"
+        "| ring | sent in | kernel `invalid` Δ | events | lost (summary / `lost` lines) | events + lost = Δ | kernel log lines | tracer CPU / wall | tracer CPU per event | caught up after |\n\
+         |---|---:|---:|---:|---:|---|---:|---:|---:|---:|"
     )?;
     for f in flood {
         let send_s = f64_of(f, "send_s");
         writeln!(
             s,
-            "| {}{} | {send_s:.1} s ({:.0}/s) | {} | {} | {} / {} | {} | {}{} | {:.1} s / {:.1} s | {} |",
+            "| {}{} | {send_s:.1} s ({:.0}/s) | {} | {} | {} / {} | {} | {}{} | {:.1} s / {:.1} s | {} | {} |",
             mib(u64_of(f, "ring_bytes")),
             if f["default_ring"] == true {
                 " (default)"
@@ -233,6 +286,7 @@ fn flood_tables(s: &mut String, flood: &[&Value], progs: &[&Value], zero: &[&Val
             },
             f64_of(f, "tracer_cpu_s"),
             f64_of(f, "busy_s"),
+            cpu_per_event(f).map_or("–".into(), |us| format!("{us:.0} µs")),
             f["caught_up_s"]
                 .as_f64()
                 .map_or("never (stalled)".into(), |t| format!("{t:.1} s")),
@@ -251,22 +305,57 @@ fn flood_tables(s: &mut String, flood: &[&Value], progs: &[&Value], zero: &[&Val
             None => writeln!(s, "\nEvery ring size tried lost events.")?,
         }
     }
+    let packets: u64 = flood.iter().map(|f| u64_of(f, "invalid_delta")).sum();
+    let logged: u64 = flood.iter().map(|f| u64_of(f, "log_records")).sum();
     writeln!(
         s,
-        "\nCold-path programs during the flood (per hit):\n\n| ring | program | runs | ns per run |\n|---|---|---:|---:|"
+        "\nThe kernel's own logging wrote {logged} lines for these {packets} INVALID packets{}.",
+        if logged >= packets {
+            ": every one, no rate limit on this path (only the log buffer's size limits what \
+             can be read back)"
+        } else {
+            " (rate limited)"
+        }
     )?;
-    for p in progs {
-        let runs = u64_of(p, "runs");
+    let hit = totals(progs, |p| str_of(p, "program"));
+    let kernel_ns: u64 = hit.iter().map(|(_, (_, ns))| ns).sum();
+    let busy = flood
+        .iter()
+        .map(|f| f64_of(f, "tracer_cpu_s") / f64_of(f, "busy_s"))
+        .fold(f64::INFINITY, f64::min);
+    if busy >= 0.8 {
         writeln!(
             s,
-            "| {} | `{}` | {runs} | {} |",
-            mib(u64_of(p, "ring_bytes")),
-            str_of(p, "program"),
-            ratio(u64_of(p, "run_time_ns") as f64, runs as f64, 0)
+            "\nThe tracer process was on a CPU for at least {:.0}% of every flood: its userspace \
+             (decode, explain, JSON, one write per event) is the bottleneck, at a median {:.0} µs \
+             of CPU per event under TCG, against {:.1} µs per packet for all its kernel programs \
+             together (below).",
+            busy * 100.0,
+            median(flood.iter().filter_map(|f| cpu_per_event(f)).collect()),
+            kernel_ns as f64 / packets as f64 / 1e3
+        )?;
+    }
+    writeln!(
+        s,
+        "\nCold-path programs that ran during the floods (all ring sizes, {packets} packets):\n\n\
+         | program | runs | runs per packet | ns per run |\n|---|---:|---:|---:|"
+    )?;
+    for (prog, (runs, ns)) in hit.iter().filter(|(_, (runs, _))| *runs > 0) {
+        writeln!(
+            s,
+            "| `{prog}` | {runs} | {} | {} |",
+            ratio(*runs as f64, packets as f64, 2),
+            ratio(*ns as f64, *runs as f64, 0)
         )?;
     }
     writeln!(s)?;
     Ok(())
+}
+
+/// Microseconds of tracer CPU per event it printed.
+fn cpu_per_event(f: &Value) -> Option<f64> {
+    let events = u64_of(f, "events");
+    (events > 0).then(|| f64_of(f, "tracer_cpu_s") * 1e6 / events as f64)
 }
 
 fn startup_table(s: &mut String, runs: &[&Value]) -> Result<()> {
