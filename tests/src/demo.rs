@@ -46,9 +46,10 @@ pub fn run() -> Result<()> {
     sender.send(&scenarios::ack_over(&flow, now))?;
     std::thread::sleep(Duration::from_millis(300));
 
-    say(
-        "netem holds back 3% of the backend's segments for a second: real retransmits and late originals",
-    );
+    say(&format!(
+        "netem holds back {}% of the backend's segments for a second: real retransmits and late originals",
+        scenarios::NETEM_HELD_PERCENT
+    ));
     scenarios::netem_transfer(&topo, &mut flow)?;
     say(&format!(
         "the backend retransmitted {} segments",
