@@ -105,6 +105,12 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         );
     }
     let launched = Instant::now();
+    // Installed first and kept for the whole run: a Ctrl-C during start-up or between two
+    // loop turns is then delivered to the loop (a fresh ctrl_c() future per turn misses
+    // signals that arrive between turns, and before any, SIGINT would kill the process
+    // with probes attached and no summary).
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let (mut plan, _btf) = Plan::for_running_kernel(opts.exact)?;
     let planned = launched.elapsed();
     let mut bpf = ebpf::open(&plan, opts.ring_bytes, &opts.filter)?;
@@ -148,7 +154,6 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     );
 
     let clock = Clock::now();
-    let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut reported_lost = 0u64;
@@ -194,7 +199,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
                     reported_lost = lost;
                 }
             }
-            _ = tokio::signal::ctrl_c() => break 'run,
+            _ = sigint.recv() => break 'run,
             _ = sigterm.recv() => break 'run,
             _ = sleep => break 'run,
         }
