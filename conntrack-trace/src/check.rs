@@ -56,7 +56,20 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
     let (plan, btf) = Plan::for_running_kernel(false)?;
     let syms = Symbols::from_proc(plan::KERNEL_FUNCTIONS)?;
     writeln!(out, "kernel {}", plan.release)?;
-    writeln!(out, "BTF: conntrack types {:?}", btf.conntrack_source)?;
+    writeln!(
+        out,
+        "BTF: nf_conntrack {}; conntrack entry fields {}",
+        match &btf.conntrack_source {
+            crate::btf::ConntrackBtf::BuiltIn => "built into vmlinux".to_string(),
+            crate::btf::ConntrackBtf::Module(p) => format!("module BTF {}", p.display()),
+            crate::btf::ConntrackBtf::NoModuleBtf => "is a module without BTF".to_string(),
+        },
+        if plan.offsets.has_ct() {
+            "described (tuples, TCP state, window)"
+        } else {
+            "NOT described: events carry no ct/window"
+        }
+    )?;
 
     let kprobes = kprobes_available();
     writeln!(out, "\nattach points")?;

@@ -122,7 +122,7 @@ impl Plan {
                 "no BTF for the conntrack structs ({}): events carry the packet, verdict and \
                  reason, but not the conntrack tuples, TCP state or window numbers",
                 match &btf.conntrack_source {
-                    ConntrackBtf::Missing => "this kernel has no module BTF",
+                    ConntrackBtf::NoModuleBtf => "this kernel has no module BTF",
                     _ => "struct nf_conn not described",
                 }
             ));

@@ -99,7 +99,9 @@ mod tests {
 
     fn with_kernel(invalid: u64) -> Summary {
         let mut s = Summary::default();
-        s.kernel = Some(Stats([("invalid".to_string(), invalid)].into_iter().collect()));
+        s.kernel = Some(Stats(
+            [("invalid".to_string(), invalid)].into_iter().collect(),
+        ));
         s
     }
 
@@ -114,6 +116,10 @@ mod tests {
         assert!(s.missed().unwrap().contains("--exact"));
         s.filtered = true;
         assert!(s.missed().unwrap().contains("filter"));
-        assert_eq!(Summary::default().missed(), None, "no counters, nothing to compare");
+        assert_eq!(
+            Summary::default().missed(),
+            None,
+            "no counters, nothing to compare"
+        );
     }
 }
