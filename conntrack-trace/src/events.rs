@@ -1,7 +1,7 @@
 //! From ring-buffer records to outputs: decode by kind, attach hints, link resets to INVALID
 //! packets, count for the summary. Shared by the live tracer and `replay`.
 
-use std::io;
+use std::{io, rc::Rc};
 
 use conntrack_trace_common::kind;
 
@@ -56,6 +56,8 @@ impl Events {
                     let mut r = verdict::decode(&ev, &self.clock);
                     r.hint = self.hints.get(r.reason_code());
                     self.summary.record(&r);
+                    // Shared with the correlator, which keeps recent INVALID packets.
+                    let r = Rc::new(r);
                     self.corr.invalid(&r);
                     out.event(&r)
                 }

@@ -147,10 +147,17 @@ fn hint_for(code: &str, n: &Node) -> Option<Hint> {
     })
 }
 
+/// A hint and its JSON, serialized once: it goes out with every event of its code.
+#[derive(Debug)]
+pub struct Cached {
+    pub hint: Hint,
+    pub json: Box<serde_json::value::RawValue>,
+}
+
 /// Hints by reason_code, built once each.
 pub struct Hints {
     node: Node,
-    cache: HashMap<&'static str, Option<Arc<Hint>>>,
+    cache: HashMap<&'static str, Option<Arc<Cached>>>,
 }
 
 impl Hints {
@@ -161,11 +168,15 @@ impl Hints {
         }
     }
 
-    pub fn get(&mut self, code: &'static str) -> Option<Arc<Hint>> {
+    pub fn get(&mut self, code: &'static str) -> Option<Arc<Cached>> {
         let node = &self.node;
         self.cache
             .entry(code)
-            .or_insert_with(|| hint_for(code, node).map(Arc::new))
+            .or_insert_with(|| {
+                let hint = hint_for(code, node)?;
+                let json = serde_json::value::to_raw_value(&hint).expect("a hint serializes");
+                Some(Arc::new(Cached { hint, json }))
+            })
             .clone()
     }
 }
@@ -200,13 +211,14 @@ mod tests {
             ..Default::default()
         };
         let mut h = Hints::new(node);
-        let w = h.get("seq_over").unwrap();
+        let cached = h.get("seq_over").unwrap();
+        let w = &cached.hint;
         assert_eq!(w.fixes.len(), 2);
         assert_eq!(w.fixes[0].active, Some(false));
         assert_eq!(w.fixes[1].active, Some(true));
         assert!(h.get("table_full").is_some());
         assert!(h.get("ignored_state").is_none());
-        let json = serde_json::to_value(&*w).unwrap();
+        let json: serde_json::Value = serde_json::from_str(cached.json.get()).unwrap();
         assert!(
             json["fixes"][0]["do"]
                 .as_str()

@@ -1,7 +1,12 @@
 //! Resets sent for packets that found no socket, and the incident they complete: an INVALID
 //! segment escaped NAT, a stack answered it with an RST, the real connection died.
 
-use std::{collections::VecDeque, net::IpAddr, time::SystemTime};
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    rc::Rc,
+    time::SystemTime,
+};
 
 use anyhow::{Result, bail};
 use conntrack_trace_common::reset::{HAS_NETNS, ResetEvent};
@@ -133,24 +138,50 @@ const LINK_WINDOW_NS: u64 = 1_000_000_000;
 /// trigger is the INVALID packet itself (same tuple; it was never NATed), in any namespace.
 #[derive(Default)]
 pub struct Correlator {
-    recent: VecDeque<Record>,
+    /// The latest INVALID TCP packet of each tuple.
+    latest: HashMap<Tuple, Rc<Record>>,
+    /// Arrival order, for expiry: (time, tuple).
+    order: VecDeque<(u64, Tuple)>,
 }
 
+type Tuple = (IpAddr, u16, IpAddr, u16);
+
+/// At most this many INVALID packets are remembered: in a flood the oldest go first (an RST
+/// follows its packet within microseconds).
+const RECENT_MAX: usize = 16384;
+
 impl Correlator {
-    pub fn invalid(&mut self, r: &Record) {
-        if r.verdict == Verdict::Invalid && r.pkt.tcp.is_some() && r.pkt.tuple().is_some() {
-            self.expire(r.ts_ns);
-            self.recent.push_back(r.clone());
+    pub fn invalid(&mut self, r: &Rc<Record>) {
+        let Some(key) = r
+            .pkt
+            .tuple()
+            .filter(|_| r.verdict == Verdict::Invalid && r.pkt.tcp.is_some())
+        else {
+            return;
+        };
+        self.expire(r.ts_ns);
+        if self.order.len() == RECENT_MAX {
+            self.pop_oldest();
+        }
+        self.order.push_back((r.ts_ns, key));
+        self.latest.insert(key, Rc::clone(r));
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((ts, key)) = self.order.pop_front()
+            && self.latest.get(&key).is_some_and(|r| r.ts_ns == ts)
+        {
+            self.latest.remove(&key);
         }
     }
 
     fn expire(&mut self, now: u64) {
         while self
-            .recent
+            .order
             .front()
-            .is_some_and(|o| now.saturating_sub(o.ts_ns) > LINK_WINDOW_NS)
+            .is_some_and(|(ts, _)| now.saturating_sub(*ts) > LINK_WINDOW_NS)
         {
-            self.recent.pop_front();
+            self.pop_oldest();
         }
     }
 
@@ -158,11 +189,10 @@ impl Correlator {
     pub fn reset(&mut self, rst: &Reset) -> Option<Incident> {
         self.expire(rst.ts_ns);
         let key = rst.trigger.tuple()?;
-        let i = self
-            .recent
-            .iter()
-            .rposition(|r| r.pkt.tuple() == Some(key) && r.ts_ns <= rst.ts_ns)?;
-        let invalid = self.recent.remove(i)?;
+        if self.latest.get(&key)?.ts_ns > rst.ts_ns {
+            return None;
+        }
+        let invalid = Rc::unwrap_or_clone(self.latest.remove(&key)?);
         let ct = invalid.ct.clone().or_else(|| lookup_entry(&invalid));
         Some(Incident {
             invalid,
@@ -267,7 +297,10 @@ mod tests {
     #[test]
     fn links_reset_to_the_invalid_packet_it_answers_once() {
         let mut c = Correlator::default();
-        c.invalid(&invalid(100, pkt("10.0.2.2", 8080, "10.0.1.2", 40000)));
+        c.invalid(&Rc::new(invalid(
+            100,
+            pkt("10.0.2.2", 8080, "10.0.1.2", 40000),
+        )));
         // An RST for another flow does not link.
         assert!(
             c.reset(&rst(150, pkt("10.0.2.2", 8080, "10.0.1.2", 40001)))
@@ -325,7 +358,10 @@ mod tests {
     #[test]
     fn old_invalid_packets_expire() {
         let mut c = Correlator::default();
-        c.invalid(&invalid(0, pkt("10.0.2.2", 8080, "10.0.1.2", 40000)));
+        c.invalid(&Rc::new(invalid(
+            0,
+            pkt("10.0.2.2", 8080, "10.0.1.2", 40000),
+        )));
         assert!(
             c.reset(&rst(
                 LINK_WINDOW_NS + 1,

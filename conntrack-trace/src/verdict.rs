@@ -12,9 +12,11 @@ use conntrack_trace_common::{
     SNAP_LEN,
     verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, PacketEvent, verdict},
 };
-use etherparse::{LaxPacketHeaders, NetHeaders, TransportHeader};
+use etherparse::{
+    Ipv4HeaderSlice, Ipv6ExtensionsSlice, Ipv6HeaderSlice, TcpHeaderSlice, UdpHeaderSlice,
+};
 
-use crate::{ct::Conntrack, drops, hints::Hint, reason, window};
+use crate::{ct::Conntrack, drops, hints, reason, window};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verdict {
@@ -75,7 +77,7 @@ pub struct Record {
     /// For DROP verdicts: which drop path (`drops::code`).
     pub drop_reason: u8,
     /// What to do about it, attached by the tracer per reason_code.
-    pub hint: Option<Arc<Hint>>,
+    pub hint: Option<Arc<hints::Cached>>,
 }
 
 impl Record {
@@ -179,19 +181,20 @@ fn hook_name(pf: u8, hook: u8) -> Option<&'static str> {
     names.get(hook as usize).copied()
 }
 
-fn tcp_flags(h: &etherparse::TcpHeader) -> String {
+/// TCP flag letters in tcpdump order from the header's flags byte.
+fn tcp_flags(bits: u8) -> String {
     [
-        (h.syn, 'S'),
-        (h.fin, 'F'),
-        (h.rst, 'R'),
-        (h.psh, 'P'),
-        (h.ack, 'A'),
-        (h.urg, 'U'),
-        (h.ece, 'E'),
-        (h.cwr, 'C'),
+        (0x02, 'S'),
+        (0x01, 'F'),
+        (0x04, 'R'),
+        (0x08, 'P'),
+        (0x10, 'A'),
+        (0x20, 'U'),
+        (0x40, 'E'),
+        (0x80, 'C'),
     ]
     .iter()
-    .filter_map(|&(on, c)| on.then_some(c))
+    .filter_map(|&(m, c)| (bits & m != 0).then_some(c))
     .collect()
 }
 
@@ -270,72 +273,79 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
 }
 
 impl Packet {
-    /// Decodes the first `min(len, SNAP_LEN)` captured bytes.
+    /// Decodes the first `min(len, SNAP_LEN)` captured bytes. Header slices, not the owned
+    /// header structs: those are tens of KiB with IPv6 extension buffers, copied per packet.
     pub fn parse(captured: &[u8; SNAP_LEN], len: u32) -> Self {
         let mut r = Packet {
             headers: captured[..(len as usize).min(SNAP_LEN)].to_vec(),
             ..Default::default()
         };
-        if let Ok(p) = LaxPacketHeaders::from_ip(&r.headers) {
-            let mut l4_len = None;
-            let mut l4_off = None;
-            match &p.net {
-                Some(NetHeaders::Ipv4(h, _)) => {
-                    r.family = Some("ipv4");
-                    r.proto = Some(h.protocol.0);
-                    r.saddr = Some(IpAddr::V4(h.source.into()));
-                    r.daddr = Some(IpAddr::V4(h.destination.into()));
-                    l4_len = (h.total_len as usize).checked_sub(h.header_len());
-                    l4_off = Some(h.header_len());
+        let h = &r.headers[..];
+        // (l4 protocol, l4 offset, l4 length from the IP header)
+        let l4 = match h.first().map(|b| b >> 4) {
+            Some(4) => Ipv4HeaderSlice::from_slice(h).ok().map(|ip| {
+                r.family = Some("ipv4");
+                r.saddr = Some(IpAddr::V4(ip.source_addr()));
+                r.daddr = Some(IpAddr::V4(ip.destination_addr()));
+                let hl = ip.slice().len();
+                (
+                    ip.protocol().0,
+                    hl,
+                    (ip.total_len() as usize).checked_sub(hl),
+                )
+            }),
+            Some(6) => Ipv6HeaderSlice::from_slice(h).ok().map(|ip| {
+                r.family = Some("ipv6");
+                r.saddr = Some(IpAddr::V6(ip.source_addr()));
+                r.daddr = Some(IpAddr::V6(ip.destination_addr()));
+                let payload = ip.payload_length() as usize;
+                // Past the extension headers when they are all captured; else stop at them.
+                match Ipv6ExtensionsSlice::from_slice(ip.next_header(), &h[40..]) {
+                    Ok((exts, next, _)) => {
+                        let el = exts.slice().len();
+                        (next.0, 40 + el, payload.checked_sub(el))
+                    }
+                    Err(_) => (ip.next_header().0, 40, Some(payload)),
                 }
-                Some(NetHeaders::Ipv6(h, ext)) => {
-                    r.family = Some("ipv6");
-                    // The transport header, below, corrects this when extension headers follow.
-                    r.proto = Some(h.next_header.0);
-                    r.saddr = Some(IpAddr::V6(h.source.into()));
-                    r.daddr = Some(IpAddr::V6(h.destination.into()));
-                    l4_len = (h.payload_length as usize).checked_sub(ext.header_len());
-                    l4_off = Some(40 + ext.header_len());
-                }
-                _ => {}
-            }
-            match &p.transport {
-                Some(TransportHeader::Tcp(t)) => {
-                    r.proto = Some(6);
-                    r.sport = Some(t.source_port);
-                    r.dport = Some(t.destination_port);
+            }),
+            _ => None,
+        };
+        let Some((proto, off, l4_len)) = l4 else {
+            return r;
+        };
+        r.proto = Some(proto);
+        let l4 = &h[off.min(h.len())..];
+        match proto {
+            6 => match TcpHeaderSlice::from_slice(l4) {
+                Ok(t) => {
+                    r.sport = Some(t.source_port());
+                    r.dport = Some(t.destination_port());
                     let len = l4_len
-                        .and_then(|l| l.checked_sub(t.header_len()))
+                        .and_then(|l| l.checked_sub(t.slice().len()))
                         .unwrap_or(0);
                     r.tcp = Some(Tcp {
-                        flags: tcp_flags(t),
-                        seq: t.sequence_number,
-                        ack: t.acknowledgment_number,
-                        win: t.window_size,
+                        flags: tcp_flags(l4[13]),
+                        seq: t.sequence_number(),
+                        ack: t.acknowledgment_number(),
+                        win: t.window_size(),
                         len: len as u16,
                     });
                 }
-                Some(TransportHeader::Udp(u)) => {
-                    r.proto = Some(17);
-                    r.sport = Some(u.source_port);
-                    r.dport = Some(u.destination_port);
+                Err(_) => raw_transport(&mut r, off),
+            },
+            17 => match UdpHeaderSlice::from_slice(l4) {
+                Ok(u) => {
+                    r.sport = Some(u.source_port());
+                    r.dport = Some(u.destination_port());
                 }
-                Some(TransportHeader::Icmpv4(h)) => {
-                    let b = h.to_bytes();
-                    r.icmp = Some((b[0], b[1]));
+                Err(_) => raw_transport(&mut r, off),
+            },
+            1 | 58 => {
+                if let [t, c, ..] = l4 {
+                    r.icmp = Some((*t, *c));
                 }
-                Some(TransportHeader::Icmpv6(h)) => {
-                    r.proto = Some(58);
-                    let b = h.to_bytes();
-                    r.icmp = Some((b[0], b[1]));
-                }
-                _ => {}
             }
-            if r.sport.is_none()
-                && let Some(off) = l4_off
-            {
-                raw_transport(&mut r, off);
-            }
+            _ => raw_transport(&mut r, off),
         }
         r
     }
@@ -362,19 +372,7 @@ fn raw_transport(r: &mut Packet, off: usize) {
         && let (Some(seq), Some(ack), Some(&bits), Some(win)) =
             (be32(4), be32(8), l4.get(13), be16(14))
     {
-        let flags = [
-            (0x02, 'S'),
-            (0x01, 'F'),
-            (0x04, 'R'),
-            (0x08, 'P'),
-            (0x10, 'A'),
-            (0x20, 'U'),
-            (0x40, 'E'),
-            (0x80, 'C'),
-        ]
-        .iter()
-        .filter_map(|&(m, c)| (bits & m != 0).then_some(c))
-        .collect();
+        let flags = tcp_flags(bits);
         r.tcp = Some(Tcp {
             flags,
             seq,

@@ -12,11 +12,19 @@ use serde::Serialize;
 use super::Output;
 use crate::{
     ct::Endpoints,
-    hints::Hint,
     reset::{Incident, Reset},
     summary::Summary,
     verdict::Record,
 };
+
+/// RFC 3339 time, written straight into the output (no String per event).
+struct Rfc3339(std::time::SystemTime);
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(self.0))
+    }
+}
 
 pub struct Json<W: Write> {
     out: W,
@@ -37,7 +45,7 @@ impl<W: Write> Json<W> {
 #[derive(Serialize)]
 struct Event<'a> {
     event: &'static str,
-    time: String,
+    time: Rfc3339,
     ts_ns: u64,
     reason: &'a str,
     reason_code: &'static str,
@@ -68,7 +76,7 @@ struct Event<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     hook: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    hint: Option<&'a Hint>,
+    hint: Option<&'a serde_json::value::RawValue>,
 }
 
 #[derive(Serialize)]
@@ -190,7 +198,7 @@ impl Serialize for Endpoints {
 fn event_of(r: &Record) -> Event<'_> {
     Event {
         event: r.verdict.as_str(),
-        time: humantime::format_rfc3339_micros(r.time).to_string(),
+        time: Rfc3339(r.time),
         ts_ns: r.ts_ns,
         reason: r.reason_text(),
         reason_code: r.reason_code(),
@@ -224,14 +232,14 @@ fn event_of(r: &Record) -> Event<'_> {
         netns: r.netns,
         ifindex: r.ifindex,
         hook: r.hook,
-        hint: r.hint.as_deref(),
+        hint: r.hint.as_ref().map(|h| &*h.json),
     }
 }
 
 #[derive(Serialize)]
 struct ResetLine<'a> {
     event: &'static str,
-    time: String,
+    time: Rfc3339,
     ts_ns: u64,
     /// The RST's own addresses: from the answered packet's destination to its source.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -255,7 +263,7 @@ fn reset_of(r: &Reset) -> ResetLine<'_> {
     let t = &r.trigger;
     ResetLine {
         event: "reset",
-        time: humantime::format_rfc3339_micros(r.time).to_string(),
+        time: Rfc3339(r.time),
         ts_ns: r.ts_ns,
         saddr: t.daddr,
         sport: t.dport,
@@ -282,7 +290,7 @@ struct Addr {
 #[derive(Serialize)]
 struct IncidentLine<'a> {
     event: &'static str,
-    time: String,
+    time: Rfc3339,
     ts_ns: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     client: Option<Addr>,
@@ -312,7 +320,7 @@ impl<W: Write> Output for Json<W> {
         let roles = i.roles();
         self.line(&IncidentLine {
             event: "incident",
-            time: humantime::format_rfc3339_micros(i.reset.time).to_string(),
+            time: Rfc3339(i.reset.time),
             ts_ns: i.reset.ts_ns,
             client: roles.map(|(c, _, _)| Addr {
                 addr: c.saddr,

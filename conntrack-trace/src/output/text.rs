@@ -115,7 +115,7 @@ impl<W: Write> Output for Text<W> {
             line += &format!(" {dim}| {}{reset}", tail.join(" "));
         }
         writeln!(self.out, "{line}")?;
-        if let Some(h) = &r.hint
+        if let Some(h) = r.hint.as_ref().map(|c| &c.hint)
             && self.hinted.insert(r.reason_code())
         {
             writeln!(
