@@ -19,6 +19,8 @@ pub struct Run<'a> {
     pub command: &'a str,
     /// UTC date of the run.
     pub date: &'a str,
+    /// What was built: `commit 1234abc`, with `+ uncommitted changes` when the tree differs.
+    pub tree: &'a str,
     /// Host CPU model and count, from /proc/cpuinfo.
     pub host: &'a str,
 }
@@ -45,12 +47,13 @@ pub fn render(ctx: &Run, lines: &[String]) -> Result<String> {
     )?;
     writeln!(
         s,
-        "Produced by `{}` on {}: QEMU **TCG** (no KVM on this host), guest `-smp 2 -m 1024`, on \
+        "Produced by `{}` on {} from {}: QEMU **TCG** (no KVM on this host), guest `-smp 2 -m 1024`, on \
          the 2 cores of this host ({}). TCG emulates every guest instruction, so absolute times \
          are far above real hardware; compare rows within a table. nf_conntrack is {} in this \
          kernel.\n",
         ctx.command,
         ctx.date,
+        ctx.tree,
         ctx.host,
         if module {
             "a loadable module"
@@ -495,10 +498,13 @@ mod tests {
             kernel: kernel(),
             command: "cargo xtask bench --kernel 6.12",
             date: "2026-11-26",
+            tree: "commit 1234abc",
             host: "2 x Test CPU",
         };
         let text = render(&ctx, &records()).unwrap();
-        assert!(text.contains("Produced by `cargo xtask bench --kernel 6.12`"));
+        assert!(text.contains(
+            "Produced by `cargo xtask bench --kernel 6.12` on 2026-11-26 from commit 1234abc"
+        ));
         assert!(text.contains("QEMU **TCG**"));
         // 80 + 160 us over 800 skbs.
         assert!(text.contains("| exact | **all programs** (800 skbs) | | | | **300.0** |"));

@@ -210,6 +210,7 @@ fn bench(names: &[String], timeout: u64) -> Result<bool> {
     );
     let date = run_output(Command::new("date").args(["-u", "+%Y-%m-%d"]))?;
     let host = host_cpus();
+    let tree = source_tree();
     let file = workspace_root().join(bench::FILE);
     let mut ok = true;
     for kernel in selected {
@@ -227,6 +228,7 @@ fn bench(names: &[String], timeout: u64) -> Result<bool> {
             kernel,
             command: &command,
             date: date.trim(),
+            tree: &tree,
             host: &host,
         };
         let section = bench::render(&ctx, &outcome.bench)?;
@@ -239,6 +241,26 @@ fn bench(names: &[String], timeout: u64) -> Result<bool> {
         );
     }
     Ok(ok)
+}
+
+/// Which sources the numbers belong to: the commit, and whether the tree had changes.
+fn source_tree() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(workspace_root())
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(commit) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(changes) if changes.is_empty() => format!("commit {commit}"),
+            _ => format!("commit {commit} + uncommitted changes"),
+        },
+        None => "a source tree without git metadata".into(),
+    }
 }
 
 /// "2 x <model name>" from /proc/cpuinfo, for saying what the TCG numbers ran on.

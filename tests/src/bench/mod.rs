@@ -17,7 +17,6 @@ mod klog;
 mod progs;
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::{Value, json};
@@ -79,11 +78,7 @@ fn setup() -> Result<Topology> {
 fn startup() -> Result<()> {
     for _ in 0..3 {
         for (mode, args) in [("default", vec![]), ("exact", vec!["--exact".to_string()])] {
-            let tracer = counting::CountingTracer::start(&args)?;
-            // The tracer prints "attached" before its SIGINT handler is in place; a SIGINT
-            // right away kills it without a summary.
-            std::thread::sleep(Duration::from_secs(1));
-            let summary = tracer.stop()?;
+            let summary = counting::CountingTracer::start(&args)?.stop()?;
             startup_record(mode, "idle", &summary);
         }
     }
