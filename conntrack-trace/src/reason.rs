@@ -26,13 +26,13 @@ fn struct_text(t: u8) -> Option<&'static str> {
     })
 }
 
-/// Text fragment -> code, checked in order. Covers 4.18 to 6.18 wording.
+/// Text fragment (lowercase) -> code, checked in order. Covers 4.18 to 6.18 wording.
 const CODES: &[(&str, &str)] = &[
-    ("SEQ is over", "seq_over"),
-    ("SEQ is under", "seq_under"),
-    ("ACK is over", "ack_over"),
-    ("ACK is under", "ack_under"),
-    ("ACK under lower bound", "ack_under"),
+    ("seq is over", "seq_over"),
+    ("seq is under", "seq_under"),
+    ("ack is over", "ack_over"),
+    ("ack is under", "ack_under"),
+    ("ack under lower bound", "ack_under"),
     ("bytes more than expected", "overshot"),
     ("invalid tcp flag", "bad_flags"),
     ("truncated", "truncated"),
@@ -50,10 +50,7 @@ const CODES: &[(&str, &str)] = &[
 
 fn code_for(text: &str, l4proto: u8) -> &'static str {
     let lower = text.to_ascii_lowercase();
-    let Some(&(_, code)) = CODES
-        .iter()
-        .find(|(frag, _)| lower.contains(&frag.to_ascii_lowercase()))
-    else {
+    let Some(&(_, code)) = CODES.iter().find(|(frag, _)| lower.contains(frag)) else {
         return "unknown";
     };
     match (l4proto, code) {

@@ -344,13 +344,8 @@ mod tests {
             (5000 + (1 << 28), Effect::Ignored),
         ] {
             inv.pkt.tcp.as_mut().unwrap().ack = ack;
-            inv.window = Some(window::Explained {
-                sender: w(1, 65535),
-                receiver: w(5000, 65535),
-                bound: None,
-                excess: None,
-                text: String::new(),
-            });
+            let (seen, tcp) = ([w(1, 65535), w(5000, 65535)], inv.pkt.tcp.as_ref().unwrap());
+            inv.window = window::explain("ack_over", None, seen, false, tcp);
             assert_eq!(incident(&inv).effect(), want, "ack {ack}");
         }
     }

@@ -1,7 +1,10 @@
 //! What a tracing session saw, printed when it ends: per reason, top flows, losses, and the
 //! kernel's own counter deltas over the same period so the user can check nothing was missed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use crate::{
     counters::Stats,
@@ -10,7 +13,7 @@ use crate::{
 
 #[derive(Debug, Default)]
 pub struct Summary {
-    pub by_code: BTreeMap<String, u64>,
+    pub by_code: BTreeMap<&'static str, u64>,
     pub invalid: u64,
     pub ignored: u64,
     pub drops: u64,
@@ -20,7 +23,9 @@ pub struct Summary {
     /// Socketless RSTs seen, and how many of them answered an INVALID packet.
     pub resets: u64,
     pub incidents: u64,
-    flows: HashMap<String, u64>,
+    /// (protocol, source, source port, destination, destination port): formatted only for
+    /// the summary, not per event.
+    flows: HashMap<Option<(u8, IpAddr, u16, IpAddr, u16)>, u64>,
     /// Kernel counter deltas summed over the namespaces present at start and end.
     pub kernel: Option<Stats>,
     pub namespaces: usize,
@@ -65,17 +70,13 @@ impl Summary {
             Verdict::Ignored => self.ignored += 1,
             Verdict::Drop => self.drops += 1,
         }
-        *self.by_code.entry(r.reason_code().to_string()).or_insert(0) += 1;
-        let flow = match (r.pkt.saddr, r.pkt.daddr) {
-            (Some(s), Some(d)) => format!(
-                "{} {}:{} > {}:{}",
-                r.pkt.proto_name(),
-                s,
-                r.pkt.sport.unwrap_or(0),
-                d,
-                r.pkt.dport.unwrap_or(0)
-            ),
-            _ => "(unparsed)".into(),
+        *self.by_code.entry(r.reason_code()).or_insert(0) += 1;
+        let p = &r.pkt;
+        let flow = match (p.proto, p.saddr, p.daddr) {
+            (Some(proto), Some(s), Some(d)) => {
+                Some((proto, s, p.sport.unwrap_or(0), d, p.dport.unwrap_or(0)))
+            }
+            _ => None,
         };
         *self.flows.entry(flow).or_insert(0) += 1;
     }
@@ -85,11 +86,25 @@ impl Summary {
     }
 
     /// Up to `n` flows with the most events, most first.
-    pub fn top_flows(&self, n: usize) -> Vec<(&str, u64)> {
-        let mut v: Vec<(&str, u64)> = self.flows.iter().map(|(k, &c)| (k.as_str(), c)).collect();
+    pub fn top_flows(&self, n: usize) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self.flows.iter().map(|(k, &c)| (k, c)).collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
         v.truncate(n);
-        v
+        v.into_iter()
+            .map(|(k, c)| {
+                let name = match k {
+                    Some((proto, s, sp, d, dp)) => {
+                        let pkt = crate::verdict::Packet {
+                            proto: Some(*proto),
+                            ..Default::default()
+                        };
+                        format!("{} {s}:{sp} > {d}:{dp}", pkt.proto_name())
+                    }
+                    None => "(unparsed)".into(),
+                };
+                (name, c)
+            })
+            .collect()
     }
 }
 

@@ -2,9 +2,20 @@
 //! window state as conntrack saw it. Formulas are `tcp_in_window`'s (unchanged since 4.x
 //! apart from 6.1 turning some failures into IGNORE).
 
+use std::fmt;
+
 use conntrack_trace_common::window::TcpWindow;
 
 use crate::verdict::Tcp;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Check {
+    SeqOver,
+    AckOver,
+    SeqUnder,
+    AckUnder,
+    Overshot,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Explained {
@@ -16,8 +27,60 @@ pub struct Explained {
     pub bound: Option<u32>,
     /// How far past the bound the packet was, in bytes (at least 1 when the check failed).
     pub excess: Option<u32>,
-    /// One sentence with the numbers.
-    pub text: String,
+    check: Check,
+    /// The packet's number the check was about (seq, ack or segment end), and its window.
+    value: u32,
+    win: u16,
+}
+
+/// One sentence with the numbers; rendered only when printed.
+impl fmt::Display for Explained {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (bound, excess, v) = (
+            self.bound.unwrap_or(0),
+            self.excess.unwrap_or(0),
+            self.value,
+        );
+        match self.check {
+            Check::SeqOver => write!(
+                f,
+                "seq {v} is {excess} bytes past the receiver's window end {} (td_maxend of the sender)",
+                bound.wrapping_sub(1)
+            )?,
+            Check::AckOver => write!(
+                f,
+                "ack {v} is {excess} bytes past the highest sequence the other side sent ({})",
+                bound.wrapping_sub(1)
+            )?,
+            Check::SeqUnder => write!(
+                f,
+                "segment ends at {v}, {excess} bytes below the lower edge {} of the window \
+                 (sender end {} - receiver max window {}): data already acknowledged",
+                bound.wrapping_add(1),
+                self.sender.end,
+                self.receiver.maxwin
+            )?,
+            Check::AckUnder => write!(
+                f,
+                "ack {v} is {excess} bytes below the oldest acceptable ACK {}",
+                bound.wrapping_add(1)
+            )?,
+            Check::Overshot => write!(
+                f,
+                "segment ends at {v}, {excess} bytes past the receiver's window end {}",
+                self.sender.maxend
+            )?,
+        }
+        if self.sender.scale > 0 {
+            let scaled = (self.win as u64) << self.sender.scale.min(14);
+            write!(
+                f,
+                "; advertised window {} << scale {} = {scaled}",
+                self.win, self.sender.scale
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// `MAXACKWINDOW(sender)`: how far below `td_end` an ACK may be before it is "too old".
@@ -46,81 +109,49 @@ pub fn explain(
         (seen[0], seen[1])
     };
     let end = seg_end(tcp);
-    // (bound the kernel computes, excess, sentence)
-    let (bound, excess, text) = match code {
-        "seq_over" => {
-            let bound = kernel_bound.unwrap_or(sender.maxend.wrapping_add(1));
-            let excess = tcp.seq.wrapping_sub(bound).wrapping_add(1);
-            let text = format!(
-                "seq {} is {excess} bytes past the receiver's window end {} (td_maxend of the sender)",
-                tcp.seq,
-                bound.wrapping_sub(1)
-            );
-            (bound, excess, text)
-        }
-        "ack_over" => {
-            let bound = kernel_bound.unwrap_or(receiver.end.wrapping_add(1));
-            let excess = tcp.ack.wrapping_sub(bound).wrapping_add(1);
-            let text = format!(
-                "ack {} is {excess} bytes past the highest sequence the other side sent ({})",
-                tcp.ack,
-                bound.wrapping_sub(1)
-            );
-            (bound, excess, text)
-        }
-        "seq_under" => {
-            let bound =
-                kernel_bound.unwrap_or(sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1));
-            let excess = bound.wrapping_sub(end).wrapping_add(1);
-            let text = format!(
-                "segment ends at {end}, {excess} bytes below the lower edge {} of the window \
-                 (sender end {} - receiver max window {}): data already acknowledged",
-                bound.wrapping_add(1),
-                sender.end,
-                receiver.maxwin
-            );
-            (bound, excess, text)
-        }
-        "ack_under" => {
-            let bound = kernel_bound.unwrap_or(
+    let (check, bound, value) = match code {
+        "seq_over" => (
+            Check::SeqOver,
+            kernel_bound.unwrap_or(sender.maxend.wrapping_add(1)),
+            tcp.seq,
+        ),
+        "ack_over" => (
+            Check::AckOver,
+            kernel_bound.unwrap_or(receiver.end.wrapping_add(1)),
+            tcp.ack,
+        ),
+        "seq_under" => (
+            Check::SeqUnder,
+            kernel_bound.unwrap_or(sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1)),
+            end,
+        ),
+        "ack_under" => (
+            Check::AckUnder,
+            kernel_bound.unwrap_or(
                 receiver
                     .end
                     .wrapping_sub(max_ack_window(&sender))
                     .wrapping_sub(1),
-            );
-            let excess = bound.wrapping_sub(tcp.ack).wrapping_add(1);
-            let text = format!(
-                "ack {} is {excess} bytes below the oldest acceptable ACK {}",
-                tcp.ack,
-                bound.wrapping_add(1)
-            );
-            (bound, excess, text)
-        }
-        "overshot" => {
-            let over = kernel_bound.unwrap_or(end.wrapping_sub(sender.maxend));
-            let text = format!(
-                "segment ends at {end}, {over} bytes past the receiver's window end {}",
-                sender.maxend
-            );
-            (sender.maxend, over, text)
-        }
+            ),
+            tcp.ack,
+        ),
+        "overshot" => (Check::Overshot, sender.maxend, end),
         _ => return None,
     };
-    let scaled = (tcp.win as u64) << sender.scale.min(14);
-    let text = if sender.scale > 0 {
-        format!(
-            "{text}; advertised window {} << scale {} = {scaled}",
-            tcp.win, sender.scale
-        )
-    } else {
-        text
+    let excess = match check {
+        Check::SeqOver | Check::AckOver => value.wrapping_sub(bound).wrapping_add(1),
+        Check::SeqUnder | Check::AckUnder => bound.wrapping_sub(value).wrapping_add(1),
+        // The kernel logs the overshoot itself.
+        Check::Overshot => kernel_bound.unwrap_or(end.wrapping_sub(sender.maxend)),
     };
     Some(Explained {
         sender,
         receiver,
         bound: Some(bound),
         excess: Some(excess),
-        text,
+        check,
+        value,
+        win: tcp.win,
     })
 }
 
@@ -163,11 +194,11 @@ mod tests {
         .unwrap();
         assert_eq!((e.bound, e.excess), (Some(967), Some(34)));
         assert!(
-            e.text.starts_with("seq 1000 is 34 bytes past"),
+            e.to_string().starts_with("seq 1000 is 34 bytes past"),
             "{}",
-            e.text
+            e
         );
-        assert!(e.text.contains("502 << scale 7 = 64256"), "{}", e.text);
+        assert!(e.to_string().contains("502 << scale 7 = 64256"), "{e}");
         // Same numbers recomputed from the window when the kernel logged no bound (pre-6.1).
         let e2 = explain("seq_over", None, seen, false, &tcp(1000, 5000, 10, "PA")).unwrap();
         assert_eq!((e2.bound, e2.excess), (Some(967), Some(34)));

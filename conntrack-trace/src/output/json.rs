@@ -15,7 +15,17 @@ use crate::{
     reset::{Incident, Reset},
     summary::Summary,
     verdict::Record,
+    window,
 };
+
+/// A `Display` value written as a JSON string without an intermediate String.
+struct Text<'a, T: std::fmt::Display>(&'a T);
+
+impl<T: std::fmt::Display> Serialize for Text<'_, T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self.0)
+    }
+}
 
 /// RFC 3339 time, written straight into the output (no String per event).
 struct Rfc3339(std::time::SystemTime);
@@ -123,7 +133,7 @@ struct Window<'a> {
     bound: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     excess: Option<u32>,
-    explain: &'a str,
+    explain: Text<'a, window::Explained>,
 }
 
 #[derive(Serialize)]
@@ -152,8 +162,8 @@ struct SummaryLine<'a> {
     untracked: u64,
     resets: u64,
     incidents: u64,
-    counts: &'a BTreeMap<String, u64>,
-    top_flows: Vec<Flow<'a>>,
+    counts: &'a BTreeMap<&'static str, u64>,
+    top_flows: Vec<Flow>,
     #[serde(skip_serializing_if = "Option::is_none")]
     kernel: Option<&'a BTreeMap<String, u64>>,
     namespaces: usize,
@@ -172,8 +182,8 @@ struct SummaryLine<'a> {
 }
 
 #[derive(Serialize)]
-struct Flow<'a> {
-    flow: &'a str,
+struct Flow {
+    flow: String,
     events: u64,
 }
 
@@ -221,7 +231,7 @@ fn event_of(r: &Record) -> Event<'_> {
             receiver: (&w.receiver).into(),
             bound: w.bound,
             excess: w.excess,
-            explain: &w.text,
+            explain: Text(w),
         }),
         ct: r.ct.as_ref().map(|c| Ct {
             state: c.state,

@@ -98,7 +98,7 @@ fn comment(r: &Record) -> String {
     if let Some(w) = &r.window {
         c += &format!(
             "; {}; sender end={} maxend={} maxwin={} scale={}; receiver end={} maxend={} maxwin={} scale={}",
-            w.text,
+            w,
             w.sender.end,
             w.sender.maxend,
             w.sender.maxwin,

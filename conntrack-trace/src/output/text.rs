@@ -83,7 +83,7 @@ impl<W: Write> Output for Text<W> {
         }
         line += &format!(" | {}", r.reason_text());
         if let Some(w) = &r.window {
-            line += &format!(": {}", w.text);
+            line += &format!(": {w}");
         }
         if let Some(ct) = &r.ct {
             let o = &ct.original;
@@ -189,7 +189,7 @@ impl<W: Write> Output for Text<W> {
                 self.out,
                 "  why INVALID: {}: {}",
                 i.invalid.reason_text(),
-                w.text
+                w
             )?;
         } else {
             writeln!(self.out, "  why INVALID: {}", i.invalid.reason_text())?;
