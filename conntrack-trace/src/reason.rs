@@ -49,8 +49,12 @@ const CODES: &[(&str, &str)] = &[
 ];
 
 fn code_for(text: &str, l4proto: u8) -> &'static str {
-    let lower = text.to_ascii_lowercase();
-    let Some(&(_, code)) = CODES.iter().find(|(frag, _)| lower.contains(frag)) else {
+    let has = |frag: &str| {
+        text.as_bytes()
+            .windows(frag.len())
+            .any(|w| w.eq_ignore_ascii_case(frag.as_bytes()))
+    };
+    let Some(&(_, code)) = CODES.iter().find(|(frag, _)| has(frag)) else {
         return "unknown";
     };
     match (l4proto, code) {

@@ -38,7 +38,7 @@ impl Verdict {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tcp {
     /// Set flags, in tcpdump order: "S", "F", "R", "P", "A", "U", "E", "C" (e.g. "PA").
-    pub flags: String,
+    pub flags: Flags,
     pub seq: u32,
     pub ack: u32,
     pub win: u16,
@@ -181,21 +181,72 @@ fn hook_name(pf: u8, hook: u8) -> Option<&'static str> {
     names.get(hook as usize).copied()
 }
 
-/// TCP flag letters in tcpdump order from the header's flags byte.
-fn tcp_flags(bits: u8) -> String {
-    [
-        (0x02, 'S'),
-        (0x01, 'F'),
-        (0x04, 'R'),
-        (0x08, 'P'),
-        (0x10, 'A'),
-        (0x20, 'U'),
-        (0x40, 'E'),
-        (0x80, 'C'),
-    ]
-    .iter()
-    .filter_map(|&(m, c)| (bits & m != 0).then_some(c))
-    .collect()
+/// TCP flag letters, inline (no allocation per packet).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flags {
+    letters: [u8; 8],
+    len: u8,
+}
+
+impl Flags {
+    /// From the header's flags byte, in tcpdump order.
+    pub fn from_bits(bits: u8) -> Self {
+        let mut f = Flags::default();
+        for (m, c) in [
+            (0x02, b'S'),
+            (0x01, b'F'),
+            (0x04, b'R'),
+            (0x08, b'P'),
+            (0x10, b'A'),
+            (0x20, b'U'),
+            (0x40, b'E'),
+            (0x80, b'C'),
+        ] {
+            if bits & m != 0 {
+                f.letters[f.len as usize] = c;
+                f.len += 1;
+            }
+        }
+        f
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII letters are ever stored.
+        std::str::from_utf8(&self.letters[..self.len as usize]).unwrap_or("")
+    }
+
+    pub fn contains(&self, c: char) -> bool {
+        self.as_str().contains(c)
+    }
+}
+
+impl From<&str> for Flags {
+    fn from(s: &str) -> Self {
+        let mut f = Flags::default();
+        for b in s.bytes().take(8) {
+            f.letters[f.len as usize] = b;
+            f.len += 1;
+        }
+        f
+    }
+}
+
+impl PartialEq<&str> for Flags {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::fmt::Display for Flags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Flags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
 }
 
 /// Cold mode: what the kernel did with a packet it logged, from what it logged. The 6.1+
@@ -324,7 +375,7 @@ impl Packet {
                         .and_then(|l| l.checked_sub(t.slice().len()))
                         .unwrap_or(0);
                     r.tcp = Some(Tcp {
-                        flags: tcp_flags(l4[13]),
+                        flags: Flags::from_bits(l4[13]),
                         seq: t.sequence_number(),
                         ack: t.acknowledgment_number(),
                         win: t.window_size(),
@@ -372,7 +423,7 @@ fn raw_transport(r: &mut Packet, off: usize) {
         && let (Some(seq), Some(ack), Some(&bits), Some(win)) =
             (be32(4), be32(8), l4.get(13), be16(14))
     {
-        let flags = tcp_flags(bits);
+        let flags = Flags::from_bits(bits);
         r.tcp = Some(Tcp {
             flags,
             seq,

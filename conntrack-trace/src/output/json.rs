@@ -219,7 +219,7 @@ fn event_of(r: &Record) -> Event<'_> {
         daddr: r.pkt.daddr,
         dport: r.pkt.dport,
         tcp: r.pkt.tcp.as_ref().map(|t| Tcp {
-            flags: &t.flags,
+            flags: t.flags.as_str(),
             seq: t.seq,
             ack: t.ack,
             win: t.win,
@@ -282,7 +282,7 @@ fn reset_of(r: &Reset) -> ResetLine<'_> {
         netns: r.netns,
         ifindex: r.ifindex,
         trigger: t.tcp.as_ref().map(|t| Tcp {
-            flags: &t.flags,
+            flags: t.flags.as_str(),
             seq: t.seq,
             ack: t.ack,
             win: t.win,
