@@ -11,14 +11,15 @@ use conntrack_trace::{
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-/// Every record of every fixture recording, with the clock of the last one.
-fn fixtures() -> (conntrack_trace::verdict::Clock, Vec<Vec<u8>>) {
+/// The records of the fixture recordings whose name contains `filter`, with a clock.
+fn fixtures(filter: &str) -> (conntrack_trace::verdict::Clock, Vec<Vec<u8>>) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let mut all = Vec::new();
     let mut clock = None;
     for e in fs::read_dir(&dir).expect("tests/fixtures") {
         let path = e.unwrap().path();
-        if path.extension().is_some_and(|x| x == "ctrec") {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".ctrec") && name.contains(filter) {
             let (c, recs) = record::read(fs::File::open(&path).unwrap()).unwrap();
             clock = Some(c);
             all.extend(recs);
@@ -28,9 +29,17 @@ fn fixtures() -> (conntrack_trace::verdict::Clock, Vec<Vec<u8>>) {
     (clock.unwrap(), all)
 }
 
+/// Two mixes: everything recorded (window events, the client's RSTs, incidents), and the
+/// out-of-window events alone, which is what a flood of INVALID packets looks like.
 fn bench(c: &mut Criterion) {
-    let (clock, records) = fixtures();
-    let mut g = c.benchmark_group("per_event");
+    for (group, filter) in [("all_fixtures", ""), ("window_events", "tcp-window")] {
+        per_event(c, group, filter);
+    }
+}
+
+fn per_event(c: &mut Criterion, group: &str, filter: &str) {
+    let (clock, records) = fixtures(filter);
+    let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(records.len() as u64));
     g.bench_function("decode_explain_json", |b| {
         let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
