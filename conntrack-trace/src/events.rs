@@ -23,6 +23,16 @@ pub enum Stop {
     Io(io::ErrorKind),
 }
 
+impl From<io::Error> for Stop {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            Stop::Closed
+        } else {
+            Stop::Io(e.kind())
+        }
+    }
+}
+
 pub struct Events {
     pub clock: Clock,
     pub summary: Summary,
@@ -90,8 +100,7 @@ impl Events {
             }
         };
         match written {
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Stop::Closed),
-            Err(e) => Err(Stop::Io(e.kind())),
+            Err(e) => Err(Stop::from(e)),
             Ok(()) => match self.count {
                 Some(n) if self.summary.events() >= n => Err(Stop::Count),
                 _ => Ok(()),

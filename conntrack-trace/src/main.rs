@@ -109,11 +109,13 @@ fn watch_secs(s: &str) -> Result<Duration, String> {
 /// The terminal output the flags ask for: JSON lines, or text (coloured on a terminal).
 fn output(cli: &Cli) -> Box<dyn Output> {
     let stdout = std::io::stdout();
+    let colour = stdout.is_terminal();
+    // Buffered: the tracer flushes once per batch read from the kernel.
+    let out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     if cli.json {
-        Box::new(Json::new(stdout.lock()))
+        Box::new(Json::new(out))
     } else {
-        let colour = stdout.is_terminal();
-        Box::new(Text::new(stdout.lock(), colour))
+        Box::new(Text::new(out, colour))
     }
 }
 

@@ -57,10 +57,13 @@ impl<W: Write> Recorder<W> {
         Ok(Self { out })
     }
 
-    /// Appends one record, flushed so an interrupted session leaves a readable file.
+    /// Appends one record (written out by `flush`, once per batch).
     pub fn write(&mut self, record: &[u8]) -> io::Result<()> {
         self.out.write_all(&(record.len() as u32).to_le_bytes())?;
-        self.out.write_all(record)?;
+        self.out.write_all(record)
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 }
@@ -118,7 +121,7 @@ pub fn replay(path: &Path, out: &mut dyn Output, resets: bool, count: Option<u64
             Err(Stop::Io(k)) => bail!("writing output: {}", io::Error::from(k)),
         }
     }
-    match out.summary(&events.summary) {
+    match out.summary(&events.summary).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(true),
         r => r.map(|()| true).context("writing the summary"),
     }

@@ -84,6 +84,17 @@ fn attach(bpf: &mut Ebpf, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Writes out a batch: the outputs and the recording.
+fn flush(
+    out: &mut dyn Output,
+    recorder: Option<&mut Recorder<std::io::BufWriter<std::fs::File>>>,
+) -> io::Result<()> {
+    if let Some(r) = recorder {
+        r.flush()?;
+    }
+    out.flush()
+}
+
 /// VmHWM: the most resident memory this process has used.
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -187,12 +198,16 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
                         break 'run;
                     }
                 }
+                if let Err(e) = flush(out, recorder.as_mut()) {
+                    stop = Some(Stop::from(e));
+                    break 'run;
+                }
                 guard.clear_ready();
             }
             _ = tick.tick() => {
                 let lost = stat_total(&stats, stat::LOST);
                 if lost > reported_lost {
-                    if out.lost(lost - reported_lost).is_err() {
+                    if out.lost(lost - reported_lost).and_then(|()| out.flush()).is_err() {
                         stop = Some(Stop::Closed);
                         break 'run;
                     }
@@ -228,6 +243,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     if lost > reported_lost {
         let _ = out.lost(lost - reported_lost);
     }
+    let _ = flush(out, recorder.as_mut());
     summary.lost = lost;
     summary.untracked = stat_total(&stats, stat::NEST_OVERFLOW);
     summary.seconds = started.elapsed().as_secs_f64();
@@ -242,7 +258,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     summary.fill_end = counters::table_fill();
     summary.filtered = opts.filter != Filter::any();
     summary.cold = plan.mode == conntrack_trace_common::mode::COLD;
-    match out.summary(&summary) {
+    match out.summary(&summary).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("writing the summary"),
     }

@@ -1,4 +1,4 @@
-//! `--json`: one object per line, flushed per event, for jq. Keys are stable and documented in
+//! `--json`: one object per line, flushed with each batch read from the kernel, for jq. Keys are stable and documented in
 //! README.md; a field the kernel did not provide is omitted, never invented.
 
 use std::{
@@ -47,8 +47,7 @@ impl<W: Write> Json<W> {
 
     fn line<T: Serialize>(&mut self, v: &T) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, v)?;
-        self.out.write_all(b"\n")?;
-        self.out.flush()
+        self.out.write_all(b"\n")
     }
 }
 
@@ -318,6 +317,10 @@ struct IncidentLine<'a> {
 }
 
 impl<W: Write> Output for Json<W> {
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
     fn event(&mut self, r: &Record) -> io::Result<()> {
         self.line(&event_of(r))
     }

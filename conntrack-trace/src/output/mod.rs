@@ -21,6 +21,10 @@ pub trait Output {
     /// An INVALID packet and the RST that answered it.
     fn incident(&mut self, i: &Incident) -> io::Result<()>;
     fn summary(&mut self, s: &Summary) -> io::Result<()>;
+    /// Writes out what is buffered. Called after each batch read from the ring buffer, so
+    /// an event is never held back waiting for the next one, and a flood costs one write per
+    /// batch instead of one per event.
+    fn flush(&mut self) -> io::Result<()>;
 }
 
 /// One sentence a reader can act on: what happened to the connection, with the roles.
@@ -74,5 +78,9 @@ impl Output for Tee<'_> {
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
         self.1.summary(s)?;
         self.0.summary(s)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.1.flush()?;
+        self.0.flush()
     }
 }

@@ -74,8 +74,7 @@ impl<W: Write> Pcap<W> {
             options: vec![EnhancedPacketOption::Comment(Cow::Owned(comment))],
         };
         self.writer.write_pcapng_block(epb).map_err(to_io)?;
-        // Flushed per packet: an interrupted trace still leaves a complete file.
-        self.writer.get_mut().flush()
+        Ok(())
     }
 }
 
@@ -162,6 +161,11 @@ impl<W: Write> Output for Pcap<W> {
     }
 
     fn summary(&mut self, _s: &Summary) -> io::Result<()> {
+        self.writer.get_mut().flush()
+    }
+
+    /// With every batch: an interrupted trace still leaves a complete file.
+    fn flush(&mut self) -> io::Result<()> {
         self.writer.get_mut().flush()
     }
 }

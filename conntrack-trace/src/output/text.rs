@@ -54,6 +54,10 @@ fn clock(r: &Record) -> String {
 }
 
 impl<W: Write> Output for Text<W> {
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
     fn event(&mut self, r: &Record) -> io::Result<()> {
         let (label, colour) = match r.verdict {
             Verdict::Invalid => ("INVALID", self.paint(RED)),
@@ -137,7 +141,7 @@ impl<W: Write> Output for Text<W> {
                 )?;
             }
         }
-        self.out.flush()
+        Ok(())
     }
 
     fn reset(&mut self, r: &Reset) -> io::Result<()> {
@@ -162,7 +166,7 @@ impl<W: Write> Output for Text<W> {
             r.netns.map_or("?".into(), |n| n.to_string()),
             r.ifindex.map_or("?".into(), |n| n.to_string()),
         )?;
-        self.out.flush()
+        Ok(())
     }
 
     fn incident(&mut self, i: &Incident) -> io::Result<()> {
@@ -194,7 +198,7 @@ impl<W: Write> Output for Text<W> {
         } else {
             writeln!(self.out, "  why INVALID: {}", i.invalid.reason_text())?;
         }
-        self.out.flush()
+        Ok(())
     }
 
     fn lost(&mut self, n: u64) -> io::Result<()> {
@@ -203,7 +207,7 @@ impl<W: Write> Output for Text<W> {
             self.out,
             "{c}WARNING: {n} events lost (ring buffer full); raise --ring-size{reset}"
         )?;
-        self.out.flush()
+        Ok(())
     }
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
