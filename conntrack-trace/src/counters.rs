@@ -205,9 +205,11 @@ pub fn sysctl(name: &str) -> Option<u64> {
         .ok()
 }
 
-/// `nf_conntrack_count` / `nf_conntrack_max` of this namespace.
-pub fn table_fill() -> Option<(u64, u64)> {
-    Some((sysctl("nf_conntrack_count")?, sysctl("nf_conntrack_max")?))
+/// The fullest namespace's entry count (the `entries` column is per namespace) against
+/// `nf_conntrack_max`, which is one limit for all of them.
+pub fn fullest_table(per_ns: &BTreeMap<u64, Stats>) -> Option<(u64, u64)> {
+    let fullest = per_ns.values().filter_map(|s| s.get("entries")).max()?;
+    Some((fullest, sysctl("nf_conntrack_max")?))
 }
 
 #[cfg(test)]

@@ -6,6 +6,9 @@ use conntrack_trace_common::ct::{CT_HAS_TCP, CT_VALID, CtSnapshot, Tuple};
 
 use crate::verdict::addr;
 
+/// `IPS_CONFIRMED`: the entry is in the table (not one being created for this packet).
+const IPS_CONFIRMED: u32 = 1 << 3;
+
 /// `enum tcp_conntrack`, in kernel order.
 const TCP_STATES: [&str; 14] = [
     "NONE",
@@ -73,7 +76,9 @@ pub struct Conntrack {
 
 impl Conntrack {
     pub fn decode(s: &CtSnapshot) -> Option<Self> {
-        if s.flags & CT_VALID == 0 {
+        // An unconfirmed entry is the one conntrack was creating for this very packet and
+        // threw away with it: it names nothing but the packet itself.
+        if s.flags & CT_VALID == 0 || s.status & IPS_CONFIRMED == 0 {
             return None;
         }
         Some(Self {

@@ -88,10 +88,10 @@ enum Command {
     /// Load every program into the running kernel without attaching: report the verifier's
     /// verdict per program and which attach points this kernel offers.
     Check,
-    /// The kernel's conntrack counters (per CPU and summed), table fill and the sysctls that
-    /// decide what is INVALID. Needs no BPF and no root.
     /// Decode a file saved with --record and print it like the live tracer would.
     Replay { file: std::path::PathBuf },
+    /// The kernel's conntrack counters (per CPU and summed), table fill and the sysctls that
+    /// decide what is INVALID. Needs no BPF and no root.
     Stats {
         /// Print again every SECONDS with per-interval rates, until interrupted.
         #[arg(long, value_name = "SECONDS", value_parser = watch_secs)]

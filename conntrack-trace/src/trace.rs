@@ -154,6 +154,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
 
     let ns_before = counters::all_namespaces();
+    let fill_start = counters::fullest_table(&ns_before);
     let started = Instant::now();
     let startup = (planned, launched.elapsed());
     eprintln!(
@@ -175,7 +176,6 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         .map(|p| Recorder::create(p, &clock))
         .transpose()?;
     let mut events = Events::new(clock, Hints::new(Node::read()), opts.resets, opts.count);
-    events.summary.fill_start = counters::table_fill();
     let mut stop = None;
 
     'run: loop {
@@ -255,7 +255,8 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         .filter(|k| ns_before.contains_key(k))
         .count();
     summary.kernel = Some(counters::delta_common(&ns_before, &ns_after));
-    summary.fill_end = counters::table_fill();
+    summary.fill_start = fill_start;
+    summary.fill_end = counters::fullest_table(&ns_after);
     summary.filtered = opts.filter != Filter::any();
     summary.cold = plan.mode == conntrack_trace_common::mode::COLD;
     match out.summary(&summary).and_then(|()| out.flush()) {

@@ -265,7 +265,10 @@ impl<W: Write> Output for Text<W> {
             )?;
         }
         if let (Some((c0, m0)), Some((c1, m1))) = (s.fill_start, s.fill_end) {
-            writeln!(o, "conntrack table: {c0}/{m0} at start, {c1}/{m1} at end")?;
+            writeln!(
+                o,
+                "conntrack table (fullest namespace): {c0}/{m0} at start, {c1}/{m1} at end"
+            )?;
         }
         o.flush()
     }
