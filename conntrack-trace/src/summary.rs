@@ -11,6 +11,9 @@ use crate::{
     verdict::{Record, Verdict},
 };
 
+/// (protocol, source, source port, destination, destination port).
+type FlowKey = (u8, IpAddr, u16, IpAddr, u16);
+
 #[derive(Debug, Default)]
 pub struct Summary {
     pub by_code: BTreeMap<&'static str, u64>,
@@ -25,7 +28,7 @@ pub struct Summary {
     pub incidents: u64,
     /// (protocol, source, source port, destination, destination port): formatted only for
     /// the summary, not per event.
-    flows: HashMap<Option<(u8, IpAddr, u16, IpAddr, u16)>, u64>,
+    flows: HashMap<Option<FlowKey>, u64>,
     /// Kernel counter deltas summed over the namespaces present at start and end.
     pub kernel: Option<Stats>,
     pub namespaces: usize,
@@ -113,11 +116,12 @@ mod tests {
     use super::*;
 
     fn with_kernel(invalid: u64) -> Summary {
-        let mut s = Summary::default();
-        s.kernel = Some(Stats(
-            [("invalid".to_string(), invalid)].into_iter().collect(),
-        ));
-        s
+        Summary {
+            kernel: Some(Stats(
+                [("invalid".to_string(), invalid)].into_iter().collect(),
+            )),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -78,16 +78,7 @@ impl Tracer {
             })
         });
 
-        let (attached_tx, attached_rx) = mpsc::channel();
-        let err = child.stderr.take().expect("stderr piped");
-        let stderr = std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                println!("tracer: {line}");
-                if line.contains("conntrack-trace: attached") {
-                    let _ = attached_tx.send(());
-                }
-            }
-        });
+        let (stderr, attached_rx) = watch_stderr(&mut child);
 
         let mut tracer = Tracer {
             child,
@@ -214,4 +205,19 @@ impl Drop for Tracer {
             self.kill();
         }
     }
+}
+
+/// Echoes the tracer's stderr as log; the receiver gets a message when it says "attached".
+pub fn watch_stderr(child: &mut Child) -> (JoinHandle<()>, mpsc::Receiver<()>) {
+    let (attached_tx, attached_rx) = mpsc::channel();
+    let err = child.stderr.take().expect("stderr piped");
+    let handle = std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            println!("tracer: {line}");
+            if line.contains("conntrack-trace: attached") {
+                let _ = attached_tx.send(());
+            }
+        }
+    });
+    (handle, attached_rx)
 }

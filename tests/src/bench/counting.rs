@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -65,16 +65,7 @@ impl CountingTracer {
                 }
             })
         };
-        let (attached_tx, attached_rx) = mpsc::channel();
-        let err = child.stderr.take().expect("stderr piped");
-        let stderr = std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                println!("tracer: {line}");
-                if line.contains("conntrack-trace: attached") {
-                    let _ = attached_tx.send(());
-                }
-            }
-        });
+        let (stderr, attached_rx) = crate::tracer::watch_stderr(&mut child);
         let mut tracer = CountingTracer {
             child,
             counts,
