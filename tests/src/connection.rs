@@ -188,7 +188,9 @@ fn connect(to: SocketAddrV4, rcvbuf: i32) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-fn accept(listener: &TcpListener) -> Result<TcpStream> {
+/// The connection is established once connect() returned, but the backend's stack may
+/// still be processing the handshake's last ACK: poll the accept queue briefly.
+pub fn accept(listener: &TcpListener) -> Result<TcpStream> {
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + IO_TIMEOUT;
     loop {

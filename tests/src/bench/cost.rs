@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::json;
 
 use super::counting::CountingTracer;
@@ -147,7 +147,7 @@ impl Bulk {
             .client
             .run(|| TcpStream::connect_timeout(&SocketAddr::V4(WEB.vip), IO_TIMEOUT))?
             .with_context(|| format!("connect to Service {}", WEB.vip))?;
-        let server = accept(&listener)?;
+        let server = crate::connection::accept(&listener)?;
         for s in [&client, &server] {
             s.set_read_timeout(Some(IO_TIMEOUT))?;
             s.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -218,25 +218,6 @@ fn stopped_ok(result: io::Result<()>, stop: &AtomicBool) -> io::Result<()> {
     match result {
         Err(_) if stop.load(Ordering::Relaxed) => Ok(()),
         r => r,
-    }
-}
-
-/// The connection is established once connect() returned, but the backend's stack may
-/// still be processing the handshake's last ACK: poll the accept queue briefly.
-fn accept(listener: &TcpListener) -> Result<TcpStream> {
-    listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + IO_TIMEOUT;
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                stream.set_nonblocking(false)?;
-                return Ok(stream);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => bail!("accept on {}: {e}", WEB.backend),
-        }
     }
 }
 
