@@ -1,13 +1,18 @@
 //! Userspace cost per event: decode + explain + render, on events recorded from real kernels
 //! in the VM suite (tests/fixtures/*.ctrec). Target: >= 1,000,000 events/s on one core.
+//! `decode_only` is the part before any output (parse, reason, window math, hints, summary,
+//! correlation), so the renderers' share is the difference.
 
 use std::{fs, hint::black_box, io, path::Path};
 
 use conntrack_trace::{
     events::Events,
     hints::{Hints, Node},
-    output::{json::Json, text::Text},
+    output::{Output, json::Json, text::Text},
     record,
+    reset::{Incident, Reset},
+    summary::Summary,
+    verdict::Record,
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -37,22 +42,36 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// The buffer the tracer writes stdout through (main.rs), emptied into nothing: the copy into
+/// it is part of the cost, the write(2) is not.
+fn stdout_like() -> io::BufWriter<io::Sink> {
+    io::BufWriter::with_capacity(1 << 16, io::sink())
+}
+
 fn per_event(c: &mut Criterion, group: &str, filter: &str) {
     let (clock, records) = fixtures(filter);
     let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(records.len() as u64));
     g.bench_function("decode_explain_json", |b| {
         let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
-        let mut out = Json::new(io::sink());
+        let mut out = Json::new(stdout_like());
         b.iter(|| {
             for r in &records {
                 black_box(events.handle(black_box(r), &mut out)).ok();
             }
         })
     });
+    g.bench_function("decode_only", |b| {
+        let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
+        b.iter(|| {
+            for r in &records {
+                black_box(events.handle(black_box(r), &mut Discard)).ok();
+            }
+        })
+    });
     g.bench_function("decode_explain_text", |b| {
         let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
-        let mut out = Text::new(io::sink(), false);
+        let mut out = Text::new(stdout_like(), false);
         b.iter(|| {
             for r in &records {
                 black_box(events.handle(black_box(r), &mut out)).ok();
@@ -60,6 +79,33 @@ fn per_event(c: &mut Criterion, group: &str, filter: &str) {
         })
     });
     g.finish();
+}
+
+/// An output that renders nothing.
+struct Discard;
+
+impl Output for Discard {
+    fn event(&mut self, r: &Record) -> io::Result<()> {
+        black_box(r);
+        Ok(())
+    }
+    fn lost(&mut self, _: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn reset(&mut self, r: &Reset) -> io::Result<()> {
+        black_box(r);
+        Ok(())
+    }
+    fn incident(&mut self, i: &Incident) -> io::Result<()> {
+        black_box(i);
+        Ok(())
+    }
+    fn summary(&mut self, _: &Summary) -> io::Result<()> {
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 criterion_group!(benches, bench);

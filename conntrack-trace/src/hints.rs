@@ -2,7 +2,9 @@
 //! with their cost, and which of them this node already has (sysctls and ruleset, read once
 //! at start-up in the tracer's own network namespace).
 
-use std::{collections::HashMap, process::Command, sync::Arc};
+use std::{process::Command, sync::Arc};
+
+use foldhash::HashMap;
 
 use serde::Serialize;
 
@@ -164,7 +166,7 @@ impl Hints {
     pub fn new(node: Node) -> Self {
         Self {
             node,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The kernel's reason for an INVALID/IGNORED packet: its text with numbers filled in, and a
 //! stable snake_case code for scripts. The texts are the kernel's own, per version.
 
+use std::borrow::Cow;
+
 use conntrack_trace_common::{
     reason::{Reason, source},
     window::log_type,
@@ -14,14 +16,27 @@ pub struct Explained {
     pub value: Option<u32>,
 }
 
-/// The struct-form logger's texts (Debian 6.1.187+, 6.12), the same as the variadic form's.
-fn struct_text(t: u8) -> Option<&'static str> {
+/// The struct-form logger's texts (Debian 6.1.187+, 6.12), the same as the variadic form's,
+/// and their codes: the kernel says which check failed, so no text matching is needed.
+fn struct_text(t: u8) -> Option<(&'static str, &'static str)> {
     Some(match t {
-        log_type::OVERSHOT => "%u bytes more than expected",
-        log_type::SEQ_OVER => "SEQ is over upper bound %u (over the window of the receiver)",
-        log_type::ACK_OVER => "ACK is over upper bound %u (ACKed data not seen yet)",
-        log_type::SEQ_UNDER => "SEQ is under lower bound %u (already ACKed data retransmitted)",
-        log_type::ACK_UNDER => "ignored ACK under lower bound %u (possible overly delayed)",
+        log_type::OVERSHOT => ("%u bytes more than expected", "overshot"),
+        log_type::SEQ_OVER => (
+            "SEQ is over upper bound %u (over the window of the receiver)",
+            "seq_over",
+        ),
+        log_type::ACK_OVER => (
+            "ACK is over upper bound %u (ACKed data not seen yet)",
+            "ack_over",
+        ),
+        log_type::SEQ_UNDER => (
+            "SEQ is under lower bound %u (already ACKed data retransmitted)",
+            "seq_under",
+        ),
+        log_type::ACK_UNDER => (
+            "ignored ACK under lower bound %u (possible overly delayed)",
+            "ack_under",
+        ),
         _ => return None,
     })
 }
@@ -49,12 +64,9 @@ const CODES: &[(&str, &str)] = &[
 ];
 
 fn code_for(text: &str, l4proto: u8) -> &'static str {
-    let has = |frag: &str| {
-        text.as_bytes()
-            .windows(frag.len())
-            .any(|w| w.eq_ignore_ascii_case(frag.as_bytes()))
-    };
-    let Some(&(_, code)) = CODES.iter().find(|(frag, _)| has(frag)) else {
+    // Lowercased once, so each fragment is one substring search.
+    let text = text.to_ascii_lowercase();
+    let Some(&(_, code)) = CODES.iter().find(|(frag, _)| text.contains(frag)) else {
         return "unknown";
     };
     match (l4proto, code) {
@@ -68,9 +80,13 @@ fn code_for(text: &str, l4proto: u8) -> &'static str {
     }
 }
 
-fn c_str(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
+fn c_str(b: &[u8]) -> Cow<'_, str> {
+    let b = &b[..b.iter().position(|&c| c == 0).unwrap_or(b.len())];
+    // from_utf8 first: it has an ASCII fast path that from_utf8_lossy lacks.
+    match std::str::from_utf8(b) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(b),
+    }
 }
 
 /// Fills a printk format with the logged arguments. `%s` other than a leading one is the TCP
@@ -78,26 +94,35 @@ fn c_str(b: &[u8]) -> String {
 fn render(fmt: &str, args: &[u64], state: Option<&str>) -> String {
     let mut out = String::with_capacity(fmt.len() + 16);
     let mut args = args.iter();
-    let mut chars = fmt.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
+    // Copy the text between conversions whole: formats are mostly text.
+    let mut parts = fmt.split('%');
+    out.push_str(parts.next().unwrap_or_default());
+    let mut escaped = false;
+    for part in parts {
+        if escaped {
+            // The part after "%%": plain text.
+            escaped = false;
+            out.push_str(part);
             continue;
         }
+        let mut chars = part.chars();
         match chars.next() {
-            Some('%') => out.push('%'),
-            Some('u') => out.push_str(
-                &args
-                    .next()
-                    .map(|&a| (a as u32).to_string())
-                    .unwrap_or_default(),
-            ),
-            Some('d') | Some('i') => out.push_str(
-                &args
-                    .next()
-                    .map(|&a| (a as u32 as i32).to_string())
-                    .unwrap_or_default(),
-            ),
+            // "%%" splits into an empty part; the next part is text.
+            None => {
+                out.push('%');
+                escaped = true;
+                continue;
+            }
+            Some('u') => {
+                if let Some(&a) = args.next() {
+                    out.push_str(itoa::Buffer::new().format(a as u32));
+                }
+            }
+            Some('d' | 'i') => {
+                if let Some(&a) = args.next() {
+                    out.push_str(itoa::Buffer::new().format(a as u32 as i32));
+                }
+            }
             Some('s') => {
                 args.next();
                 out.push_str(state.unwrap_or("?"));
@@ -107,8 +132,8 @@ fn render(fmt: &str, args: &[u64], state: Option<&str>) -> String {
                 out.push('%');
                 out.push(other);
             }
-            None => out.push('%'),
         }
+        out.push_str(chars.as_str());
     }
     out
 }
@@ -116,22 +141,24 @@ fn render(fmt: &str, args: &[u64], state: Option<&str>) -> String {
 pub fn explain(r: &Reason, tcp_state: Option<&str>) -> Option<Explained> {
     match r.source {
         source::TCP_LOG_VARIADIC | source::TCP_LOG_STRUCT => {
-            let fmt = if r.source == source::TCP_LOG_STRUCT {
-                struct_text(r.log_type)?.to_string()
+            let (fmt, code) = if r.source == source::TCP_LOG_STRUCT {
+                let (fmt, code) = struct_text(r.log_type)?;
+                (Cow::Borrowed(fmt), code)
             } else {
-                c_str(&r.fmt)
+                let fmt = c_str(&r.fmt);
+                let code = code_for(&fmt, 6);
+                (fmt, code)
             };
-            let value = r.args[0] as u32;
             Some(Explained {
-                code: code_for(&fmt, 6),
+                code,
                 text: render(&fmt, &r.args, tcp_state),
-                value: Some(value),
+                value: Some(r.args[0] as u32),
             })
         }
         source::L4PROTO_LOG => {
             let fmt = c_str(&r.fmt);
             let text = if fmt.starts_with("%s") {
-                c_str(&r.arg)
+                c_str(&r.arg).into_owned()
             } else {
                 render(&fmt, &r.args, tcp_state)
             };

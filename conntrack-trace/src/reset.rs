@@ -1,15 +1,11 @@
 //! Resets sent for packets that found no socket, and the incident they complete: an INVALID
 //! segment escaped NAT, a stack answered it with an RST, the real connection died.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    net::IpAddr,
-    rc::Rc,
-    time::SystemTime,
-};
+use std::{collections::VecDeque, net::IpAddr, rc::Rc, time::SystemTime};
 
 use anyhow::{Result, bail};
 use conntrack_trace_common::reset::{HAS_NETNS, ResetEvent};
+use foldhash::HashMap;
 
 use crate::{
     ct::{Conntrack, Endpoints},
@@ -108,7 +104,7 @@ impl Incident {
         let (Some(tcp), Some(w)) = (&self.invalid.pkt.tcp, &self.invalid.window) else {
             return Effect::Unknown;
         };
-        if !tcp.flags.contains('A') {
+        if !tcp.flags.contains(b'A') {
             return Effect::Unknown;
         }
         let rst_seq = tcp.ack;

@@ -1,10 +1,9 @@
 //! What a tracing session saw, printed when it ends: per reason, top flows, losses, and the
 //! kernel's own counter deltas over the same period so the user can check nothing was missed.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, net::IpAddr};
+
+use foldhash::HashMap;
 
 use crate::{
     counters::Stats,

@@ -2,6 +2,7 @@
 //! packet's headers, the reason and, for TCP, the window math.
 
 use std::{
+    borrow::Cow,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -105,14 +106,14 @@ impl Packet {
         Some((self.saddr?, self.sport?, self.daddr?, self.dport?))
     }
 
-    pub fn proto_name(&self) -> String {
+    pub fn proto_name(&self) -> Cow<'static, str> {
         match self.proto {
             Some(6) => "tcp".into(),
             Some(17) => "udp".into(),
             Some(1) => "icmp".into(),
             Some(58) => "icmpv6".into(),
             Some(132) => "sctp".into(),
-            Some(n) => n.to_string(),
+            Some(n) => n.to_string().into(),
             None => "?".into(),
         }
     }
@@ -215,8 +216,8 @@ impl Flags {
         std::str::from_utf8(&self.letters[..self.len as usize]).unwrap_or("")
     }
 
-    pub fn contains(&self, c: char) -> bool {
-        self.as_str().contains(c)
+    pub fn contains(&self, letter: u8) -> bool {
+        self.letters[..self.len as usize].contains(&letter)
     }
 }
 

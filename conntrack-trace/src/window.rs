@@ -33,53 +33,57 @@ pub struct Explained {
     win: u16,
 }
 
-/// One sentence with the numbers; rendered only when printed.
-impl fmt::Display for Explained {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+/// Appends text and numbers in order: literals as constant bytes, numbers through itoa.
+macro_rules! put {
+    (@one $out:expr, $l:literal) => {
+        $out.extend_from_slice($l.as_bytes())
+    };
+    (@one $out:expr, $n:expr) => {
+        $out.extend_from_slice(itoa::Buffer::new().format($n).as_bytes())
+    };
+    ($out:expr; $($x:tt)*) => {{
+        $( put!(@one $out, $x); )*
+    }};
+}
+
+impl Explained {
+    /// Appends the sentence with the numbers (ASCII, nothing to escape in JSON). Rendered
+    /// only when printed, with itoa rather than `fmt`: it goes out with every window event
+    /// and was the largest part of the cost.
+    pub fn write_into(&self, out: &mut Vec<u8>) {
         let (bound, excess, v) = (
             self.bound.unwrap_or(0),
             self.excess.unwrap_or(0),
             self.value,
         );
+        let (above, below) = (bound.wrapping_sub(1), bound.wrapping_add(1));
+        let (end, maxwin, maxend) = (self.sender.end, self.receiver.maxwin, self.sender.maxend);
         match self.check {
-            Check::SeqOver => write!(
-                f,
-                "seq {v} is {excess} bytes past the receiver's window end {} (td_maxend of the sender)",
-                bound.wrapping_sub(1)
-            )?,
-            Check::AckOver => write!(
-                f,
-                "ack {v} is {excess} bytes past the highest sequence the other side sent ({})",
-                bound.wrapping_sub(1)
-            )?,
-            Check::SeqUnder => write!(
-                f,
-                "segment ends at {v}, {excess} bytes below the lower edge {} of the window \
-                 (sender end {} - receiver max window {}): data already acknowledged",
-                bound.wrapping_add(1),
-                self.sender.end,
-                self.receiver.maxwin
-            )?,
-            Check::AckUnder => write!(
-                f,
-                "ack {v} is {excess} bytes below the oldest acceptable ACK {}",
-                bound.wrapping_add(1)
-            )?,
-            Check::Overshot => write!(
-                f,
-                "segment ends at {v}, {excess} bytes past the receiver's window end {}",
-                self.sender.maxend
-            )?,
+            Check::SeqOver => put!(out; "seq " v " is " excess
+                " bytes past the receiver's window end " above " (td_maxend of the sender)"),
+            Check::AckOver => put!(out; "ack " v " is " excess
+                " bytes past the highest sequence the other side sent (" above ")"),
+            Check::SeqUnder => put!(out; "segment ends at " v ", " excess
+                " bytes below the lower edge " below " of the window (sender end " end
+                " - receiver max window " maxwin "): data already acknowledged"),
+            Check::AckUnder => put!(out; "ack " v " is " excess
+                " bytes below the oldest acceptable ACK " below),
+            Check::Overshot => put!(out; "segment ends at " v ", " excess
+                " bytes past the receiver's window end " maxend),
         }
-        if self.sender.scale > 0 {
-            let scaled = (self.win as u64) << self.sender.scale.min(14);
-            write!(
-                f,
-                "; advertised window {} << scale {} = {scaled}",
-                self.win, self.sender.scale
-            )?;
+        let scale = self.sender.scale;
+        if scale > 0 {
+            let (win, scaled) = (self.win, (self.win as u64) << scale.min(14));
+            put!(out; "; advertised window " win " << scale " scale " = " scaled);
         }
-        Ok(())
+    }
+}
+
+impl fmt::Display for Explained {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = Vec::with_capacity(192);
+        self.write_into(&mut s);
+        f.write_str(&String::from_utf8_lossy(&s))
     }
 }
 
@@ -92,8 +96,8 @@ fn max_ack_window(sender: &TcpWindow) -> u32 {
 fn seg_end(t: &Tcp) -> u32 {
     t.seq
         .wrapping_add(t.len as u32)
-        .wrapping_add(u32::from(t.flags.contains('S')))
-        .wrapping_add(u32::from(t.flags.contains('F')))
+        .wrapping_add(u32::from(t.flags.contains(b'S')))
+        .wrapping_add(u32::from(t.flags.contains(b'F')))
 }
 
 pub fn explain(

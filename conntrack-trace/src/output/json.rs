@@ -4,88 +4,309 @@
 use std::{
     collections::BTreeMap,
     io::{self, Write},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
 };
+
+use conntrack_trace_common::window::TcpWindow;
 
 use serde::Serialize;
 
-use super::Output;
+use super::{Output, Stamp, Stamps};
 use crate::{
-    ct::Endpoints,
+    ct::{Conntrack, Endpoints},
     reset::{Incident, Reset},
     summary::Summary,
     verdict::Record,
-    window,
 };
-
-/// A `Display` value written as a JSON string without an intermediate String.
-struct Text<'a, T: std::fmt::Display>(&'a T);
-
-impl<T: std::fmt::Display> Serialize for Text<'_, T> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self.0)
-    }
-}
-
-/// RFC 3339 time, written straight into the output (no String per event).
-struct Rfc3339(std::time::SystemTime);
-
-impl Serialize for Rfc3339 {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_rfc3339_micros(self.0))
-    }
-}
 
 pub struct Json<W: Write> {
     out: W,
+    /// The line being written: serde_json writes a token at a time, which costs a call per
+    /// token into a `BufWriter` but is inlined into a `Vec` (half the cost per event).
+    line: Vec<u8>,
+    stamps: Stamps,
 }
 
 impl<W: Write> Json<W> {
     pub fn new(out: W) -> Self {
-        Self { out }
+        Self {
+            out,
+            line: Vec::with_capacity(4096),
+            stamps: Stamps::default(),
+        }
     }
 
     fn line<T: Serialize>(&mut self, v: &T) -> io::Result<()> {
-        serde_json::to_writer(&mut self.out, v)?;
-        self.out.write_all(b"\n")
+        line(&mut self.out, &mut self.line, v)
     }
 }
 
-#[derive(Serialize)]
-struct Event<'a> {
-    event: &'static str,
-    time: Rfc3339,
-    ts_ns: u64,
-    reason: &'a str,
-    reason_code: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    family: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    proto: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    saddr: Option<IpAddr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sport: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    daddr: Option<IpAddr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dport: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tcp: Option<Tcp<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    icmp: Option<Icmp>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    window: Option<Window<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ct: Option<Ct<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    netns: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ifindex: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    hook: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    hint: Option<&'a serde_json::value::RawValue>,
+/// An address as a JSON string, for the serde-derived lines.
+#[derive(Clone, Copy)]
+struct Ip(IpAddr);
+
+impl Serialize for Ip {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            IpAddr::V4(a) => s.serialize_str(ipv4(a, &mut [0; 15])),
+            IpAddr::V6(a) => a.serialize(s),
+        }
+    }
+}
+
+/// Dotted IPv4, digit by digit: through `Display` the six addresses of an event cost more
+/// than the rest of it.
+fn ipv4(a: Ipv4Addr, buf: &mut [u8; 15]) -> &str {
+    let mut len = 0;
+    for (i, o) in a.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[len] = b'.';
+            len += 1;
+        }
+        if o >= 100 {
+            buf[len] = b'0' + o / 100;
+            len += 1;
+        }
+        if o >= 10 {
+            buf[len] = b'0' + o / 10 % 10;
+            len += 1;
+        }
+        buf[len] = b'0' + o % 10;
+        len += 1;
+    }
+    // SAFETY: only ASCII digits and dots were written (checking costs more than the rest).
+    unsafe { std::str::from_utf8_unchecked(&buf[..len]) }
+}
+
+/// `,"k":` for a key of ours, as one constant: three appends per key were a quarter of
+/// the event's cost.
+macro_rules! key {
+    ($o:expr, $k:literal) => {
+        $o.extend_from_slice(concat!(",\"", $k, "\":").as_bytes())
+    };
+}
+
+/// The event object, one per INVALID packet: a flood is made of these, so it is written by
+/// hand. serde_json spends about 140 instructions on every string token, keys included;
+/// here keys are constant bytes. Text that is not ours (the kernel's reason) still goes
+/// through serde_json's escaping. The tests check every field against the record.
+fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp) -> io::Result<()> {
+    let p = &r.pkt;
+    o.extend_from_slice(b"{\"event\":");
+    plain(o, r.verdict.as_str());
+    key!(o, "time");
+    plain(o, time.as_str());
+    key!(o, "ts_ns");
+    num(o, r.ts_ns);
+    key!(o, "reason");
+    // The kernel's text: escaped.
+    serde_json::to_writer(&mut *o, r.reason_text())?;
+    key!(o, "reason_code");
+    plain(o, r.reason_code());
+    if let Some(f) = p.family {
+        key!(o, "family");
+        plain(o, f);
+    }
+    if p.proto.is_some() {
+        key!(o, "proto");
+        plain(o, &p.proto_name());
+    }
+    if let Some(a) = p.saddr {
+        key!(o, "saddr");
+        ip(o, a);
+    }
+    if let Some(n) = p.sport {
+        key!(o, "sport");
+        num(o, n);
+    }
+    if let Some(a) = p.daddr {
+        key!(o, "daddr");
+        ip(o, a);
+    }
+    if let Some(n) = p.dport {
+        key!(o, "dport");
+        num(o, n);
+    }
+    if let Some(t) = &p.tcp {
+        key!(o, "tcp");
+        o.extend_from_slice(b"{\"flags\":");
+        plain(o, t.flags.as_str());
+        key!(o, "seq");
+        num(o, t.seq);
+        key!(o, "ack");
+        num(o, t.ack);
+        key!(o, "win");
+        num(o, t.win);
+        key!(o, "len");
+        num(o, t.len);
+        o.push(b'}');
+    }
+    if let Some((t, c)) = p.icmp {
+        key!(o, "icmp");
+        o.extend_from_slice(b"{\"type\":");
+        num(o, t);
+        key!(o, "code");
+        num(o, c);
+        o.push(b'}');
+    }
+    if let Some(w) = &r.window {
+        key!(o, "window");
+        o.extend_from_slice(b"{\"sender\":");
+        side(o, &w.sender);
+        key!(o, "receiver");
+        side(o, &w.receiver);
+        if let Some(b) = w.bound {
+            key!(o, "bound");
+            num(o, b);
+        }
+        if let Some(e) = w.excess {
+            key!(o, "excess");
+            num(o, e);
+        }
+        key!(o, "explain");
+        o.push(b'"');
+        w.write_into(o);
+        o.push(b'"');
+        o.push(b'}');
+    }
+    if let Some(c) = &r.ct {
+        key!(o, "ct");
+        ct(o, c);
+    }
+    if let Some(n) = r.netns {
+        key!(o, "netns");
+        num(o, n);
+    }
+    if let Some(n) = r.ifindex {
+        key!(o, "ifindex");
+        num(o, n);
+    }
+    if let Some(h) = r.hook {
+        key!(o, "hook");
+        plain(o, h);
+    }
+    if let Some(h) = &r.hint {
+        key!(o, "hint");
+        o.extend_from_slice(h.json.get().as_bytes());
+    }
+    o.push(b'}');
+    Ok(())
+}
+
+/// A string that needs no escaping (codes, names, numbers).
+#[inline(always)]
+fn plain(o: &mut Vec<u8>, v: &str) {
+    debug_assert!(
+        !v.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20),
+        "{v}"
+    );
+    o.push(b'"');
+    o.extend_from_slice(v.as_bytes());
+    o.push(b'"');
+}
+
+#[inline(always)]
+fn num(o: &mut Vec<u8>, n: impl itoa::Integer) {
+    o.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn ip(o: &mut Vec<u8>, a: IpAddr) {
+    match a {
+        IpAddr::V4(a) => plain(o, ipv4(a, &mut [0; 15])),
+        // Writing to a Vec cannot fail; IPv6 text needs no escaping.
+        IpAddr::V6(a) => {
+            let _ = write!(o, "\"{a}\"");
+        }
+    }
+}
+
+/// An INVALID packet and the RST that answered it; `times`: the RST's, the packet's.
+fn write_incident(o: &mut Vec<u8>, i: &Incident, times: (Stamp, Stamp)) -> io::Result<()> {
+    o.extend_from_slice(b"{\"event\":\"incident\"");
+    key!(o, "time");
+    plain(o, times.0.as_str());
+    key!(o, "ts_ns");
+    num(o, i.reset.ts_ns);
+    if let Some((client, service, backend)) = i.roles() {
+        key!(o, "client");
+        addr(o, client.saddr, client.sport);
+        key!(o, "service");
+        addr(o, service.0, service.1);
+        key!(o, "backend");
+        addr(o, backend.0, backend.1);
+    }
+    if let Some(c) = &i.ct {
+        key!(o, "ct");
+        ct(o, c);
+    }
+    key!(o, "invalid");
+    write_event(o, &i.invalid, times.1)?;
+    key!(o, "reset");
+    serde_json::to_writer(&mut *o, &reset_of(&i.reset, times.0))?;
+    // `reset`, `challenge_ack`, `ignored` or `unknown`: what the RST does to the connection.
+    key!(o, "effect");
+    plain(o, i.effect().as_str());
+    key!(o, "explain");
+    serde_json::to_writer(&mut *o, &super::incident_story(i))?;
+    o.push(b'}');
+    Ok(())
+}
+
+fn addr(o: &mut Vec<u8>, a: IpAddr, port: u16) {
+    o.extend_from_slice(b"{\"addr\":");
+    ip(o, a);
+    key!(o, "port");
+    num(o, port);
+    o.push(b'}');
+}
+
+fn ct(o: &mut Vec<u8>, c: &Conntrack) {
+    o.push(b'{');
+    if let Some(state) = c.state {
+        o.extend_from_slice(b"\"state\":");
+        plain(o, state);
+        o.push(b',');
+    }
+    o.extend_from_slice(b"\"original\":");
+    endpoints(o, &c.original);
+    key!(o, "reply");
+    endpoints(o, &c.reply);
+    key!(o, "dnat");
+    o.extend_from_slice(if c.dnat() { b"true" } else { b"false" });
+    o.push(b'}');
+}
+
+fn side(o: &mut Vec<u8>, w: &TcpWindow) {
+    o.extend_from_slice(b"{\"end\":");
+    num(o, w.end);
+    key!(o, "maxend");
+    num(o, w.maxend);
+    key!(o, "maxwin");
+    num(o, w.maxwin);
+    key!(o, "maxack");
+    num(o, w.maxack);
+    key!(o, "scale");
+    num(o, w.scale);
+    o.push(b'}');
+}
+
+fn endpoints(o: &mut Vec<u8>, e: &Endpoints) {
+    o.extend_from_slice(b"{\"saddr\":");
+    ip(o, e.saddr);
+    key!(o, "sport");
+    num(o, e.sport);
+    key!(o, "daddr");
+    ip(o, e.daddr);
+    key!(o, "dport");
+    num(o, e.dport);
+    o.push(b'}');
+}
+
+fn line<T: Serialize>(out: &mut impl Write, line: &mut Vec<u8>, v: &T) -> io::Result<()> {
+    line.clear();
+    serde_json::to_writer(&mut *line, v)?;
+    line.push(b'\n');
+    out.write_all(line)
 }
 
 #[derive(Serialize)]
@@ -95,53 +316,6 @@ struct Tcp<'a> {
     ack: u32,
     win: u16,
     len: u16,
-}
-
-#[derive(Serialize)]
-struct Icmp {
-    r#type: u8,
-    code: u8,
-}
-
-#[derive(Serialize)]
-struct Side {
-    end: u32,
-    maxend: u32,
-    maxwin: u32,
-    maxack: u32,
-    scale: u8,
-}
-
-impl From<&conntrack_trace_common::window::TcpWindow> for Side {
-    fn from(w: &conntrack_trace_common::window::TcpWindow) -> Self {
-        Self {
-            end: w.end,
-            maxend: w.maxend,
-            maxwin: w.maxwin,
-            maxack: w.maxack,
-            scale: w.scale,
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct Window<'a> {
-    sender: Side,
-    receiver: Side,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bound: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    excess: Option<u32>,
-    explain: Text<'a, window::Explained>,
-}
-
-#[derive(Serialize)]
-struct Ct<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    state: Option<&'static str>,
-    original: &'a Endpoints,
-    reply: &'a Endpoints,
-    dnat: bool,
 }
 
 #[derive(Serialize)]
@@ -192,71 +366,18 @@ struct Fill {
     max: u64,
 }
 
-impl Serialize for Endpoints {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("Endpoints", 4)?;
-        st.serialize_field("saddr", &self.saddr)?;
-        st.serialize_field("sport", &self.sport)?;
-        st.serialize_field("daddr", &self.daddr)?;
-        st.serialize_field("dport", &self.dport)?;
-        st.end()
-    }
-}
-
-fn event_of(r: &Record) -> Event<'_> {
-    Event {
-        event: r.verdict.as_str(),
-        time: Rfc3339(r.time),
-        ts_ns: r.ts_ns,
-        reason: r.reason_text(),
-        reason_code: r.reason_code(),
-        family: r.pkt.family,
-        proto: r.pkt.proto.map(|_| r.pkt.proto_name()),
-        saddr: r.pkt.saddr,
-        sport: r.pkt.sport,
-        daddr: r.pkt.daddr,
-        dport: r.pkt.dport,
-        tcp: r.pkt.tcp.as_ref().map(|t| Tcp {
-            flags: t.flags.as_str(),
-            seq: t.seq,
-            ack: t.ack,
-            win: t.win,
-            len: t.len,
-        }),
-        icmp: r.pkt.icmp.map(|(t, c)| Icmp { r#type: t, code: c }),
-        window: r.window.as_ref().map(|w| Window {
-            sender: (&w.sender).into(),
-            receiver: (&w.receiver).into(),
-            bound: w.bound,
-            excess: w.excess,
-            explain: Text(w),
-        }),
-        ct: r.ct.as_ref().map(|c| Ct {
-            state: c.state,
-            original: &c.original,
-            reply: &c.reply,
-            dnat: c.dnat(),
-        }),
-        netns: r.netns,
-        ifindex: r.ifindex,
-        hook: r.hook,
-        hint: r.hint.as_ref().map(|h| &*h.json),
-    }
-}
-
 #[derive(Serialize)]
 struct ResetLine<'a> {
     event: &'static str,
-    time: Rfc3339,
+    time: Stamp,
     ts_ns: u64,
     /// The RST's own addresses: from the answered packet's destination to its source.
     #[serde(skip_serializing_if = "Option::is_none")]
-    saddr: Option<IpAddr>,
+    saddr: Option<Ip>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sport: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    daddr: Option<IpAddr>,
+    daddr: Option<Ip>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dport: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -268,15 +389,15 @@ struct ResetLine<'a> {
     trigger: Option<Tcp<'a>>,
 }
 
-fn reset_of(r: &Reset) -> ResetLine<'_> {
+fn reset_of(r: &Reset, time: Stamp) -> ResetLine<'_> {
     let t = &r.trigger;
     ResetLine {
         event: "reset",
-        time: Rfc3339(r.time),
+        time,
         ts_ns: r.ts_ns,
-        saddr: t.daddr,
+        saddr: t.daddr.map(Ip),
         sport: t.dport,
-        daddr: t.saddr,
+        daddr: t.saddr.map(Ip),
         dport: t.sport,
         netns: r.netns,
         ifindex: r.ifindex,
@@ -290,74 +411,33 @@ fn reset_of(r: &Reset) -> ResetLine<'_> {
     }
 }
 
-#[derive(Serialize)]
-struct Addr {
-    addr: IpAddr,
-    port: u16,
-}
-
-#[derive(Serialize)]
-struct IncidentLine<'a> {
-    event: &'static str,
-    time: Rfc3339,
-    ts_ns: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client: Option<Addr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    service: Option<Addr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    backend: Option<Addr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ct: Option<Ct<'a>>,
-    invalid: Event<'a>,
-    reset: ResetLine<'a>,
-    /// `reset`, `challenge_ack`, `ignored` or `unknown`: what the RST does to the connection.
-    effect: &'static str,
-    explain: String,
-}
-
 impl<W: Write> Output for Json<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
     }
 
     fn event(&mut self, r: &Record) -> io::Result<()> {
-        self.line(&event_of(r))
+        let time = self.stamps.format(r.time);
+        self.line.clear();
+        write_event(&mut self.line, r, time)?;
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)
     }
 
     fn reset(&mut self, r: &Reset) -> io::Result<()> {
-        self.line(&reset_of(r))
+        let time = self.stamps.format(r.time);
+        self.line(&reset_of(r, time))
     }
 
     fn incident(&mut self, i: &Incident) -> io::Result<()> {
-        let roles = i.roles();
-        self.line(&IncidentLine {
-            event: "incident",
-            time: Rfc3339(i.reset.time),
-            ts_ns: i.reset.ts_ns,
-            client: roles.map(|(c, _, _)| Addr {
-                addr: c.saddr,
-                port: c.sport,
-            }),
-            service: roles.map(|(_, s, _)| Addr {
-                addr: s.0,
-                port: s.1,
-            }),
-            backend: roles.map(|(_, _, b)| Addr {
-                addr: b.0,
-                port: b.1,
-            }),
-            ct: i.ct.as_ref().map(|c| Ct {
-                state: c.state,
-                original: &c.original,
-                reply: &c.reply,
-                dnat: c.dnat(),
-            }),
-            invalid: event_of(&i.invalid),
-            reset: reset_of(&i.reset),
-            effect: i.effect().as_str(),
-            explain: super::incident_story(i),
-        })
+        let times = (
+            self.stamps.format(i.reset.time),
+            self.stamps.format(i.invalid.time),
+        );
+        self.line.clear();
+        write_incident(&mut self.line, i, times)?;
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)
     }
 
     fn lost(&mut self, n: u64) -> io::Result<()> {
@@ -394,5 +474,268 @@ impl<W: Write> Output for Json<W> {
             startup_attached_ms: s.startup_ms.map(|t| t.1),
             peak_rss_kib: s.peak_rss_kib,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        fs,
+        net::Ipv6Addr,
+        path::Path,
+        time::{Duration, SystemTime},
+    };
+
+    use conntrack_trace_common::window::TcpWindow;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::{
+        events::Events,
+        hints::{Hints, Node},
+        reason, record,
+        verdict::{Packet, Tcp, Verdict},
+        window,
+    };
+
+    /// What an event line must hold, built field by field from the record with other code
+    /// than the writer's: humantime for the time, `Display` for addresses, serde for hints.
+    fn expected(r: &Record) -> Value {
+        let p = &r.pkt;
+        let mut v = json!({
+            "event": r.verdict.as_str(),
+            "time": humantime::format_rfc3339_micros(r.time).to_string(),
+            "ts_ns": r.ts_ns,
+            "reason": r.reason_text(),
+            "reason_code": r.reason_code(),
+        });
+        let m = v.as_object_mut().unwrap();
+        let mut put = |k: &str, x: Option<Value>| {
+            if let Some(x) = x {
+                m.insert(k.into(), x);
+            }
+        };
+        let ends = |e: &Endpoints| {
+            json!({"saddr": e.saddr.to_string(), "sport": e.sport,
+                   "daddr": e.daddr.to_string(), "dport": e.dport})
+        };
+        let side = |w: &TcpWindow| {
+            json!({"end": w.end, "maxend": w.maxend, "maxwin": w.maxwin,
+                   "maxack": w.maxack, "scale": w.scale})
+        };
+        put("family", p.family.map(Value::from));
+        put("proto", p.proto.map(|_| p.proto_name().into()));
+        put("saddr", p.saddr.map(|a| a.to_string().into()));
+        put("sport", p.sport.map(Value::from));
+        put("daddr", p.daddr.map(|a| a.to_string().into()));
+        put("dport", p.dport.map(Value::from));
+        put(
+            "tcp",
+            p.tcp.as_ref().map(|t| {
+                json!({"flags": t.flags.as_str(), "seq": t.seq, "ack": t.ack,
+                       "win": t.win, "len": t.len})
+            }),
+        );
+        put("icmp", p.icmp.map(|(t, c)| json!({"type": t, "code": c})));
+        put(
+            "window",
+            r.window.as_ref().map(|w| {
+                let mut x = json!({"sender": side(&w.sender), "receiver": side(&w.receiver),
+                                   "explain": w.to_string()});
+                if let Some(b) = w.bound {
+                    x["bound"] = b.into();
+                }
+                if let Some(e) = w.excess {
+                    x["excess"] = e.into();
+                }
+                x
+            }),
+        );
+        put(
+            "ct",
+            r.ct.as_ref().map(|c| {
+                let mut x = json!({"original": ends(&c.original), "reply": ends(&c.reply),
+                                   "dnat": c.dnat()});
+                if let Some(s) = c.state {
+                    x["state"] = s.into();
+                }
+                x
+            }),
+        );
+        put("netns", r.netns.map(Value::from));
+        put("ifindex", r.ifindex.map(Value::from));
+        put("hook", r.hook.map(Value::from));
+        put(
+            "hint",
+            r.hint
+                .as_ref()
+                .map(|h| serde_json::to_value(&h.hint).unwrap()),
+        );
+        v
+    }
+
+    /// Renders through `Json` and checks each line against the record it came from.
+    #[derive(Default)]
+    struct Check {
+        json: Option<Json<Vec<u8>>>,
+        events: usize,
+        incidents: usize,
+    }
+
+    impl Check {
+        fn render(&mut self, f: impl FnOnce(&mut Json<Vec<u8>>) -> io::Result<()>) -> Value {
+            let json = self.json.get_or_insert_with(|| Json::new(Vec::new()));
+            json.out.clear();
+            f(json).unwrap();
+            let line = std::str::from_utf8(&json.out).unwrap();
+            assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+        }
+    }
+
+    impl Output for Check {
+        fn event(&mut self, r: &Record) -> io::Result<()> {
+            let got = self.render(|j| j.event(r));
+            assert_eq!(got, expected(r));
+            self.events += 1;
+            Ok(())
+        }
+        fn incident(&mut self, i: &Incident) -> io::Result<()> {
+            let got = self.render(|j| j.incident(i));
+            assert_eq!(got["invalid"], expected(&i.invalid));
+            let (c, s, b) = i.roles().expect("the fixtures' incidents are DNAT'd");
+            assert_eq!(
+                got["client"],
+                json!({"addr": c.saddr.to_string(), "port": c.sport})
+            );
+            assert_eq!(
+                got["service"],
+                json!({"addr": s.0.to_string(), "port": s.1})
+            );
+            assert_eq!(
+                got["backend"],
+                json!({"addr": b.0.to_string(), "port": b.1})
+            );
+            assert_eq!(got["ct"], expected(&i.invalid)["ct"]);
+            assert_eq!(got["effect"], i.effect().as_str());
+            assert_eq!(got["explain"], super::super::incident_story(i));
+            assert_eq!(got["reset"]["ts_ns"], i.reset.ts_ns);
+            assert_eq!(
+                got["time"],
+                humantime::format_rfc3339_micros(i.reset.time).to_string()
+            );
+            self.incidents += 1;
+            Ok(())
+        }
+        fn lost(&mut self, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn reset(&mut self, _: &Reset) -> io::Result<()> {
+            Ok(())
+        }
+        fn summary(&mut self, _: &Summary) -> io::Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn recorded_events_and_incidents_match_their_records() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut check = Check::default();
+        for e in fs::read_dir(dir).unwrap() {
+            let (clock, records) =
+                record::read(fs::File::open(e.unwrap().path()).unwrap()).unwrap();
+            let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
+            for r in &records {
+                events.handle(r, &mut check).unwrap();
+            }
+        }
+        assert!(
+            check.events >= 15 && check.incidents >= 2,
+            "{} {}",
+            check.events,
+            check.incidents
+        );
+    }
+
+    #[test]
+    fn text_that_needs_escaping_addresses_and_times() {
+        let tcp = Tcp {
+            flags: "SA".into(),
+            seq: 1,
+            ack: 2,
+            win: 3,
+            len: 0,
+        };
+        let w = TcpWindow {
+            end: 10,
+            maxend: 20,
+            maxwin: 30,
+            maxack: 40,
+            scale: 0,
+            flags: 0,
+            _pad: [0; 2],
+        };
+        let mut check = Check::default();
+        for (i, (a, b)) in [
+            ("0.9.10.99".parse().unwrap(), "100.255.1.0".parse().unwrap()),
+            (
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                "2001:db8::1".parse().unwrap(),
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let r = Record {
+                verdict: Verdict::Invalid,
+                ts_ns: u64::MAX,
+                time: SystemTime::UNIX_EPOCH + Duration::new(1_790_000_000 + i as u64, 999_999_999),
+                pkt: Packet {
+                    family: Some("ipv4"),
+                    proto: Some(200),
+                    saddr: Some(a),
+                    sport: Some(0),
+                    daddr: Some(b),
+                    dport: Some(65535),
+                    tcp: Some(tcp.clone()),
+                    icmp: Some((3, 4)),
+                    headers: Vec::new(),
+                },
+                reason: Some(reason::Explained {
+                    text: "a \"quoted\" \\ path\twith\u{1} control and ünïcode".into(),
+                    code: "unknown",
+                    value: None,
+                }),
+                window: window::explain("seq_over", None, [w, w], false, &tcp),
+                ct: None,
+                netns: None,
+                ifindex: Some(0),
+                hook: None,
+                drop_reason: 0,
+                hint: None,
+            };
+            check.event(&r).unwrap();
+        }
+        // A drop with no headers: only what is known.
+        let bare = Record {
+            verdict: Verdict::Drop,
+            ts_ns: 0,
+            time: SystemTime::UNIX_EPOCH + Duration::from_micros(1),
+            pkt: Packet::default(),
+            reason: None,
+            window: None,
+            ct: None,
+            netns: None,
+            ifindex: None,
+            hook: None,
+            drop_reason: 0,
+            hint: None,
+        };
+        check.event(&bare).unwrap();
+        assert_eq!(check.events, 3);
     }
 }

@@ -2,10 +2,11 @@
 
 use std::{
     collections::HashSet,
+    fmt::Write as _,
     io::{self, Write},
 };
 
-use super::Output;
+use super::{Output, Stamp, Stamps};
 use crate::{
     reset::{Incident, Reset},
     summary::Summary,
@@ -17,6 +18,7 @@ pub struct Text<W: Write> {
     colour: bool,
     /// Reason codes whose hint was already printed: once per code keeps the stream readable.
     hinted: HashSet<&'static str>,
+    stamps: Stamps,
 }
 
 const RED: &str = "\x1b[31m";
@@ -30,6 +32,7 @@ impl<W: Write> Text<W> {
             out,
             colour,
             hinted: HashSet::new(),
+            stamps: Stamps::default(),
         }
     }
 
@@ -48,9 +51,8 @@ fn endpoint(addr: Option<std::net::IpAddr>, port: Option<u16>) -> String {
 }
 
 /// "HH:MM:SS.micros" of an RFC 3339 timestamp.
-fn clock(r: &Record) -> String {
-    let full = humantime::format_rfc3339_micros(r.time).to_string();
-    full.get(11..26).unwrap_or(&full).to_string()
+fn clock(stamp: &Stamp) -> &str {
+    &stamp.as_str()[11..26]
 }
 
 impl<W: Write> Output for Text<W> {
@@ -72,51 +74,55 @@ impl<W: Write> Output for Text<W> {
         );
         let mut line = format!(
             "{} {colour}{label:<7}{reset} {:<13} {:<4} {flow:<45}",
-            clock(r),
+            clock(&self.stamps.format(r.time)),
             r.reason_code(),
             r.pkt.proto_name()
         );
+        // Writing to a String cannot fail.
         if let Some(t) = &r.pkt.tcp {
-            line += &format!(
+            let _ = write!(
+                line,
                 " [{}] seq {} ack {} win {} len {}",
                 t.flags, t.seq, t.ack, t.win, t.len
             );
         }
         if let Some((t, c)) = r.pkt.icmp {
-            line += &format!(" type {t} code {c}");
+            let _ = write!(line, " type {t} code {c}");
         }
-        line += &format!(" | {}", r.reason_text());
+        let _ = write!(line, " | {}", r.reason_text());
         if let Some(w) = &r.window {
-            line += &format!(": {w}");
+            let _ = write!(line, ": {w}");
         }
         if let Some(ct) = &r.ct {
             let o = &ct.original;
-            line += &format!(
+            let _ = write!(
+                line,
                 " {dim}| ct {} {} > {}",
                 ct.state.unwrap_or("-"),
                 endpoint(Some(o.saddr), Some(o.sport)),
                 endpoint(Some(o.daddr), Some(o.dport))
             );
             if ct.dnat() {
-                line += &format!(
+                let _ = write!(
+                    line,
                     " DNAT to {}",
                     endpoint(Some(ct.reply.saddr), Some(ct.reply.sport))
                 );
             }
-            line += reset;
+            line.push_str(reset);
         }
-        let mut tail = Vec::new();
-        if let Some(h) = r.hook {
-            tail.push(h.to_string());
-        }
-        if let Some(n) = r.netns {
-            tail.push(format!("netns {n}"));
-        }
-        if let Some(i) = r.ifindex {
-            tail.push(format!("if {i}"));
-        }
-        if !tail.is_empty() {
-            line += &format!(" {dim}| {}{reset}", tail.join(" "));
+        if r.hook.is_some() || r.netns.is_some() || r.ifindex.is_some() {
+            let _ = write!(line, " {dim}|");
+            if let Some(h) = r.hook {
+                let _ = write!(line, " {h}");
+            }
+            if let Some(n) = r.netns {
+                let _ = write!(line, " netns {n}");
+            }
+            if let Some(i) = r.ifindex {
+                let _ = write!(line, " if {i}");
+            }
+            line.push_str(reset);
         }
         writeln!(self.out, "{line}")?;
         if let Some(h) = r.hint.as_ref().map(|c| &c.hint)
@@ -150,10 +156,7 @@ impl<W: Write> Output for Text<W> {
         writeln!(
             self.out,
             "{} {c}RST{reset}     no socket     tcp  {:<45} answering [{}] | netns {} if {}",
-            humantime::format_rfc3339_micros(r.time)
-                .to_string()
-                .get(11..26)
-                .unwrap_or(""),
+            clock(&self.stamps.format(r.time)),
             format!(
                 "{} > {}",
                 endpoint(t.daddr, t.dport),
