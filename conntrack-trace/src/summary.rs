@@ -22,6 +22,9 @@ pub struct Summary {
     pub lost: u64,
     /// `nf_conntrack_in` calls nested too deep to track (their verdicts were not seen).
     pub untracked: u64,
+    /// Reasons the kernel logged for a packet whose `nf_conntrack_in` call was not being
+    /// tracked (`--exact`; e.g. a call already running when the probes attached): not reported.
+    pub orphan_reasons: u64,
     /// Socketless RSTs seen, and how many of them answered an INVALID packet.
     pub resets: u64,
     pub incidents: u64,

@@ -246,6 +246,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let _ = flush(out, recorder.as_mut());
     summary.lost = lost;
     summary.untracked = stat_total(&stats, stat::NEST_OVERFLOW);
+    summary.orphan_reasons = stat_total(&stats, stat::ORPHAN_REASON);
     summary.seconds = started.elapsed().as_secs_f64();
     summary.startup_ms = Some((startup.0.as_secs_f64() * 1e3, startup.1.as_secs_f64() * 1e3));
     summary.peak_rss_kib = peak_rss_kib();

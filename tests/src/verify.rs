@@ -232,7 +232,7 @@ pub fn tracer_reported_injections(
     }
 }
 
-/// The tracer started, lost nothing, and its summary adds up: its counts are those of the
+/// The tracer started, lost and missed nothing, and its summary adds up: its counts are those of the
 /// stream, and its kernel counter deltas are those of our namespaces over the same window
 /// (the tracer's window encloses ours, and nothing else on the guest uses conntrack).
 pub fn stream_is_complete(topo: &Topology, obs: &Observation, problems: &mut Problems) {
@@ -246,8 +246,11 @@ pub fn stream_is_complete(topo: &Topology, obs: &Observation, problems: &mut Pro
     let Some(s) = &trace.summary else {
         return problems.add("tracer printed no summary line on SIGINT".into());
     };
-    if s["lost"].as_u64() != Some(0) {
-        problems.add(format!("summary.lost should be 0: {s}"));
+    // Nothing lost, and every reason the kernel logged belonged to a call being followed.
+    for key in ["lost", "untracked", "orphan_reasons"] {
+        if s[key].as_u64() != Some(0) {
+            problems.add(format!("summary.{key} should be 0: {s}"));
+        }
     }
     for (key, kind) in [
         ("invalid", "invalid"),

@@ -233,6 +233,13 @@ impl<W: Write> Output for Text<W> {
                 s.untracked
             )?;
         }
+        if s.orphan_reasons > 0 {
+            writeln!(
+                o,
+                "WARNING: {} reasons logged for packets whose nf_conntrack_in call was not tracked (not reported)",
+                s.orphan_reasons
+            )?;
+        }
         for (code, n) in &s.by_code {
             writeln!(o, "  {code:<16} {n}")?;
         }
