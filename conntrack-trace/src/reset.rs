@@ -264,20 +264,7 @@ mod tests {
     }
 
     fn invalid(ts: u64, p: Packet) -> Record {
-        Record {
-            verdict: Verdict::Invalid,
-            ts_ns: ts,
-            time: SystemTime::UNIX_EPOCH,
-            pkt: p,
-            reason: None,
-            window: None,
-            ct: None,
-            netns: None,
-            ifindex: None,
-            hook: None,
-            drop_reason: 0,
-            hint: None,
-        }
+        Record::bare(Verdict::Invalid, ts, SystemTime::UNIX_EPOCH, p)
     }
 
     fn rst(ts: u64, p: Packet) -> Reset {

@@ -81,6 +81,27 @@ pub struct Record {
     pub hint: Option<Arc<hints::Cached>>,
 }
 
+#[cfg(test)]
+impl Record {
+    /// A record of a packet and nothing else the kernel may add, for tests to fill in.
+    pub fn bare(verdict: Verdict, ts_ns: u64, time: SystemTime, pkt: Packet) -> Self {
+        Self {
+            verdict,
+            ts_ns,
+            time,
+            pkt,
+            reason: None,
+            window: None,
+            ct: None,
+            netns: None,
+            ifindex: None,
+            hook: None,
+            drop_reason: 0,
+            hint: None,
+        }
+    }
+}
+
 impl Record {
     pub fn reason_code(&self) -> &'static str {
         match (&self.reason, self.verdict) {

@@ -692,51 +692,38 @@ mod tests {
         .into_iter()
         .enumerate()
         {
+            let time =
+                SystemTime::UNIX_EPOCH + Duration::new(1_790_000_000 + i as u64, 999_999_999);
+            let pkt = Packet {
+                family: Some("ipv4"),
+                proto: Some(200),
+                saddr: Some(a),
+                sport: Some(0),
+                daddr: Some(b),
+                dport: Some(65535),
+                tcp: Some(tcp.clone()),
+                icmp: Some((3, 4)),
+                headers: Vec::new(),
+            };
             let r = Record {
-                verdict: Verdict::Invalid,
-                ts_ns: u64::MAX,
-                time: SystemTime::UNIX_EPOCH + Duration::new(1_790_000_000 + i as u64, 999_999_999),
-                pkt: Packet {
-                    family: Some("ipv4"),
-                    proto: Some(200),
-                    saddr: Some(a),
-                    sport: Some(0),
-                    daddr: Some(b),
-                    dport: Some(65535),
-                    tcp: Some(tcp.clone()),
-                    icmp: Some((3, 4)),
-                    headers: Vec::new(),
-                },
                 reason: Some(reason::Explained {
                     text: "a \"quoted\" \\ path\twith\u{1} control and ünïcode".into(),
                     code: "unknown",
                     value: None,
                 }),
                 window: window::explain("seq_over", None, [w, w], false, &tcp),
-                ct: None,
-                netns: None,
                 ifindex: Some(0),
-                hook: None,
-                drop_reason: 0,
-                hint: None,
+                ..Record::bare(Verdict::Invalid, u64::MAX, time, pkt)
             };
             check.event(&r).unwrap();
         }
         // A drop with no headers: only what is known.
-        let bare = Record {
-            verdict: Verdict::Drop,
-            ts_ns: 0,
-            time: SystemTime::UNIX_EPOCH + Duration::from_micros(1),
-            pkt: Packet::default(),
-            reason: None,
-            window: None,
-            ct: None,
-            netns: None,
-            ifindex: None,
-            hook: None,
-            drop_reason: 0,
-            hint: None,
-        };
+        let bare = Record::bare(
+            Verdict::Drop,
+            0,
+            SystemTime::UNIX_EPOCH + Duration::from_micros(1),
+            Packet::default(),
+        );
         check.event(&bare).unwrap();
         assert_eq!(check.events, 3);
     }

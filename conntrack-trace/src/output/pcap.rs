@@ -187,29 +187,21 @@ mod tests {
             229, 104, 175, 232, 18, 0, 0, 0, 0, 160, 2, 255, 215, 254, 48, 0, 0,
         ];
         let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+        let pkt = Packet {
+            headers: headers.clone(),
+            tcp: Some(Tcp {
+                flags: "S".into(),
+                seq: 1,
+                ack: 0,
+                win: 1,
+                len: 0,
+            }),
+            ..Default::default()
+        };
         let r = Record {
-            verdict: Verdict::Invalid,
-            ts_ns: 1,
-            time,
-            pkt: Packet {
-                headers: headers.clone(),
-                tcp: Some(Tcp {
-                    flags: "S".into(),
-                    seq: 1,
-                    ack: 0,
-                    win: 1,
-                    len: 0,
-                }),
-                ..Default::default()
-            },
-            reason: None,
-            window: None,
-            ct: None,
             netns: Some(4026531840),
-            ifindex: None,
             hook: Some("PRE_ROUTING"),
-            drop_reason: 0,
-            hint: None,
+            ..Record::bare(Verdict::Invalid, 1, time, pkt)
         };
         let mut buf = Vec::new();
         let mut p = Pcap::new(&mut buf, 32).unwrap();
