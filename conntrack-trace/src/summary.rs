@@ -1,7 +1,10 @@
 //! What a tracing session saw, printed when it ends: per reason, top flows, losses, and the
 //! kernel's own counter deltas over the same period so the user can check nothing was missed.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, hash_map::Entry},
+    net::IpAddr,
+};
 
 use foldhash::HashMap;
 
@@ -12,6 +15,10 @@ use crate::{
 
 /// (protocol, source, source port, destination, destination port).
 type FlowKey = (u8, IpAddr, u16, IpAddr, u16);
+
+/// Flows counted one by one: a flood of forged tuples must not grow the tracer without
+/// bound (about 80 bytes each).
+const FLOWS_MAX: usize = 16_384;
 
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -29,8 +36,10 @@ pub struct Summary {
     pub resets: u64,
     pub incidents: u64,
     /// (protocol, source, source port, destination, destination port): formatted only for
-    /// the summary, not per event.
+    /// the summary, not per event. At most FLOWS_MAX of them.
     flows: HashMap<Option<FlowKey>, u64>,
+    /// Events of flows first seen once `flows` was full.
+    other_flows: u64,
     /// Kernel counter deltas summed over the namespaces present at start and end.
     pub kernel: Option<Stats>,
     pub namespaces: usize,
@@ -83,20 +92,34 @@ impl Summary {
             }
             _ => None,
         };
-        *self.flows.entry(flow).or_insert(0) += 1;
+        let full = self.flows.len() >= FLOWS_MAX;
+        match self.flows.entry(flow) {
+            Entry::Occupied(mut n) => *n.get_mut() += 1,
+            Entry::Vacant(_) if full => self.other_flows += 1,
+            Entry::Vacant(v) => {
+                v.insert(1);
+            }
+        }
     }
 
     pub fn events(&self) -> u64 {
         self.invalid + self.ignored + self.drops
     }
 
-    /// Up to `n` flows with the most events, most first.
+    /// Up to `n` flows with the most events, most first; the flows past FLOWS_MAX count as
+    /// one row.
     pub fn top_flows(&self, n: usize) -> Vec<(String, u64)> {
-        let mut v: Vec<_> = self.flows.iter().map(|(k, &c)| (k, c)).collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let mut v: Vec<_> = self.flows.iter().map(|(k, &c)| (Some(k), c)).collect();
+        if self.other_flows > 0 {
+            v.push((None, self.other_flows));
+        }
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v.truncate(n);
         v.into_iter()
             .map(|(k, c)| {
+                let Some(k) = k else {
+                    return (format!("(flows after the first {FLOWS_MAX})"), c);
+                };
                 let name = match k {
                     Some((proto, s, sp, d, dp)) => {
                         let pkt = crate::verdict::Packet {
@@ -115,7 +138,39 @@ impl Summary {
 
 #[cfg(test)]
 mod tests {
+    use std::{net::Ipv4Addr, time::SystemTime};
+
     use super::*;
+    use crate::verdict::Packet;
+
+    #[test]
+    fn flows_past_the_cap_count_as_one_row() {
+        let mut s = Summary::default();
+        let flow = |port: u16| {
+            let pkt = Packet {
+                proto: Some(6),
+                saddr: Some(Ipv4Addr::new(10, 0, 0, 1).into()),
+                sport: Some(port),
+                daddr: Some(Ipv4Addr::new(10, 0, 0, 2).into()),
+                dport: Some(80),
+                ..Default::default()
+            };
+            Record::bare(Verdict::Invalid, 0, SystemTime::UNIX_EPOCH, pkt)
+        };
+        for port in 0..FLOWS_MAX as u16 + 100 {
+            s.record(&flow(port));
+        }
+        // A flow seen before the cap still counts on its own.
+        s.record(&flow(7));
+        assert_eq!(s.flows.len(), FLOWS_MAX);
+        let top = s.top_flows(2);
+        assert_eq!(
+            top[0],
+            (format!("(flows after the first {FLOWS_MAX})"), 100)
+        );
+        assert_eq!(top[1], ("tcp 10.0.0.1:7 > 10.0.0.2:80".to_string(), 2));
+        assert_eq!(s.invalid, FLOWS_MAX as u64 + 101);
+    }
 
     fn with_kernel(invalid: u64) -> Summary {
         Summary {
