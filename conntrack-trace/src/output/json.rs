@@ -4,19 +4,19 @@
 use std::{
     collections::BTreeMap,
     io::{self, Write},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use conntrack_trace_common::window::TcpWindow;
 
 use serde::Serialize;
 
-use super::{Output, Stamp, Stamps};
+use super::{Output, Stamp, Stamps, ipv4};
 use crate::{
     ct::{Conntrack, Endpoints},
     reset::{Incident, Reset},
     summary::Summary,
-    verdict::Record,
+    verdict::{Record, Tcp},
 };
 
 pub struct Json<W: Write> {
@@ -36,46 +36,18 @@ impl<W: Write> Json<W> {
         }
     }
 
+    /// Writes one line, built in `self.line`.
+    fn put(&mut self, write: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> io::Result<()> {
+        self.line.clear();
+        write(&mut self.line)?;
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)
+    }
+
+    /// A once-per-session line, serde-derived.
     fn line<T: Serialize>(&mut self, v: &T) -> io::Result<()> {
-        line(&mut self.out, &mut self.line, v)
+        self.put(|o| Ok(serde_json::to_writer(o, v)?))
     }
-}
-
-/// An address as a JSON string, for the serde-derived lines.
-#[derive(Clone, Copy)]
-struct Ip(IpAddr);
-
-impl Serialize for Ip {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            IpAddr::V4(a) => s.serialize_str(ipv4(a, &mut [0; 15])),
-            IpAddr::V6(a) => a.serialize(s),
-        }
-    }
-}
-
-/// Dotted IPv4, digit by digit: through `Display` the six addresses of an event cost more
-/// than the rest of it.
-fn ipv4(a: Ipv4Addr, buf: &mut [u8; 15]) -> &str {
-    let mut len = 0;
-    for (i, o) in a.octets().into_iter().enumerate() {
-        if i > 0 {
-            buf[len] = b'.';
-            len += 1;
-        }
-        if o >= 100 {
-            buf[len] = b'0' + o / 100;
-            len += 1;
-        }
-        if o >= 10 {
-            buf[len] = b'0' + o / 10 % 10;
-            len += 1;
-        }
-        buf[len] = b'0' + o % 10;
-        len += 1;
-    }
-    // SAFETY: only ASCII digits and dots were written (checking costs more than the rest).
-    unsafe { std::str::from_utf8_unchecked(&buf[..len]) }
 }
 
 /// `,"k":` for a key of ours, as one constant: three appends per key were a quarter of
@@ -129,17 +101,7 @@ fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp) -> io::Result<()> {
     }
     if let Some(t) = &p.tcp {
         key!(o, "tcp");
-        o.extend_from_slice(b"{\"flags\":");
-        plain(o, t.flags.as_str());
-        key!(o, "seq");
-        num(o, t.seq);
-        key!(o, "ack");
-        num(o, t.ack);
-        key!(o, "win");
-        num(o, t.win);
-        key!(o, "len");
-        num(o, t.len);
-        o.push(b'}');
+        tcp(o, t);
     }
     if let Some((t, c)) = p.icmp {
         key!(o, "icmp");
@@ -242,7 +204,7 @@ fn write_incident(o: &mut Vec<u8>, i: &Incident, times: (Stamp, Stamp)) -> io::R
     key!(o, "invalid");
     write_event(o, &i.invalid, times.1)?;
     key!(o, "reset");
-    serde_json::to_writer(&mut *o, &reset_of(&i.reset, times.0))?;
+    write_reset(o, &i.reset, times.0);
     // `reset`, `challenge_ack`, `ignored` or `unknown`: what the RST does to the connection.
     key!(o, "effect");
     plain(o, i.effect().as_str());
@@ -250,6 +212,61 @@ fn write_incident(o: &mut Vec<u8>, i: &Incident, times: (Stamp, Stamp)) -> io::R
     serde_json::to_writer(&mut *o, &super::incident_story(i))?;
     o.push(b'}');
     Ok(())
+}
+
+/// An RST sent for a packet with no socket.
+fn write_reset(o: &mut Vec<u8>, r: &Reset, time: Stamp) {
+    let t = &r.trigger;
+    o.extend_from_slice(b"{\"event\":\"reset\"");
+    key!(o, "time");
+    plain(o, time.as_str());
+    key!(o, "ts_ns");
+    num(o, r.ts_ns);
+    // The RST's own addresses: from the answered packet's destination to its source.
+    if let Some(a) = t.daddr {
+        key!(o, "saddr");
+        ip(o, a);
+    }
+    if let Some(n) = t.dport {
+        key!(o, "sport");
+        num(o, n);
+    }
+    if let Some(a) = t.saddr {
+        key!(o, "daddr");
+        ip(o, a);
+    }
+    if let Some(n) = t.sport {
+        key!(o, "dport");
+        num(o, n);
+    }
+    if let Some(n) = r.netns {
+        key!(o, "netns");
+        num(o, n);
+    }
+    if let Some(n) = r.ifindex {
+        key!(o, "ifindex");
+        num(o, n);
+    }
+    // The packet it answered.
+    if let Some(t) = &t.tcp {
+        key!(o, "trigger");
+        tcp(o, t);
+    }
+    o.push(b'}');
+}
+
+fn tcp(o: &mut Vec<u8>, t: &Tcp) {
+    o.extend_from_slice(b"{\"flags\":");
+    plain(o, t.flags.as_str());
+    key!(o, "seq");
+    num(o, t.seq);
+    key!(o, "ack");
+    num(o, t.ack);
+    key!(o, "win");
+    num(o, t.win);
+    key!(o, "len");
+    num(o, t.len);
+    o.push(b'}');
 }
 
 fn addr(o: &mut Vec<u8>, a: IpAddr, port: u16) {
@@ -302,22 +319,6 @@ fn endpoints(o: &mut Vec<u8>, e: &Endpoints) {
     o.push(b'}');
 }
 
-fn line<T: Serialize>(out: &mut impl Write, line: &mut Vec<u8>, v: &T) -> io::Result<()> {
-    line.clear();
-    serde_json::to_writer(&mut *line, v)?;
-    line.push(b'\n');
-    out.write_all(line)
-}
-
-#[derive(Serialize)]
-struct Tcp<'a> {
-    flags: &'a str,
-    seq: u32,
-    ack: u32,
-    win: u16,
-    len: u16,
-}
-
 #[derive(Serialize)]
 struct Lost {
     event: &'static str,
@@ -367,51 +368,6 @@ struct Fill {
     max: u64,
 }
 
-#[derive(Serialize)]
-struct ResetLine<'a> {
-    event: &'static str,
-    time: Stamp,
-    ts_ns: u64,
-    /// The RST's own addresses: from the answered packet's destination to its source.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    saddr: Option<Ip>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sport: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    daddr: Option<Ip>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dport: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    netns: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ifindex: Option<u32>,
-    /// The packet it answered.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    trigger: Option<Tcp<'a>>,
-}
-
-fn reset_of(r: &Reset, time: Stamp) -> ResetLine<'_> {
-    let t = &r.trigger;
-    ResetLine {
-        event: "reset",
-        time,
-        ts_ns: r.ts_ns,
-        saddr: t.daddr.map(Ip),
-        sport: t.dport,
-        daddr: t.saddr.map(Ip),
-        dport: t.sport,
-        netns: r.netns,
-        ifindex: r.ifindex,
-        trigger: t.tcp.as_ref().map(|t| Tcp {
-            flags: t.flags.as_str(),
-            seq: t.seq,
-            ack: t.ack,
-            win: t.win,
-            len: t.len,
-        }),
-    }
-}
-
 impl<W: Write> Output for Json<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
@@ -419,15 +375,15 @@ impl<W: Write> Output for Json<W> {
 
     fn event(&mut self, r: &Record) -> io::Result<()> {
         let time = self.stamps.format(r.time);
-        self.line.clear();
-        write_event(&mut self.line, r, time)?;
-        self.line.push(b'\n');
-        self.out.write_all(&self.line)
+        self.put(|o| write_event(o, r, time))
     }
 
     fn reset(&mut self, r: &Reset) -> io::Result<()> {
         let time = self.stamps.format(r.time);
-        self.line(&reset_of(r, time))
+        self.put(|o| {
+            write_reset(o, r, time);
+            Ok(())
+        })
     }
 
     fn incident(&mut self, i: &Incident) -> io::Result<()> {
@@ -435,10 +391,7 @@ impl<W: Write> Output for Json<W> {
             self.stamps.format(i.reset.time),
             self.stamps.format(i.invalid.time),
         );
-        self.line.clear();
-        write_incident(&mut self.line, i, times)?;
-        self.line.push(b'\n');
-        self.out.write_all(&self.line)
+        self.put(|o| write_incident(o, i, times))
     }
 
     fn lost(&mut self, n: u64) -> io::Result<()> {
@@ -576,11 +529,41 @@ mod tests {
         v
     }
 
+    /// What a reset line must hold: the RST's addresses are the answered packet's, reversed.
+    fn expected_reset(r: &Reset) -> Value {
+        let t = &r.trigger;
+        let mut v = json!({
+            "event": "reset",
+            "time": humantime::format_rfc3339_micros(r.time).to_string(),
+            "ts_ns": r.ts_ns,
+        });
+        let m = v.as_object_mut().unwrap();
+        let mut put = |k: &str, x: Option<Value>| {
+            if let Some(x) = x {
+                m.insert(k.into(), x);
+            }
+        };
+        put("saddr", t.daddr.map(|a| a.to_string().into()));
+        put("sport", t.dport.map(Value::from));
+        put("daddr", t.saddr.map(|a| a.to_string().into()));
+        put("dport", t.sport.map(Value::from));
+        put("netns", r.netns.map(Value::from));
+        put("ifindex", r.ifindex.map(Value::from));
+        put(
+            "trigger",
+            expected(&Record::bare(Verdict::Invalid, 0, r.time, t.clone()))
+                .get("tcp")
+                .cloned(),
+        );
+        v
+    }
+
     /// Renders through `Json` and checks each line against the record it came from.
     #[derive(Default)]
     struct Check {
         json: Option<Json<Vec<u8>>>,
         events: usize,
+        resets: usize,
         incidents: usize,
     }
 
@@ -621,7 +604,7 @@ mod tests {
             assert_eq!(got["ct"], expected(&i.invalid)["ct"]);
             assert_eq!(got["effect"], i.effect().as_str());
             assert_eq!(got["explain"], super::super::incident_story(i));
-            assert_eq!(got["reset"]["ts_ns"], i.reset.ts_ns);
+            assert_eq!(got["reset"], expected_reset(&i.reset));
             assert_eq!(
                 got["time"],
                 humantime::format_rfc3339_micros(i.reset.time).to_string()
@@ -632,7 +615,10 @@ mod tests {
         fn lost(&mut self, _: u64) -> io::Result<()> {
             Ok(())
         }
-        fn reset(&mut self, _: &Reset) -> io::Result<()> {
+        fn reset(&mut self, r: &Reset) -> io::Result<()> {
+            let got = self.render(|j| j.reset(r));
+            assert_eq!(got, expected_reset(r));
+            self.resets += 1;
             Ok(())
         }
         fn summary(&mut self, _: &Summary) -> io::Result<()> {
@@ -716,6 +702,14 @@ mod tests {
                 ..Record::bare(Verdict::Invalid, u64::MAX, time, pkt)
             };
             check.event(&r).unwrap();
+            let rst = Reset {
+                ts_ns: 5,
+                time,
+                netns: Some(u32::MAX),
+                ifindex: None,
+                trigger: r.pkt.clone(),
+            };
+            check.reset(&rst).unwrap();
         }
         // A drop with no headers: only what is known.
         let bare = Record::bare(
@@ -725,6 +719,14 @@ mod tests {
             Packet::default(),
         );
         check.event(&bare).unwrap();
-        assert_eq!(check.events, 3);
+        let rst = Reset {
+            ts_ns: 0,
+            time: bare.time,
+            netns: None,
+            ifindex: None,
+            trigger: Packet::default(),
+        };
+        check.reset(&rst).unwrap();
+        assert_eq!((check.events, check.resets), (3, 3));
     }
 }
