@@ -1,12 +1,13 @@
 //! The kernel's reason for an INVALID/IGNORED packet: its text with numbers filled in, and a
 //! stable snake_case code for scripts. The texts are the kernel's own, per version.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::LazyLock};
 
 use conntrack_trace_common::{
-    reason::{Reason, source},
+    reason::{Reason, TEXT_LEN, source},
     window::log_type,
 };
+use memchr::memmem::Finder;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Explained {
@@ -14,6 +15,9 @@ pub struct Explained {
     pub code: &'static str,
     /// The numeric argument the kernel logged (the window bound for TCP window reasons).
     pub value: Option<u32>,
+    /// The text is ours (struct-form table and digits): plain ASCII, no JSON escaping needed.
+    /// Text copied from kernel memory is escaped.
+    pub ours: bool,
 }
 
 /// The struct-form logger's texts (Debian 6.1.187+, 6.12), the same as the variadic form's,
@@ -63,10 +67,22 @@ const CODES: &[(&str, &str)] = &[
     ("invalid icmpv6 type", "icmp_invalid_type"),
 ];
 
+/// CODES' fragments as precompiled searchers: building one per call cost more than searching.
+static FINDERS: LazyLock<Vec<(Finder<'static>, &'static str)>> = LazyLock::new(|| {
+    CODES
+        .iter()
+        .map(|&(frag, code)| (Finder::new(frag), code))
+        .collect()
+});
+
+/// The code for a kernel text of at most TEXT_LEN bytes (the rest is not looked at).
 fn code_for(text: &str, l4proto: u8) -> &'static str {
-    // Lowercased once, so each fragment is one substring search.
-    let text = text.to_ascii_lowercase();
-    let Some(&(_, code)) = CODES.iter().find(|(frag, _)| text.contains(frag)) else {
+    // Lowercased once, on the stack.
+    let mut buf = [0u8; TEXT_LEN];
+    let n = text.len().min(TEXT_LEN);
+    buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+    buf[..n].make_ascii_lowercase();
+    let Some(&(_, code)) = FINDERS.iter().find(|(f, _)| f.find(&buf[..n]).is_some()) else {
         return "unknown";
     };
     match (l4proto, code) {
@@ -141,7 +157,8 @@ fn render(fmt: &str, args: &[u64], state: Option<&str>) -> String {
 pub fn explain(r: &Reason, tcp_state: Option<&str>) -> Option<Explained> {
     match r.source {
         source::TCP_LOG_VARIADIC | source::TCP_LOG_STRUCT => {
-            let (fmt, code) = if r.source == source::TCP_LOG_STRUCT {
+            let ours = r.source == source::TCP_LOG_STRUCT;
+            let (fmt, code) = if ours {
                 let (fmt, code) = struct_text(r.log_type)?;
                 (Cow::Borrowed(fmt), code)
             } else {
@@ -153,20 +170,26 @@ pub fn explain(r: &Reason, tcp_state: Option<&str>) -> Option<Explained> {
                 code,
                 text: render(&fmt, &r.args, tcp_state),
                 value: Some(r.args[0] as u32),
+                ours,
             })
         }
         source::L4PROTO_LOG => {
             let fmt = c_str(&r.fmt);
-            let text = if fmt.starts_with("%s") {
-                c_str(&r.arg).into_owned()
+            // The code comes from the kernel's own words: the "%s" argument before 6.1, the
+            // format otherwise (at most TEXT_LEN bytes either way).
+            let (text, code) = if fmt.starts_with("%s") {
+                let arg = c_str(&r.arg);
+                let code = code_for(&arg, r.l4proto);
+                (arg.into_owned(), code)
             } else {
-                render(&fmt, &r.args, tcp_state)
+                (render(&fmt, &r.args, tcp_state), code_for(&fmt, r.l4proto))
             };
             let value = fmt.contains("%u").then_some(r.args[0] as u32);
             Some(Explained {
-                code: code_for(&text, r.l4proto),
+                code,
                 text,
                 value,
+                ours: false,
             })
         }
         _ => None,
@@ -176,7 +199,6 @@ pub fn explain(r: &Reason, tcp_state: Option<&str>) -> Option<Explained> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use conntrack_trace_common::reason::TEXT_LEN;
 
     fn text(s: &str) -> [u8; TEXT_LEN] {
         let mut b = [0; TEXT_LEN];

@@ -111,6 +111,11 @@ impl Record {
         }
     }
 
+    /// Whether `reason_text` is this program's own ASCII (nothing to escape in JSON).
+    pub fn reason_is_ours(&self) -> bool {
+        self.reason.as_ref().is_none_or(|r| r.ours)
+    }
+
     pub fn reason_text(&self) -> &str {
         match (&self.reason, self.verdict) {
             (Some(r), _) => &r.text,

@@ -73,8 +73,12 @@ fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp) -> io::Result<()> {
     key!(o, "ts_ns");
     num(o, r.ts_ns);
     key!(o, "reason");
-    // The kernel's text: escaped.
-    serde_json::to_writer(&mut *o, r.reason_text())?;
+    if r.reason_is_ours() {
+        plain(o, r.reason_text());
+    } else {
+        // Copied from kernel memory: escaped.
+        serde_json::to_writer(&mut *o, r.reason_text())?;
+    }
     key!(o, "reason_code");
     plain(o, r.reason_code());
     if let Some(f) = p.family {
@@ -698,6 +702,7 @@ mod tests {
                     text: "a \"quoted\" \\ path\twith\u{1} control and ünïcode".into(),
                     code: "unknown",
                     value: None,
+                    ours: false,
                 }),
                 window: window::explain("seq_over", None, [w, w], false, &tcp),
                 ifindex: Some(0),
