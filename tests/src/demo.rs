@@ -16,6 +16,17 @@ use crate::scenarios::{self, BULK};
 use crate::topology::{Nat, Topology, WEB};
 use crate::tracer::Tracer;
 
+/// The arguments `cargo xtask run -- ARGS` gave the tracer (written by xtask/src/initramfs.rs).
+const TRACER_ARGS: &str = "/etc/ct-tracer-args";
+
+fn tracer_args() -> Result<Vec<String>> {
+    match std::fs::read_to_string(TRACER_ARGS) {
+        Ok(s) => Ok(s.lines().map(str::to_string).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).context(TRACER_ARGS),
+    }
+}
+
 pub fn run() -> Result<()> {
     let kernel = Kernel::detect()?;
     say(&kernel.describe());
@@ -39,7 +50,7 @@ pub fn run() -> Result<()> {
     let now = flow.seqs()?;
     let sender = RawSender::open(&topo.server)?;
 
-    let tracer = Tracer::start_human(&[])?;
+    let tracer = Tracer::start_human(&tracer_args()?)?;
     std::thread::sleep(Duration::from_millis(500));
 
     say("backend ACKs data the client never sent: INVALID");

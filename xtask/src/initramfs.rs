@@ -67,8 +67,16 @@ impl Tree {
     }
 }
 
+/// Where the demo finds the arguments for its tracer, one per line.
+const TRACER_ARGS: &str = "/etc/ct-tracer-args";
+
 /// Builds the initramfs for `kernel` and returns its path.
-pub fn build(kernel: &Kernel, unpacked: &Unpacked, bins: &GuestBins) -> Result<PathBuf> {
+pub fn build(
+    kernel: &Kernel,
+    unpacked: &Unpacked,
+    bins: &GuestBins,
+    tracer_args: &[String],
+) -> Result<PathBuf> {
     let mut tree = Tree::default();
     for dir in [
         "/proc", "/sys", "/dev", "/run", "/root", "/etc", "/sbin", "/usr/bin", "/tmp",
@@ -105,6 +113,15 @@ pub fn build(kernel: &Kernel, unpacked: &Unpacked, bins: &GuestBins) -> Result<P
         }
     }
 
+    if !tracer_args.is_empty() {
+        tree.add(
+            TRACER_ARGS,
+            Node::File {
+                perm: 0o644,
+                data: tracer_args.join("\n").into_bytes(),
+            },
+        );
+    }
     busybox(&mut tree)?;
     tree.copy(&bins.tracer, "/bin/conntrack-trace", 0o755)?;
     tree.copy(&bins.scenarios, "/bin/ct-scenarios", 0o755)?;

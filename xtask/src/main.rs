@@ -95,7 +95,7 @@ fn run(task: Task) -> Result<bool> {
         }
         Task::Demo { kernel, timeout } => {
             setup::run()?;
-            demo(&kernel, timeout)
+            demo(&kernel, timeout, &[])
         }
         Task::Bench { kernels, timeout } => {
             setup::run()?;
@@ -166,7 +166,7 @@ fn vm_test(names: &[String], timeout: u64) -> Result<bool> {
     let mut times = Vec::new();
     for kernel in selected {
         // A kernel that cannot be fetched or packed is that kernel's failure, not the run's.
-        let tally = boot(kernel, &bins, Mode::Test, timeout)
+        let tally = boot(kernel, &bins, Mode::Test, timeout, &[])
             .map(|o| o.tally)
             .unwrap_or_else(|e| {
                 let mut t = Tally::default();
@@ -192,10 +192,11 @@ fn vm_test(names: &[String], timeout: u64) -> Result<bool> {
     Ok(total.ok())
 }
 
-fn demo(name: &str, timeout: u64) -> Result<bool> {
+/// The incident in a guest, traced by the tracer with `tracer_args`.
+fn demo(name: &str, timeout: u64, tracer_args: &[String]) -> Result<bool> {
     let kernel = kernels::select(&[name.to_string()])?[0];
     let bins = guest_build::build()?;
-    let outcome = boot(kernel, &bins, Mode::Demo, timeout)?;
+    let outcome = boot(kernel, &bins, Mode::Demo, timeout, tracer_args)?;
     Ok(outcome.tally.ok())
 }
 
@@ -214,7 +215,7 @@ fn bench(names: &[String], timeout: u64) -> Result<bool> {
     let file = workspace_root().join(bench::FILE);
     let mut ok = true;
     for kernel in selected {
-        let outcome = boot(kernel, &bins, Mode::Bench, timeout)?;
+        let outcome = boot(kernel, &bins, Mode::Bench, timeout, &[])?;
         ok &= outcome.tally.ok();
         if outcome.bench.is_empty() {
             println!(
@@ -284,15 +285,17 @@ fn run_output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Fetches the kernel, builds its initramfs and runs one guest.
+/// Fetches the kernel, builds its initramfs and runs one guest; `tracer_args` are for the
+/// demo's tracer.
 fn boot(
     kernel: &kernels::Kernel,
     bins: &guest_build::GuestBins,
     mode: Mode,
     timeout: u64,
+    tracer_args: &[String],
 ) -> Result<qemu::Outcome> {
     let unpacked = kernels::fetch(kernel)?;
-    let initrd = initramfs::build(kernel, &unpacked, bins)?;
+    let initrd = initramfs::build(kernel, &unpacked, bins, tracer_args)?;
     qemu::run(
         kernel,
         &unpacked.vmlinuz,
@@ -307,10 +310,11 @@ fn run_live(args: &[String]) -> Result<bool> {
     if !kprobes_available() {
         println!(
             "xtask run: this kernel has no kprobes, so the tracer cannot attach here; \
-             running `cargo xtask demo` (kernel {}) instead",
-            kernels::DEFAULT
+             running `cargo xtask demo` (kernel {}) instead, the tracer with [{}]",
+            kernels::DEFAULT,
+            args.join(" ")
         );
-        return demo(kernels::DEFAULT, 600);
+        return demo(kernels::DEFAULT, 600, args);
     }
     run_cmd(setup::cargo().current_dir(workspace_root()).args([
         "build",
