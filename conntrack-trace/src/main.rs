@@ -110,11 +110,11 @@ fn watch_secs(s: &str) -> Result<Duration, String> {
 fn output(cli: &Cli) -> Box<dyn Output> {
     let stdout = std::io::stdout();
     let colour = stdout.is_terminal();
-    // Buffered: the tracer flushes once per batch read from the kernel.
-    let out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    // Buffered (Json buffers itself): the tracer flushes once per batch read from the kernel.
     if cli.json {
-        Box::new(Json::new(out))
+        Box::new(Json::new(stdout.lock()))
     } else {
+        let out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
         Box::new(Text::new(out, colour))
     }
 }

@@ -21,34 +21,58 @@ use crate::{
     verdict::{Record, Tcp},
 };
 
+/// JSON lines to `out`, which should be unbuffered: Json keeps its own buffer, because
+/// appends to a `Vec` are inlined where calls into a `BufWriter` are not, and each line is
+/// then copied once.
 pub struct Json<W: Write> {
     out: W,
-    /// The line being built: appends to a `Vec` are inlined, calls into the `BufWriter` are
-    /// not, so a line goes to `out` whole.
-    line: Vec<u8>,
+    /// Whole lines not yet written to `out`.
+    buf: Vec<u8>,
     stamps: Stamps,
 }
+
+/// `buf` goes to `out` when it holds this much, and on every flush.
+const BUF_SIZE: usize = 1 << 16;
 
 impl<W: Write> Json<W> {
     pub fn new(out: W) -> Self {
         Self {
             out,
-            line: Vec::with_capacity(4096),
+            buf: Vec::with_capacity(BUF_SIZE + 4096),
             stamps: Stamps::default(),
         }
     }
 
-    /// Writes one line, built in `self.line`.
+    /// Appends one line; never a partial one.
     fn put(&mut self, write: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> io::Result<()> {
-        self.line.clear();
-        write(&mut self.line)?;
-        self.line.push(b'\n');
-        self.out.write_all(&self.line)
+        let start = self.buf.len();
+        if let Err(e) = write(&mut self.buf) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        self.buf.push(b'\n');
+        if self.buf.len() >= BUF_SIZE {
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self) -> io::Result<()> {
+        let written = self.out.write_all(&self.buf);
+        self.buf.clear();
+        written
     }
 
     /// A once-per-session line, serde-derived.
     fn line<T: Serialize>(&mut self, v: &T) -> io::Result<()> {
         self.put(|o| Ok(serde_json::to_writer(o, v)?))
+    }
+}
+
+/// What was not flushed still goes out (a writer failing now has nobody to tell).
+impl<W: Write> Drop for Json<W> {
+    fn drop(&mut self) {
+        let _ = self.drain();
     }
 }
 
@@ -376,6 +400,7 @@ struct Fill {
 
 impl<W: Write> Output for Json<W> {
     fn flush(&mut self) -> io::Result<()> {
+        self.drain()?;
         self.out.flush()
     }
 
@@ -578,6 +603,7 @@ mod tests {
             let json = self.json.get_or_insert_with(|| Json::new(Vec::new()));
             json.out.clear();
             f(json).unwrap();
+            json.flush().unwrap();
             let line = std::str::from_utf8(&json.out).unwrap();
             assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
             serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
