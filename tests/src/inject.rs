@@ -221,6 +221,24 @@ impl RawSender {
         Ok(RawSender { fd })
     }
 
+    /// Gives every packet sent from now on the firewall mark `mark` (SO_MARK).
+    pub fn set_mark(&self, mark: u32) -> Result<()> {
+        // SAFETY: setsockopt(2) with a pointer to a live u32 and its size.
+        let r = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mark as *const u32).cast(),
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error()).context("setsockopt SO_MARK");
+        }
+        Ok(())
+    }
+
     pub fn send(&self, packet: &Packet) -> Result<()> {
         let bytes = packet.bytes();
         let dst = libc::sockaddr_in {

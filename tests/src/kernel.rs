@@ -50,6 +50,14 @@ impl Kernel {
         self.version >= (6, 1)
     }
 
+    /// Up to 6.11 nfnetlink_queue resolved a clash itself when a packet was let go: it
+    /// re-attached the packet to the entry confirmed meanwhile, so confirm saw no clash. 6.12
+    /// removed that ("netfilter: nfnetlink_queue: remove old clash resolution logic") and
+    /// leaves it to confirm, which drops a TCP packet and counts insert_failed.
+    pub fn queue_reinject_resolves_clash(&self) -> bool {
+        self.version < (6, 12)
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "kernel {} ({}), nf_conntrack BTF {}",

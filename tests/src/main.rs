@@ -17,6 +17,7 @@ mod counters;
 mod demo;
 mod evidence;
 mod inject;
+mod insert_failed;
 mod kernel;
 mod kmsg;
 mod kube;

@@ -46,6 +46,9 @@ const WANTED: &[&str] = &[
     "xt_addrtype",
     "xt_statistic",
     "xt_CT",
+    // The insert-failed scenario holds a packet between conntrack and confirm.
+    "xt_NFQUEUE",
+    "nfnetlink_queue",
     "ipt_REJECT",
     "ip6t_REJECT",
     // nftables; counter and objref are modules of their own before 6.x.
