@@ -84,6 +84,20 @@ macro_rules! key {
     };
 }
 
+/// `,"k":` and the value, written by one of the writers below: `field!(o, "seq", num(t.seq))`.
+/// With `?` after the key, only when the value (an Option) is known.
+macro_rules! field {
+    ($o:expr, $k:literal, $write:ident($v:expr)) => {{
+        key!($o, $k);
+        $write($o, $v);
+    }};
+    ($o:expr, $k:literal?, $write:ident($v:expr)) => {
+        if let Some(v) = $v {
+            field!($o, $k, $write(v));
+        }
+    };
+}
+
 /// The event object, one per INVALID packet: a flood is made of these, so it is written by
 /// hand. serde_json spends about 140 instructions on every string token, keys included;
 /// here keys are constant bytes. Text that is not ours (the kernel's reason) still goes
@@ -92,10 +106,8 @@ fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp) -> io::Result<()> {
     let p = &r.pkt;
     o.extend_from_slice(b"{\"event\":");
     plain(o, r.verdict.as_str());
-    key!(o, "time");
-    plain(o, time.as_str());
-    key!(o, "ts_ns");
-    num(o, r.ts_ns);
+    field!(o, "time", plain(time.as_str()));
+    field!(o, "ts_ns", num(r.ts_ns));
     key!(o, "reason");
     if r.reason_is_ours() {
         plain(o, r.reason_text());
@@ -103,84 +115,42 @@ fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp) -> io::Result<()> {
         // Copied from kernel memory: escaped.
         serde_json::to_writer(&mut *o, r.reason_text())?;
     }
-    key!(o, "reason_code");
-    plain(o, r.reason_code());
-    if let Some(f) = p.family {
-        key!(o, "family");
-        plain(o, f);
-    }
-    if p.proto.is_some() {
-        key!(o, "proto");
-        plain(o, &p.proto_name());
-    }
-    if let Some(a) = p.saddr {
-        key!(o, "saddr");
-        ip(o, a);
-    }
-    if let Some(n) = p.sport {
-        key!(o, "sport");
-        num(o, n);
-    }
-    if let Some(a) = p.daddr {
-        key!(o, "daddr");
-        ip(o, a);
-    }
-    if let Some(n) = p.dport {
-        key!(o, "dport");
-        num(o, n);
-    }
-    if let Some(t) = &p.tcp {
-        key!(o, "tcp");
-        tcp(o, t);
-    }
+    field!(o, "reason_code", plain(r.reason_code()));
+    field!(o, "family"?, plain(p.family));
+    field!(
+        o,
+        "proto"?,
+        plain(p.proto.map(|_| p.proto_name()).as_deref())
+    );
+    field!(o, "saddr"?, ip(p.saddr));
+    field!(o, "sport"?, num(p.sport));
+    field!(o, "daddr"?, ip(p.daddr));
+    field!(o, "dport"?, num(p.dport));
+    field!(o, "tcp"?, tcp(p.tcp.as_ref()));
     if let Some((t, c)) = p.icmp {
         key!(o, "icmp");
         o.extend_from_slice(b"{\"type\":");
         num(o, t);
-        key!(o, "code");
-        num(o, c);
+        field!(o, "code", num(c));
         o.push(b'}');
     }
     if let Some(w) = &r.window {
         key!(o, "window");
         o.extend_from_slice(b"{\"sender\":");
         side(o, &w.sender);
-        key!(o, "receiver");
-        side(o, &w.receiver);
-        if let Some(b) = w.bound {
-            key!(o, "bound");
-            num(o, b);
-        }
-        if let Some(e) = w.excess {
-            key!(o, "excess");
-            num(o, e);
-        }
+        field!(o, "receiver", side(&w.receiver));
+        field!(o, "bound"?, num(w.bound));
+        field!(o, "excess"?, num(w.excess));
         key!(o, "explain");
         o.push(b'"');
         w.write_into(o);
-        o.push(b'"');
-        o.push(b'}');
+        o.extend_from_slice(b"\"}");
     }
-    if let Some(c) = &r.ct {
-        key!(o, "ct");
-        ct(o, c);
-    }
-    if let Some(n) = r.netns {
-        key!(o, "netns");
-        num(o, n);
-    }
-    if let Some(n) = r.ifindex {
-        key!(o, "ifindex");
-        num(o, n);
-    }
-    if let Some(h) = r.hook {
-        key!(o, "hook");
-        plain(o, h);
-    }
-    if let Some(h) = &r.hint {
-        key!(o, "hint");
-        o.extend_from_slice(h.json.get().as_bytes());
-    }
+    field!(o, "ct"?, ct(r.ct.as_ref()));
+    field!(o, "netns"?, num(r.netns));
+    field!(o, "ifindex"?, num(r.ifindex));
+    field!(o, "hook"?, plain(r.hook));
+    field!(o, "hint"?, raw(r.hint.as_ref().map(|h| h.json.get())));
     o.push(b'}');
     Ok(())
 }
@@ -195,6 +165,11 @@ fn plain(o: &mut Vec<u8>, v: &str) {
     o.push(b'"');
     o.extend_from_slice(v.as_bytes());
     o.push(b'"');
+}
+
+/// JSON that is already JSON (a hint serialized once).
+fn raw(o: &mut Vec<u8>, json: &str) {
+    o.extend_from_slice(json.as_bytes());
 }
 
 #[inline(always)]
@@ -215,29 +190,20 @@ fn ip(o: &mut Vec<u8>, a: IpAddr) {
 /// An INVALID packet and the RST that answered it; `times`: the RST's, the packet's.
 fn write_incident(o: &mut Vec<u8>, i: &Incident, times: (Stamp, Stamp)) -> io::Result<()> {
     o.extend_from_slice(b"{\"event\":\"incident\"");
-    key!(o, "time");
-    plain(o, times.0.as_str());
-    key!(o, "ts_ns");
-    num(o, i.reset.ts_ns);
+    field!(o, "time", plain(times.0.as_str()));
+    field!(o, "ts_ns", num(i.reset.ts_ns));
     if let Some((client, service, backend)) = i.roles() {
-        key!(o, "client");
-        addr(o, client.saddr, client.sport);
-        key!(o, "service");
-        addr(o, service.0, service.1);
-        key!(o, "backend");
-        addr(o, backend.0, backend.1);
+        field!(o, "client", addr((client.saddr, client.sport)));
+        field!(o, "service", addr(service));
+        field!(o, "backend", addr(backend));
     }
-    if let Some(c) = &i.ct {
-        key!(o, "ct");
-        ct(o, c);
-    }
+    field!(o, "ct"?, ct(i.ct.as_ref()));
     key!(o, "invalid");
     write_event(o, &i.invalid, times.1)?;
     key!(o, "reset");
     write_reset(o, &i.reset, times.0);
     // `reset`, `challenge_ack`, `ignored` or `unknown`: what the RST does to the connection.
-    key!(o, "effect");
-    plain(o, i.effect().as_str());
+    field!(o, "effect", plain(i.effect().as_str()));
     key!(o, "explain");
     serde_json::to_writer(&mut *o, &super::incident_story(i))?;
     o.push(b'}');
@@ -248,62 +214,34 @@ fn write_incident(o: &mut Vec<u8>, i: &Incident, times: (Stamp, Stamp)) -> io::R
 fn write_reset(o: &mut Vec<u8>, r: &Reset, time: Stamp) {
     let t = &r.trigger;
     o.extend_from_slice(b"{\"event\":\"reset\"");
-    key!(o, "time");
-    plain(o, time.as_str());
-    key!(o, "ts_ns");
-    num(o, r.ts_ns);
+    field!(o, "time", plain(time.as_str()));
+    field!(o, "ts_ns", num(r.ts_ns));
     // The RST's own addresses: from the answered packet's destination to its source.
-    if let Some(a) = t.daddr {
-        key!(o, "saddr");
-        ip(o, a);
-    }
-    if let Some(n) = t.dport {
-        key!(o, "sport");
-        num(o, n);
-    }
-    if let Some(a) = t.saddr {
-        key!(o, "daddr");
-        ip(o, a);
-    }
-    if let Some(n) = t.sport {
-        key!(o, "dport");
-        num(o, n);
-    }
-    if let Some(n) = r.netns {
-        key!(o, "netns");
-        num(o, n);
-    }
-    if let Some(n) = r.ifindex {
-        key!(o, "ifindex");
-        num(o, n);
-    }
+    field!(o, "saddr"?, ip(t.daddr));
+    field!(o, "sport"?, num(t.dport));
+    field!(o, "daddr"?, ip(t.saddr));
+    field!(o, "dport"?, num(t.sport));
+    field!(o, "netns"?, num(r.netns));
+    field!(o, "ifindex"?, num(r.ifindex));
     // The packet it answered.
-    if let Some(t) = &t.tcp {
-        key!(o, "trigger");
-        tcp(o, t);
-    }
+    field!(o, "trigger"?, tcp(t.tcp.as_ref()));
     o.push(b'}');
 }
 
 fn tcp(o: &mut Vec<u8>, t: &Tcp) {
     o.extend_from_slice(b"{\"flags\":");
     plain(o, t.flags.as_str());
-    key!(o, "seq");
-    num(o, t.seq);
-    key!(o, "ack");
-    num(o, t.ack);
-    key!(o, "win");
-    num(o, t.win);
-    key!(o, "len");
-    num(o, t.len);
+    field!(o, "seq", num(t.seq));
+    field!(o, "ack", num(t.ack));
+    field!(o, "win", num(t.win));
+    field!(o, "len", num(t.len));
     o.push(b'}');
 }
 
-fn addr(o: &mut Vec<u8>, a: IpAddr, port: u16) {
+fn addr(o: &mut Vec<u8>, (a, port): (IpAddr, u16)) {
     o.extend_from_slice(b"{\"addr\":");
     ip(o, a);
-    key!(o, "port");
-    num(o, port);
+    field!(o, "port", num(port));
     o.push(b'}');
 }
 
@@ -316,8 +254,7 @@ fn ct(o: &mut Vec<u8>, c: &Conntrack) {
     }
     o.extend_from_slice(b"\"original\":");
     endpoints(o, &c.original);
-    key!(o, "reply");
-    endpoints(o, &c.reply);
+    field!(o, "reply", endpoints(&c.reply));
     key!(o, "dnat");
     o.extend_from_slice(if c.dnat() { b"true" } else { b"false" });
     o.push(b'}');
@@ -326,26 +263,19 @@ fn ct(o: &mut Vec<u8>, c: &Conntrack) {
 fn side(o: &mut Vec<u8>, w: &TcpWindow) {
     o.extend_from_slice(b"{\"end\":");
     num(o, w.end);
-    key!(o, "maxend");
-    num(o, w.maxend);
-    key!(o, "maxwin");
-    num(o, w.maxwin);
-    key!(o, "maxack");
-    num(o, w.maxack);
-    key!(o, "scale");
-    num(o, w.scale);
+    field!(o, "maxend", num(w.maxend));
+    field!(o, "maxwin", num(w.maxwin));
+    field!(o, "maxack", num(w.maxack));
+    field!(o, "scale", num(w.scale));
     o.push(b'}');
 }
 
 fn endpoints(o: &mut Vec<u8>, e: &Endpoints) {
     o.extend_from_slice(b"{\"saddr\":");
     ip(o, e.saddr);
-    key!(o, "sport");
-    num(o, e.sport);
-    key!(o, "daddr");
-    ip(o, e.daddr);
-    key!(o, "dport");
-    num(o, e.dport);
+    field!(o, "sport", num(e.sport));
+    field!(o, "daddr", ip(e.daddr));
+    field!(o, "dport", num(e.dport));
     o.push(b'}');
 }
 
