@@ -50,10 +50,11 @@ impl Kernel {
         self.version >= (6, 1)
     }
 
-    /// Up to 6.11 nfnetlink_queue resolved a clash itself when a packet was let go: it
+    /// Before 6.12 nfnetlink_queue resolved a clash itself when a packet was let go: it
     /// re-attached the packet to the entry confirmed meanwhile, so confirm saw no clash. 6.12
     /// removed that ("netfilter: nfnetlink_queue: remove old clash resolution logic") and
-    /// leaves it to confirm, which drops a TCP packet and counts insert_failed.
+    /// leaves it to confirm, which drops a TCP packet and counts insert_failed. Stable trees
+    /// may carry the removal; the matrix's 5.10.223, 6.1.176 and 6.1.192 do not.
     pub fn queue_reinject_resolves_clash(&self) -> bool {
         self.version < (6, 12)
     }
