@@ -256,7 +256,15 @@ fn source_tree() -> String {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
     match git(&["rev-parse", "--short", "HEAD"]) {
-        Some(commit) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        // BENCHMARKS.md itself is the output: an earlier run's section is not a source change.
+        Some(commit) => match git(&[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            &format!(":!{}", bench::FILE),
+        ]) {
             Some(changes) if changes.is_empty() => format!("commit {commit}"),
             _ => format!("commit {commit} + uncommitted changes"),
         },
