@@ -86,20 +86,12 @@ impl Tracer {
             stdout,
             stderr: Some(stderr),
         };
-        let deadline = Instant::now() + ATTACH_TIMEOUT;
-        loop {
-            if attached_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
-                return Ok(tracer);
-            }
-            if let Some(status) = tracer.child.try_wait()? {
-                tracer.join_readers();
-                bail!("tracer exited ({status}) before attaching");
-            }
-            if Instant::now() > deadline {
-                tracer.kill();
-                bail!("tracer did not print \"attached\" within {ATTACH_TIMEOUT:?}");
-            }
+        if let Err(e) = wait_attached(&mut tracer.child, &attached_rx, ATTACH_TIMEOUT) {
+            // Also when it exited: kill is then a no-op, and the readers are joined.
+            tracer.kill();
+            return Err(e);
         }
+        Ok(tracer)
     }
 
     /// Events received so far.
@@ -203,6 +195,27 @@ impl Drop for Tracer {
     fn drop(&mut self) {
         if RUNNING_PID.load(Ordering::SeqCst) == self.child.id() as i32 {
             self.kill();
+        }
+    }
+}
+
+/// Waits for `watch_stderr`'s "attached" signal: an error when the tracer exits first or
+/// `timeout` passes. Cleaning up the child is the caller's.
+pub fn wait_attached(
+    child: &mut Child,
+    attached: &mpsc::Receiver<()>,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if attached.recv_timeout(Duration::from_millis(100)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("tracer exited ({status}) before attaching");
+        }
+        if Instant::now() > deadline {
+            bail!("tracer did not print \"attached\" within {timeout:?}");
         }
     }
 }

@@ -4,7 +4,7 @@
 //! console, which is right for a handful of scenario events; a 100,000-event flood would
 //! then measure the emulated UART and the guest's memory instead of the tracer. Here a
 //! reader thread classifies each line by its first key (`{"event":"<kind>"`, the order the
-//! tracer's serializer writes) and only parses `lost` and `summary` lines in full.
+//! tracer writes its keys) and only parses `lost` and `summary` lines in full.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use crate::tools;
+use crate::tracer::{wait_attached, watch_stderr};
 
 /// The tracer parses BTF before it attaches, which takes seconds under TCG.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(90);
@@ -65,26 +66,18 @@ impl CountingTracer {
                 }
             })
         };
-        let (stderr, attached_rx) = crate::tracer::watch_stderr(&mut child);
+        let (stderr, attached_rx) = watch_stderr(&mut child);
         let mut tracer = CountingTracer {
             child,
             counts,
             readers: vec![stdout, stderr],
         };
-        let deadline = Instant::now() + ATTACH_TIMEOUT;
-        loop {
-            if attached_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
-                return Ok(tracer);
-            }
-            if let Some(status) = tracer.child.try_wait()? {
-                tracer.join_readers();
-                bail!("tracer exited ({status}) before attaching");
-            }
-            if Instant::now() > deadline {
-                tracer.kill();
-                bail!("tracer did not print \"attached\" within {ATTACH_TIMEOUT:?}");
-            }
+        if let Err(e) = wait_attached(&mut tracer.child, &attached_rx, ATTACH_TIMEOUT) {
+            // Also when it exited: kill is then a no-op, and the readers are joined.
+            tracer.kill();
+            return Err(e);
         }
+        Ok(tracer)
     }
 
     pub fn pid(&self) -> u32 {
