@@ -14,7 +14,12 @@ use conntrack_trace_common::{
     verdict::{HAS_IFINDEX, HAS_NETNS, PacketEvent, verdict},
 };
 
-use crate::{filter, frame::frames, ring::emit, skb};
+use crate::{
+    filter,
+    frame::{frames, mode},
+    ring::emit,
+    skb,
+};
 
 const NF_DROP: i32 = 0;
 
@@ -22,16 +27,65 @@ const NF_DROP: i32 = 0;
 #[map]
 static SCRATCH: PerCpuArray<PacketEvent> = PerCpuArray::with_max_entries(1, 0);
 
-/// `early_drop(net, hash)` returned false: the table is full and nothing could be evicted, so
-/// the allocation fails and the `nf_conntrack_in` in flight returns NF_DROP.
-#[kretprobe]
-pub fn early_drop_ret(ctx: RetProbeContext) -> u32 {
-    if ctx.ret::<u64>() & 0xff == 0
-        && let Some(frames) = frames()
-    {
-        frames.drop_reason = reason::TABLE_FULL;
+/// `early_drop(net, hash)`, cold mode only: it runs only while the table is full, so keeping
+/// its namespace costs nothing on a healthy node. With a verdict probe the packet names it.
+#[kprobe]
+pub fn early_drop(ctx: ProbeContext) -> u32 {
+    if let Some(frames) = frames() {
+        frames.early_drop_net = ctx.arg::<u64>(0).unwrap_or(0);
     }
     0
+}
+
+/// `early_drop` returned false: the table is full and nothing could be evicted, so the
+/// allocation fails and the `nf_conntrack_in` in flight returns NF_DROP. With a verdict probe
+/// that call's event carries the reason; in cold mode, where no probe sees the packet, one
+/// event names the namespace alone.
+#[kretprobe]
+pub fn early_drop_ret(ctx: RetProbeContext) -> u32 {
+    if ctx.ret::<u64>() & 0xff != 0 {
+        return 0;
+    }
+    let Some(frames) = frames() else { return 0 };
+    if mode() != conntrack_trace_common::mode::COLD {
+        frames.drop_reason = reason::TABLE_FULL;
+        return 0;
+    }
+    let net = core::mem::take(&mut frames.early_drop_net);
+    let Some(e) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch value, valid for this program run.
+    let e = unsafe { &mut *e };
+    start(e, reason::TABLE_FULL);
+    if let Some(n) = skb::net_inum(net) {
+        e.netns = n;
+        e.flags |= HAS_NETNS;
+    }
+    e.ifindex_in = 0;
+    e.skb_len = 0;
+    // No packet: only the namespace filter can apply, packet filters hide it.
+    e.headers[0] = 0;
+    if filter::matches(&e.headers, e.netns) {
+        emit(e);
+    }
+    0
+}
+
+/// The fields every drop event built outside `nf_conntrack_in` starts with.
+#[inline(always)]
+fn start(e: &mut PacketEvent, drop_reason: u8) {
+    e.kind = kind::PACKET;
+    e.verdict = verdict::DROP;
+    e.drop_reason = drop_reason;
+    e.ts_ns = unsafe { bpf_ktime_get_ns() };
+    e.cpu = unsafe { bpf_get_smp_processor_id() };
+    // No hook state here.
+    e.hook = u8::MAX;
+    e.pf = 0;
+    e.flags = 0;
+    e.ct.flags = 0;
+    e.ifindex_out = 0;
 }
 
 /// `nf_ct_resolve_clash(skb, h, repl_idx)`: confirm runs with BH off, so one slot per CPU.
@@ -55,23 +109,14 @@ pub fn nf_ct_resolve_clash_ret(ctx: RetProbeContext) -> u32 {
     };
     // SAFETY: per-CPU scratch value, valid for this program run.
     let e = unsafe { &mut *e };
-    e.kind = kind::PACKET;
-    e.verdict = verdict::DROP;
-    e.drop_reason = reason::INSERT_FAILED;
-    e.ts_ns = unsafe { bpf_ktime_get_ns() };
-    e.cpu = unsafe { bpf_get_smp_processor_id() };
-    // Confirm has no hook state here: the device's namespace and index stand in.
-    e.hook = u8::MAX;
-    e.pf = 0;
-    e.flags = 0;
-    e.ct.flags = 0;
+    start(e, reason::INSERT_FAILED);
+    // Confirm has no hook state: the device's namespace and index stand in.
     let (dev, netns) = skb::dev_and_netns(skb);
     if let Some(n) = netns {
         e.netns = n;
         e.flags |= HAS_NETNS;
     }
     e.ifindex_in = skb::ifindex(dev);
-    e.ifindex_out = 0;
     if e.ifindex_in != 0 {
         e.flags |= HAS_IFINDEX;
     }

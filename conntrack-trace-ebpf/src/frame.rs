@@ -26,6 +26,8 @@ pub struct Frames {
     /// Set by `early_drop` inside the call in flight; taken by its return.
     pub drop_reason: u8,
     pub _pad: [u8; 3],
+    /// Cold mode: the namespace `early_drop` was called for, until it returns.
+    pub early_drop_net: u64,
     /// The skb `nf_ct_resolve_clash` is deciding about (confirm does not nest: BH is off).
     pub clash_skb: u64,
     /// The skb `nf_tcp_log_invalid` is logging for, until it returns: the generic logger it

@@ -55,15 +55,19 @@ fn take_drop_reason(frames: &mut Frames) -> u8 {
     r
 }
 
-/// One program instead of the pair, where fexit can attach (nf_conntrack built in, or a
-/// loader that can target module BTF). Frames are pushed only by reason hooks, so the
-/// innermost one is this call's only if it holds this skb.
+/// One program instead of the pair, where fexit can attach. Frames are pushed only by reason
+/// hooks, so the innermost one is this call's only if it holds this skb.
 #[fexit(function = "nf_conntrack_in")]
 pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
     let skb: u64 = ctx.arg(0);
-    let state: u64 = ctx.arg(1);
-    let ret: u64 = ctx.arg(2);
+    let ret = ctx.arg::<u64>(2) as i32;
     let Some(frames) = frames() else { return 0 };
+    // Nearly every packet: tracked, accepted, nothing logged or dropped on the way.
+    if frames.depth == 0 && frames.drop_reason == 0 && ret == NF_ACCEPT && nfct(skb) != Some(0)
+    {
+        return 0;
+    }
+    let state: u64 = ctx.arg(1);
     let drop_reason = take_drop_reason(frames);
     let d = frames.depth as usize;
     let mine = d > 0 && d <= MAX_NEST && frames.frame.get(d - 1).is_some_and(|f| f.skb == skb);
@@ -74,16 +78,22 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
     let f = pop(frames);
     if let Some(f) = f {
         f.state = state;
-        decide(f, ret as i32, drop_reason);
+        decide(f, ret, drop_reason);
     }
     0
+}
+
+/// `skb->_nfct`: 0 once conntrack has taken the packet's entry away.
+#[inline(always)]
+fn nfct(skb: u64) -> Option<u64> {
+    field::<u64>(skb, offsets().skb_nfct)
 }
 
 /// The exit rule: NF_ACCEPT with no `_nfct` is INVALID, NF_DROP is a drop, and a logged
 /// reason on a packet that kept its entry is IGNORED. Anything else is a normal packet.
 #[inline(always)]
 fn decide(f: &mut Frame, ret: i32, drop_reason: u8) {
-    let verdict = match (ret, field::<u64>(f.skb, offsets().skb_nfct)) {
+    let verdict = match (ret, nfct(f.skb)) {
         (NF_ACCEPT, Some(0)) => verdict::INVALID,
         (NF_DROP, _) => verdict::DROP,
         _ if f.event.flags & HAS_REASON != 0 => verdict::IGNORED,

@@ -1,7 +1,10 @@
 //! Kernel type information: struct offsets and function prototypes, read from
 //! `/sys/kernel/btf/vmlinux` and the split module BTF `/sys/kernel/btf/nf_conntrack`.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use btf_rs::{Backend, Btf, BtfType as _, Type};
@@ -41,6 +44,117 @@ fn mapped_copy(path: &Path) -> btf_rs::Result<Btf> {
     std::io::copy(&mut std::fs::File::open(path)?, &mut file)?;
     // The mapping outlives the fd: it is closed when `file` drops.
     Btf::from_file_with_backend(format!("/proc/self/fd/{fd}"), Backend::Mmap)
+}
+
+/// A function the kernel knows by BTF: the id of the kernel BTF object describing it (vmlinux
+/// or a module's) and its type id there. fentry/fexit programs name both at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BtfFunc {
+    pub object_id: u32,
+    pub type_id: u32,
+}
+
+impl BtfFunc {
+    /// A file descriptor for the BTF object, as `BPF_PROG_LOAD` wants it.
+    pub fn object_fd(&self) -> std::io::Result<OwnedFd> {
+        let mut attr = IdAttr {
+            id: self.object_id,
+            ..Default::default()
+        };
+        let fd = bpf(BPF_BTF_GET_FD_BY_ID, &mut attr)?;
+        // SAFETY: the kernel returned a new fd that nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+// bpf(2) commands (uapi `enum bpf_cmd`; libc does not carry them).
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
+const BPF_BTF_GET_FD_BY_ID: libc::c_int = 19;
+const BPF_BTF_GET_NEXT_ID: libc::c_int = 23;
+
+/// `union bpf_attr` as the `*_GET_NEXT_ID` / `*_GET_FD_BY_ID` commands read it.
+#[repr(C)]
+#[derive(Default)]
+struct IdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+struct InfoAttr {
+    fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_btf_info` (5.11+ with name and kernel_btf).
+#[repr(C)]
+#[derive(Default)]
+struct BtfInfo {
+    btf: u64,
+    btf_size: u32,
+    id: u32,
+    name: u64,
+    name_len: u32,
+    kernel_btf: u32,
+}
+
+/// `attr` is mutable: the kernel writes results into it (`next_id`).
+fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> std::io::Result<i32> {
+    // SAFETY: attr is a live, fully initialised prefix of `union bpf_attr` of the given size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r as i32)
+}
+
+/// The id of the kernel's BTF object called `name` ("vmlinux" or a module), from the kernel's
+/// list of loaded BTF objects. None when the kernel has none by that name (before 5.11 module
+/// BTF is never listed).
+pub fn kernel_object_id(name: &str) -> std::io::Result<Option<u32>> {
+    let mut attr = IdAttr::default();
+    loop {
+        match bpf(BPF_BTF_GET_NEXT_ID, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        attr.id = attr.next_id;
+        let probe = BtfFunc {
+            object_id: attr.id,
+            type_id: 0,
+        };
+        // An object can go away between the two calls (a program's BTF, an unloaded module).
+        let Ok(fd) = probe.object_fd() else { continue };
+        let mut buf = [0u8; 64];
+        let mut info = BtfInfo {
+            name: buf.as_mut_ptr() as u64,
+            name_len: buf.len() as u32,
+            ..Default::default()
+        };
+        let mut get = InfoAttr {
+            fd: fd.as_raw_fd() as u32,
+            info_len: std::mem::size_of::<BtfInfo>() as u32,
+            info: &raw mut info as u64,
+        };
+        if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get).is_err() || info.kernel_btf == 0 {
+            continue;
+        }
+        let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if &buf[..len] == name.as_bytes() {
+            return Ok(Some(attr.id));
+        }
+    }
 }
 
 impl KernelBtf {
@@ -198,6 +312,21 @@ impl KernelBtf {
 
     pub fn struct_size(&self, name: &str) -> Result<usize> {
         Ok(self.composite(name)?.size())
+    }
+
+    /// The BTF type id of function `name` (in the module's split BTF when it is there, whose
+    /// ids continue vmlinux's), and the name of the kernel BTF object that holds it.
+    pub fn func_id(&self, name: &str) -> Option<(u32, &'static str)> {
+        let ids = self.btf.resolve_ids_by_name(name).ok()?;
+        let id = ids.into_iter().find(|&id| {
+            matches!(self.btf.resolve_type_by_id(id), Ok(Type::Func(_)))
+        })?;
+        let in_module = self
+            .btf
+            .split()
+            .is_some_and(|m| id >= m.type_id_range().0);
+        let object = if in_module { "nf_conntrack" } else { "vmlinux" };
+        Some((id, object))
     }
 
     /// The prototype of a kernel function, if BTF describes it.

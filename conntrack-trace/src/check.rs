@@ -4,14 +4,11 @@
 use std::{io::Write, path::Path};
 
 use anyhow::Result;
-use aya::{
-    Btf,
-    programs::{FExit, KProbe, ProgramError, TracePoint},
-};
+use aya::programs::{FExit, KProbe, ProgramError, TracePoint};
 
 use crate::{
     ebpf,
-    plan::{self, Plan},
+    plan::{self, FexitProbe, Mode, Plan, Want},
     privs,
     symbols::Symbols,
 };
@@ -53,7 +50,7 @@ pub enum Outcome {
 
 pub fn run(out: &mut impl Write) -> Result<bool> {
     privs::check()?;
-    let (plan, btf) = Plan::for_running_kernel(false)?;
+    let (plan, btf) = Plan::for_running_kernel(Want::Default)?;
     let syms = Symbols::from_proc(plan::KERNEL_FUNCTIONS)?;
     writeln!(out, "kernel {}", plan.release)?;
     writeln!(
@@ -91,18 +88,23 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
         )?,
         &plan,
     )?;
-    let fentry = reports
-        .iter()
-        .find(|r| r.kind == "fexit")
-        .map(|r| match &r.outcome {
-            Outcome::Verified { .. } => "available".to_string(),
-            Outcome::Rejected(e) | Outcome::NotLoadable(e) => format!("UNAVAILABLE: {e}"),
-        });
     writeln!(
         out,
         "  {:<28} {}",
-        "fentry/fexit",
-        fentry.as_deref().unwrap_or("not tried")
+        "fexit on nf_conntrack_in",
+        match &plan.fexit {
+            FexitProbe::Loads(f) => format!(
+                "loads (type id {} in BTF object {} {})",
+                f.type_id,
+                f.object_id,
+                match btf.conntrack_source {
+                    crate::btf::ConntrackBtf::Module(_) => "nf_conntrack",
+                    _ => "vmlinux",
+                }
+            ),
+            FexitProbe::Unavailable(why) => format!("UNAVAILABLE: {why}"),
+            FexitProbe::Rejected(_) => "REJECTED by the verifier (log below)".into(),
+        }
     )?;
     for (name, what) in ATTACH_POINTS {
         let found = match syms.find(name) {
@@ -145,19 +147,14 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
         writeln!(out, "  {:<30} {:<10} {text}", r.name, r.kind)?;
     }
 
-    let plan = if plan.uses_fexit() && fentry.as_deref() != Some("available") {
-        plan.without_fexit(false)
-    } else {
-        plan
-    };
     writeln!(
         out,
         "\nattach plan for this kernel, default mode {} (window reasons from {:?})",
         match plan.mode {
-            conntrack_trace_common::mode::FEXIT => "fexit",
-            conntrack_trace_common::mode::COLD =>
+            Mode::Fexit => "fexit: every verdict, one fexit program per packet; --cold for none",
+            Mode::Cold =>
                 "cold: no per-packet probe; --exact adds the nf_conntrack_in kprobe pair",
-            _ => "exact",
+            Mode::KprobePair => "kprobe pair",
         },
         plan.window
     )?;
@@ -207,9 +204,8 @@ pub fn kprobes_available() -> bool {
 }
 
 /// Loads every program in the object (kprobes need no target to load; fexit needs the
-/// function's BTF, which aya 0.14 reads from vmlinux only).
+/// function's BTF, which the plan's probe found, or the probe's reason why not).
 fn load_all(bpf: &mut aya::Ebpf, plan: &Plan) -> Result<Vec<ProgramReport>> {
-    let vmlinux = Btf::from_sys_fs().ok();
     let mut names: Vec<String> = bpf.programs().map(|(n, _)| n.to_string()).collect();
     names.sort();
     let mut reports = Vec::new();
@@ -220,45 +216,38 @@ fn load_all(bpf: &mut aya::Ebpf, plan: &Plan) -> Result<Vec<ProgramReport>> {
                 aya::programs::ProbeKind::Entry => "kprobe",
                 _ => "kretprobe",
             };
-            (kind, Some(k.load()))
+            (kind, Ok(k.load()))
         } else if let Ok(t) = <&mut TracePoint>::try_from(&mut *prog) {
-            ("tracepoint", Some(t.load()))
+            ("tracepoint", Ok(t.load()))
         } else if let Ok(f) = <&mut FExit>::try_from(&mut *prog) {
-            let target = plan
-                .attach
-                .iter()
-                .find(|a| a.program == name)
-                .map(|a| a.target.clone());
-            match (&vmlinux, target) {
-                (Some(btf), Some(t)) => ("fexit", Some(f.load(&t, btf))),
-                _ => ("fexit", None),
+            match &plan.fexit {
+                FexitProbe::Loads(func) => ("fexit", Ok(ebpf::load_fexit(f, *func))),
+                FexitProbe::Unavailable(why) => ("fexit", Err(why.clone())),
+                FexitProbe::Rejected(log) => {
+                    reports.push(ProgramReport {
+                        name,
+                        kind: "fexit".into(),
+                        outcome: Outcome::Rejected(log.clone()),
+                    });
+                    continue;
+                }
             }
         } else {
-            ("other", None)
+            ("other", Err("not a program kind the tracer uses".into()))
         };
         let outcome = match result {
-            None => Outcome::NotLoadable(
-                "its target is in module BTF, which aya 0.14 cannot attach fexit to".into(),
-            ),
-            Some(Ok(())) => Outcome::Verified {
+            Err(why) => Outcome::NotLoadable(why),
+            Ok(Ok(())) => Outcome::Verified {
                 instructions: prog
                     .info()
                     .ok()
                     .and_then(|i| i.verified_instruction_count()),
             },
-            Some(Err(ProgramError::LoadError {
+            Ok(Err(ProgramError::LoadError {
                 io_error,
                 verifier_log,
-            })) => {
-                if io_error.raw_os_error() == Some(libc::EPERM) && kind == "fexit" {
-                    Outcome::NotLoadable(format!(
-                        "the kernel refused to load fexit ({io_error}): no fentry/fexit support"
-                    ))
-                } else {
-                    Outcome::Rejected(format!("{io_error}\n{verifier_log}"))
-                }
-            }
-            Some(Err(e)) => Outcome::Rejected(format!("{e:#}")),
+            })) => Outcome::Rejected(format!("{io_error}\n{verifier_log}")),
+            Ok(Err(e)) => Outcome::Rejected(format!("{e:#}")),
         };
         reports.push(ProgramReport {
             name,

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use conntrack_trace::{
     check, filter,
     output::{Output, Tee, json::Json, pcap::Pcap, text::Text},
+    plan::Want,
     record, stats, trace,
 };
 
@@ -59,11 +60,15 @@ struct Cli {
     /// Bytes of each packet (from the IP header) kept in the pcapng file.
     #[arg(long, default_value_t = conntrack_trace_common::SNAP_LEN as u16, value_parser = clap::value_parser!(u16).range(20..=conntrack_trace_common::SNAP_LEN as i64))]
     snaplen: u16,
-    /// See every verdict, including INVALIDs the kernel does not log and the packets of
-    /// table-full drops, by probing nf_conntrack_in on every packet (a kprobe pair where fexit
-    /// cannot attach: measurable per-packet cost, see BENCHMARKS.md).
-    #[arg(long)]
+    /// See every verdict even where fexit cannot attach to nf_conntrack_in (no module BTF,
+    /// e.g. Linux 5.10), with a kprobe pair on every packet (measurable cost, BENCHMARKS.md).
+    /// Where fexit attaches, the default already sees every verdict.
+    #[arg(long, conflicts_with = "cold")]
     exact: bool,
+    /// No probe on the per-packet path at all: report only what the kernel logs as invalid
+    /// (and table-full drops by namespace), missing INVALIDs it does not log.
+    #[arg(long)]
+    cold: bool,
     /// Also save the raw events to this file, for `conntrack-trace replay`.
     #[arg(long, value_name = "FILE")]
     record: Option<std::path::PathBuf>,
@@ -138,7 +143,11 @@ fn trace(cli: &Cli) -> Result<bool> {
         verbose: cli.verbose > 0,
         resets: cli.resets,
         record: cli.record.clone(),
-        exact: cli.exact,
+        want: match (cli.exact, cli.cold) {
+            (true, _) => Want::Exact,
+            (_, true) => Want::Cold,
+            _ => Want::Default,
+        },
     };
     let mut out = output(cli);
     let mut pcap = match &cli.pcap {

@@ -7,7 +7,8 @@ use anyhow::{Result, bail};
 use conntrack_trace_common::{mode, offsets::Offsets, reason::LogArgs, reset::ResetTp};
 
 use crate::{
-    btf::{ConntrackBtf, KernelBtf},
+    btf::{self, BtfFunc, ConntrackBtf, KernelBtf},
+    ebpf,
     symbols::Symbols,
 };
 
@@ -28,7 +29,8 @@ pub const KERNEL_FUNCTIONS: &[&str] = &[
 pub enum Flavor {
     KProbe,
     KRetProbe,
-    FExit,
+    /// The function as its kernel BTF object describes it (vmlinux or nf_conntrack's).
+    FExit(BtfFunc),
     /// A tracepoint; the target is "category/name".
     TracePoint,
 }
@@ -38,7 +40,7 @@ impl fmt::Display for Flavor {
         f.write_str(match self {
             Flavor::KProbe => "kprobe",
             Flavor::KRetProbe => "kretprobe",
-            Flavor::FExit => "fexit",
+            Flavor::FExit(_) => "fexit",
             Flavor::TracePoint => "tracepoint",
         })
     }
@@ -66,14 +68,103 @@ pub enum WindowSource {
     L4ProtoLog,
 }
 
+/// How the verdict of `nf_conntrack_in` is observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// fexit on `nf_conntrack_in`: every verdict, one program run per packet.
+    Fexit,
+    /// kprobe + kretprobe on `nf_conntrack_in`: every verdict, a kprobe pair per packet.
+    KprobePair,
+    /// No per-packet probe: packets are reported when the kernel logs a reason (and table-full
+    /// drops by namespace); INVALIDs the kernel does not log are missed.
+    Cold,
+}
+
+impl Mode {
+    /// The eBPF side's `MODE` global.
+    pub fn abi(self) -> u8 {
+        match self {
+            Mode::Fexit => mode::FEXIT,
+            Mode::KprobePair => mode::EXACT,
+            Mode::Cold => mode::COLD,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Fexit => "fexit",
+            Mode::KprobePair => "kprobe pair",
+            Mode::Cold => "cold",
+        }
+    }
+
+    /// Whether every verdict is observed (INVALIDs the kernel does not log included).
+    pub fn complete(self) -> bool {
+        self != Mode::Cold
+    }
+}
+
+/// The mode the user asked for on the command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Want {
+    /// Complete where fexit attaches, cold otherwise.
+    #[default]
+    Default,
+    /// Complete at any cost: the kprobe pair where fexit does not attach (`--exact`).
+    Exact,
+    /// No per-packet probe at all (`--cold`).
+    Cold,
+}
+
+/// Whether fexit on `nf_conntrack_in` loads on this kernel: probed once, before planning.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FexitProbe {
+    Loads(BtfFunc),
+    /// This kernel cannot (no BTF for the function, no trampolines): why, for the user.
+    Unavailable(String),
+    /// The verifier refused the program: a bug of ours, with the verifier's log.
+    Rejected(String),
+}
+
+impl FexitProbe {
+    /// Loads the fexit program against `nf_conntrack_in` as this kernel's BTF describes it.
+    pub fn run(btf: &KernelBtf) -> Self {
+        let Some((type_id, object)) = btf.func_id("nf_conntrack_in") else {
+            return Self::Unavailable(
+                "BTF does not describe nf_conntrack_in (a module without module BTF)".into(),
+            );
+        };
+        let object_id = match btf::kernel_object_id(object) {
+            Ok(Some(id)) => id,
+            Ok(None) => {
+                return Self::Unavailable(format!("the kernel lists no BTF object {object}"));
+            }
+            Err(e) => {
+                return Self::Unavailable(format!("listing the kernel's BTF objects: {e}"));
+            }
+        };
+        ebpf::probe_fexit(BtfFunc { object_id, type_id })
+    }
+
+    /// Why fexit is not used, if it is not.
+    pub fn why_not(&self) -> Option<&str> {
+        match self {
+            Self::Loads(_) => None,
+            Self::Unavailable(why) => Some(why),
+            Self::Rejected(_) => Some("the verifier rejected it: `conntrack-trace check` shows why"),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub release: String,
     pub offsets: Offsets,
     pub log_args: LogArgs,
     pub reset_tp: ResetTp,
-    /// `conntrack_trace_common::mode`: how verdicts are observed.
-    pub mode: u8,
+    pub mode: Mode,
+    /// What loading fexit on `nf_conntrack_in` gave.
+    pub fexit: FexitProbe,
     pub window: WindowSource,
     pub attach: Vec<Attach>,
     /// What is degraded on this kernel, in words a user can act on.
@@ -81,9 +172,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Reads the running kernel. `exact` asks for the verdict of every packet even where that
-    /// costs a kprobe pair per packet.
-    pub fn for_running_kernel(exact: bool) -> Result<(Self, KernelBtf)> {
+    /// Reads the running kernel and plans for the mode the user asked for.
+    pub fn for_running_kernel(want: Want) -> Result<(Self, KernelBtf)> {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -92,7 +182,9 @@ impl Plan {
         let btf = KernelBtf::from_sys()?;
         let tp = tracefs()
             .and_then(|t| std::fs::read_to_string(t.join("events/tcp/tcp_send_reset/format")).ok());
-        Ok((Self::new(&release, &syms, &btf, tp.as_deref(), exact)?, btf))
+        let fexit = FexitProbe::run(&btf);
+        let plan = Self::new(&release, &syms, &btf, tp.as_deref(), fexit, want)?;
+        Ok((plan, btf))
     }
 
     /// `reset_format` is the `tcp:tcp_send_reset` tracepoint's format file, if it exists.
@@ -101,7 +193,8 @@ impl Plan {
         syms: &Symbols,
         btf: &KernelBtf,
         reset_format: Option<&str>,
-        exact: bool,
+        fexit: FexitProbe,
+        want: Want,
     ) -> Result<Self> {
         let mut notes = Vec::new();
         let Some(ct_in) = syms.find("nf_conntrack_in") else {
@@ -136,26 +229,44 @@ impl Plan {
                 target: target.to_string(),
             })
         };
-        // nf_conntrack_in runs for every packet: only fexit is cheap enough to sit there by
-        // default. aya 0.14 loads fexit against vmlinux BTF only (it does not pass the
-        // module's BTF object fd), so that needs nf_conntrack built in. Otherwise the default
-        // is the cold path (the loggers alone) and --exact adds the kprobe pair.
-        let mode = if btf.conntrack_source == ConntrackBtf::BuiltIn {
-            add("nf_conntrack_in_fexit", Flavor::FExit, ct_in);
-            mode::FEXIT
-        } else if exact {
-            add("nf_conntrack_in", Flavor::KProbe, ct_in);
-            add("nf_conntrack_in_ret", Flavor::KRetProbe, ct_in);
-            mode::EXACT
-        } else {
-            notes.push(
-                "no per-packet probe (nf_conntrack is a module and fexit cannot attach to it here): \
-                 packets are reported when the kernel logs a reason; INVALIDs it does not log \
-                 (ICMP errors matching nothing, an RST with no entry before 6.8) and the packets \
-                 of table-full drops need --exact, which adds a kprobe pair on nf_conntrack_in"
-                    .into(),
-            );
-            mode::COLD
+        // nf_conntrack_in runs for every packet: fexit costs about a function call there and
+        // is the default wherever it loads; the kprobe pair costs several times more and is
+        // only used when asked for.
+        let mode = match (&fexit, want) {
+            (_, Want::Cold) => {
+                notes.push(
+                    "--cold: no per-packet probe; INVALIDs the kernel does not log (ICMP errors \
+                     matching nothing, an RST with no entry before 6.8) are not reported, and \
+                     table-full drops name only their namespace"
+                        .into(),
+                );
+                Mode::Cold
+            }
+            (FexitProbe::Loads(f), _) => {
+                add(ebpf::FEXIT_PROGRAM, Flavor::FExit(*f), ct_in);
+                Mode::Fexit
+            }
+            (probe, Want::Exact) => {
+                let why = probe.why_not().unwrap_or_default();
+                notes.push(format!(
+                    "fexit on nf_conntrack_in does not load here ({why}): --exact uses a kprobe \
+                     pair on every packet instead"
+                ));
+                add("nf_conntrack_in", Flavor::KProbe, ct_in);
+                add("nf_conntrack_in_ret", Flavor::KRetProbe, ct_in);
+                Mode::KprobePair
+            }
+            (probe, Want::Default) => {
+                let why = probe.why_not().unwrap_or_default();
+                notes.push(format!(
+                    "no per-packet probe (fexit on nf_conntrack_in does not load here: {why}): \
+                     packets are reported when the kernel logs a reason; INVALIDs it does not \
+                     log (ICMP errors matching nothing, an RST with no entry before 6.8) need \
+                     --exact, which adds a kprobe pair on nf_conntrack_in; table-full drops \
+                     name only their namespace"
+                ));
+                Mode::Cold
+            }
         };
 
         let window = match (
@@ -213,10 +324,15 @@ impl Plan {
             }
         }
 
-        // A table-full drop is tagged on the nf_conntrack_in call in flight: no call, no tag.
+        // A table-full drop is tagged on the nf_conntrack_in call in flight; with no probe
+        // there, early_drop's own argument names the namespace.
         match syms.find("early_drop") {
-            Some(ed) if mode != mode::COLD => add("early_drop_ret", Flavor::KRetProbe, ed),
-            Some(_) => {}
+            Some(ed) => {
+                add("early_drop_ret", Flavor::KRetProbe, ed);
+                if mode == Mode::Cold {
+                    add("early_drop", Flavor::KProbe, ed);
+                }
+            }
             None => notes.push(
                 "early_drop not found: table-full drops are reported as conntrack_drop".into(),
             ),
@@ -259,51 +375,13 @@ impl Plan {
             log_args,
             reset_tp,
             mode,
+            fexit,
             window,
             attach,
             notes,
         })
     }
 
-    pub fn uses_fexit(&self) -> bool {
-        self.attach.iter().any(|a| a.flavor == Flavor::FExit)
-    }
-
-    /// The plan when fexit turned out not to load: the kprobe pair if `exact`, else the
-    /// cold path.
-    pub fn without_fexit(&self, exact: bool) -> Self {
-        let mut p = self.clone();
-        let Some(i) = p.attach.iter().position(|a| a.flavor == Flavor::FExit) else {
-            return p;
-        };
-        let target = p.attach.remove(i).target;
-        if exact {
-            p.mode = mode::EXACT;
-            p.attach.insert(
-                i,
-                Attach {
-                    program: "nf_conntrack_in_ret",
-                    flavor: Flavor::KRetProbe,
-                    target: target.clone(),
-                },
-            );
-            p.attach.insert(
-                i,
-                Attach {
-                    program: "nf_conntrack_in",
-                    flavor: Flavor::KProbe,
-                    target,
-                },
-            );
-        } else {
-            p.mode = mode::COLD;
-            p.attach.retain(|a| a.program != "early_drop_ret");
-            p.notes.push(
-                "fexit could not load: no per-packet probe; --exact adds a kprobe pair".into(),
-            );
-        }
-        p
-    }
 }
 
 /// Offsets of `skbaddr` and `skaddr` in a tracepoint format, and whether it has a `reason`
@@ -405,7 +483,8 @@ mod tests {
 
     #[test]
     fn host_plan_is_complete() {
-        let (plan, _) = Plan::for_running_kernel(true).expect("plan for the test machine's kernel");
+        let (plan, _) =
+            Plan::for_running_kernel(Want::Exact).expect("plan for the test machine's kernel");
         let programs: Vec<_> = plan.attach.iter().map(|a| a.program).collect();
         assert!(
             programs.iter().any(|p| p.starts_with("nf_conntrack_in")),
@@ -423,14 +502,51 @@ mod tests {
                 "plan names {p}, which the object lacks"
             );
         }
-        for exact in [true, false] {
-            let fallback = plan.without_fexit(exact);
-            assert!(!fallback.uses_fexit());
-            let pair = fallback
+    }
+
+    /// The mode for each answer of the fexit probe and each request.
+    #[test]
+    fn mode_per_probe_and_request() {
+        let btf = KernelBtf::from_sys().unwrap();
+        let syms = Symbols::parse(
+            [
+                "ffffffffc0000000 t nf_conntrack_in\t[nf_conntrack]",
+                "ffffffffc0001000 t early_drop\t[nf_conntrack]",
+            ],
+            KERNEL_FUNCTIONS,
+        );
+        let f = BtfFunc {
+            object_id: 7,
+            type_id: 90000,
+        };
+        let refused = FexitProbe::Unavailable("EPERM".into());
+        let cases = [
+            (FexitProbe::Loads(f), Want::Default, Mode::Fexit),
+            (FexitProbe::Loads(f), Want::Exact, Mode::Fexit),
+            (FexitProbe::Loads(f), Want::Cold, Mode::Cold),
+            (refused.clone(), Want::Default, Mode::Cold),
+            (refused.clone(), Want::Exact, Mode::KprobePair),
+            (refused, Want::Cold, Mode::Cold),
+        ];
+        for (probe, want, mode) in cases {
+            let plan = Plan::new("6.12.0", &syms, &btf, None, probe.clone(), want).unwrap();
+            assert_eq!(plan.mode, mode, "{probe:?} {want:?}");
+            let on_ct_in: Vec<_> = plan
                 .attach
                 .iter()
-                .any(|a| a.program == "nf_conntrack_in_ret");
-            assert_eq!(pair, exact || !plan.uses_fexit(), "{:?}", fallback.attach);
+                .filter(|a| a.target == "nf_conntrack_in")
+                .map(|a| a.flavor)
+                .collect();
+            let expected: Vec<Flavor> = match mode {
+                Mode::Fexit => vec![Flavor::FExit(f)],
+                Mode::KprobePair => vec![Flavor::KProbe, Flavor::KRetProbe],
+                Mode::Cold => vec![],
+            };
+            assert_eq!(on_ct_in, expected, "{probe:?} {want:?}");
+            // Cold mode keeps early_drop's namespace; the others tag the packet's event.
+            let ed = plan.attach.iter().filter(|a| a.target == "early_drop").count();
+            assert_eq!(ed, if mode == Mode::Cold { 2 } else { 1 });
+            assert_eq!(mode.complete(), mode != Mode::Cold);
         }
     }
 
@@ -438,7 +554,14 @@ mod tests {
     fn missing_conntrack_is_explained() {
         let btf = KernelBtf::from_sys().unwrap();
         let syms = Symbols::parse(["ffffffff81000000 T tcp_v4_rcv"], KERNEL_FUNCTIONS);
-        let err = Plan::new("6.1.0-1-amd64", &syms, &btf, None, false)
+        let err = Plan::new(
+            "6.1.0-1-amd64",
+            &syms,
+            &btf,
+            None,
+            FexitProbe::Unavailable(String::new()),
+            Want::Default,
+        )
             .unwrap_err()
             .to_string();
         assert!(err.contains("nf_conntrack"), "{err}");

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    Btf, Ebpf,
+    Ebpf,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{FExit, KProbe, TracePoint},
 };
@@ -23,7 +23,7 @@ use crate::{
     events::{Events, Stop},
     hints::{Hints, Node},
     output::Output,
-    plan::{Flavor, Plan},
+    plan::{Flavor, Mode, Plan, Want},
     privs,
     record::Recorder,
     verdict::Clock,
@@ -37,9 +37,8 @@ pub struct Options {
     pub verbose: bool,
     /// Print RSTs that no INVALID packet explains (linked ones always print as incidents).
     pub resets: bool,
-    /// Observe every verdict, at the cost of a kprobe pair per packet where fexit is not
-    /// possible.
-    pub exact: bool,
+    /// Which verdict probe to use (`--exact`, `--cold`, or the default).
+    pub want: Want,
     /// Also append every raw record to this file (`replay` reads it back).
     pub record: Option<std::path::PathBuf>,
 }
@@ -73,10 +72,9 @@ fn attach(bpf: &mut Ebpf, plan: &Plan) -> Result<()> {
                 }
                 p.attach(category, name).with_context(what)?;
             }
-            Flavor::FExit => {
+            Flavor::FExit(func) => {
                 let p: &mut FExit = prog.try_into()?;
-                let btf = Btf::from_sys_fs().context("reading vmlinux BTF")?;
-                p.load(&a.target, &btf).with_context(what)?;
+                ebpf::load_fexit(p, func).with_context(what)?;
                 p.attach().with_context(what)?;
             }
         }
@@ -122,17 +120,10 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     // with probes attached and no summary).
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let (mut plan, _btf) = Plan::for_running_kernel(opts.exact)?;
+    let (plan, _btf) = Plan::for_running_kernel(opts.want)?;
     let planned = launched.elapsed();
     let mut bpf = ebpf::open(&plan, opts.ring_bytes, &opts.filter)?;
-    if plan.uses_fexit() && attach(&mut bpf, &plan).is_err() {
-        // fexit refused (no trampoline support on this kernel).
-        plan = plan.without_fexit(opts.exact);
-        bpf = ebpf::open(&plan, opts.ring_bytes, &opts.filter)?;
-        attach(&mut bpf, &plan)?;
-    } else if !plan.uses_fexit() {
-        attach(&mut bpf, &plan)?;
-    }
+    attach(&mut bpf, &plan)?;
     if opts.verbose {
         for a in &plan.attach {
             eprintln!(
@@ -158,9 +149,10 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let started = Instant::now();
     let startup = (planned, launched.elapsed());
     eprintln!(
-        "conntrack-trace: attached {} programs on {} in {} ms (window reasons from {:?}); Ctrl-C to stop",
+        "conntrack-trace: attached {} programs on {} in {} ms (verdicts: {}; window reasons from {:?}); Ctrl-C to stop",
         plan.attach.len(),
         plan.release,
+        plan.mode.name(),
         startup.1.as_millis(),
         plan.window
     );
@@ -259,7 +251,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     summary.fill_start = fill_start;
     summary.fill_end = counters::fullest_table(&ns_after);
     summary.filtered = opts.filter != Filter::any();
-    summary.cold = plan.mode == conntrack_trace_common::mode::COLD;
+    summary.cold = plan.mode == Mode::Cold;
     match out.summary(&summary).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("writing the summary"),
