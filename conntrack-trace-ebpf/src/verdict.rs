@@ -69,8 +69,13 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
     }
     let state: u64 = ctx.arg(1);
     let drop_reason = take_drop_reason(frames);
-    let d = frames.depth as usize;
-    let mine = d > 0 && d <= MAX_NEST && frames.frame.get(d - 1).is_some_and(|f| f.skb == skb);
+    // Bounds-checked and masked in one index, so the verifier tracks it (MAX_NEST is 2^n).
+    let top = (frames.depth as usize).wrapping_sub(1);
+    let mine = top < MAX_NEST
+        && frames
+            .frame
+            .get(top & (MAX_NEST - 1))
+            .is_some_and(|f| f.skb == skb);
     if !mine {
         // No reason was logged for this call: decide on a fresh frame.
         push(frames, skb, state);

@@ -11,9 +11,14 @@ pub fn code(drop_reason: u8) -> &'static str {
     }
 }
 
-/// The kernel's words for it (what it prints, where it prints anything).
-pub fn text(drop_reason: u8) -> &'static str {
+/// The kernel's words for it (what it prints, where it prints anything). Without a verdict
+/// probe a table-full drop is seen by its namespace alone: `packet_known` is false then.
+pub fn text(drop_reason: u8, packet_known: bool) -> &'static str {
     match drop_reason {
+        reason::TABLE_FULL if !packet_known => {
+            "nf_conntrack: table full, dropping packet (which packet is unknown with no \
+             per-packet probe: the default mode where fexit loads, or --exact, names it)"
+        }
         reason::TABLE_FULL => "nf_conntrack: table full, dropping packet",
         reason::INSERT_FAILED => "entry could not be inserted at confirm (clash not resolved)",
         _ => "nf_conntrack_in returned NF_DROP",
@@ -27,6 +32,7 @@ mod tests {
         assert_eq!(super::code(1), "table_full");
         assert_eq!(super::code(2), "insert_failed");
         assert_eq!(super::code(0), "conntrack_drop");
-        assert!(super::text(1).contains("table full"));
+        assert!(super::text(1, true).contains("table full"));
+        assert!(super::text(1, false).contains("which packet is unknown"));
     }
 }

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use conntrack_trace::{
     check, filter,
     output::{Output, Tee, json::Json, pcap::Pcap, text::Text},
-    plan::Want,
+    plan::{Mode, Want},
     record, stats, trace,
 };
 
@@ -69,6 +69,11 @@ struct Cli {
     /// (and table-full drops by namespace), missing INVALIDs it does not log.
     #[arg(long)]
     cold: bool,
+    /// Which probe decides each packet's verdict, failing where it cannot attach: fexit,
+    /// kprobe-pair, or none (as --cold). Default: fexit where it loads, else none (with
+    /// --exact: kprobe-pair). For comparing their cost and output on one kernel.
+    #[arg(long, value_name = "PROBE", conflicts_with_all = ["exact", "cold"])]
+    verdict_probe: Option<VerdictProbe>,
     /// Also save the raw events to this file, for `conntrack-trace replay`.
     #[arg(long, value_name = "FILE")]
     record: Option<std::path::PathBuf>,
@@ -78,6 +83,13 @@ struct Cli {
     /// Print the attach plan (-v) and debug logs (-vv).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum VerdictProbe {
+    Fexit,
+    KprobePair,
+    None,
 }
 
 fn ring_size(s: &str) -> Result<u32, String> {
@@ -143,10 +155,13 @@ fn trace(cli: &Cli) -> Result<bool> {
         verbose: cli.verbose > 0,
         resets: cli.resets,
         record: cli.record.clone(),
-        want: match (cli.exact, cli.cold) {
-            (true, _) => Want::Exact,
-            (_, true) => Want::Cold,
-            _ => Want::Default,
+        want: match (cli.verdict_probe, cli.exact, cli.cold) {
+            (Some(VerdictProbe::Fexit), ..) => Want::Force(Mode::Fexit),
+            (Some(VerdictProbe::KprobePair), ..) => Want::Force(Mode::KprobePair),
+            (Some(VerdictProbe::None), ..) => Want::Force(Mode::Cold),
+            (None, true, _) => Want::Exact,
+            (None, _, true) => Want::Cold,
+            (None, false, false) => Want::Default,
         },
     };
     let mut out = output(cli);

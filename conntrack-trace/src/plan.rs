@@ -114,6 +114,8 @@ pub enum Want {
     Exact,
     /// No per-packet probe at all (`--cold`).
     Cold,
+    /// This verdict probe or none (`--verdict-probe`), failing where it cannot attach.
+    Force(Mode),
 }
 
 /// Whether fexit on `nf_conntrack_in` loads on this kernel: probed once, before planning.
@@ -232,42 +234,46 @@ impl Plan {
         // nf_conntrack_in runs for every packet: fexit costs about a function call there and
         // is the default wherever it loads; the kprobe pair costs several times more and is
         // only used when asked for.
-        let mode = match (&fexit, want) {
-            (_, Want::Cold) => {
-                notes.push(
-                    "--cold: no per-packet probe; INVALIDs the kernel does not log (ICMP errors \
-                     matching nothing, an RST with no entry before 6.8) are not reported, and \
-                     table-full drops name only their namespace"
-                        .into(),
-                );
-                Mode::Cold
+        let why_not = fexit.why_not().unwrap_or_default();
+        let mode = match (want, &fexit) {
+            (Want::Force(Mode::Fexit), FexitProbe::Unavailable(_) | FexitProbe::Rejected(_)) => {
+                bail!("fexit on nf_conntrack_in does not load here: {why_not}")
             }
-            (FexitProbe::Loads(f), _) => {
-                add(ebpf::FEXIT_PROGRAM, Flavor::FExit(*f), ct_in);
-                Mode::Fexit
+            (Want::Force(mode), _) => mode,
+            (Want::Cold, _) => Mode::Cold,
+            (_, FexitProbe::Loads(_)) => Mode::Fexit,
+            (Want::Exact, _) => Mode::KprobePair,
+            (Want::Default, _) => Mode::Cold,
+        };
+        match (mode, &fexit) {
+            (Mode::Fexit, FexitProbe::Loads(f)) => {
+                add(ebpf::FEXIT_PROGRAM, Flavor::FExit(*f), ct_in)
             }
-            (probe, Want::Exact) => {
-                let why = probe.why_not().unwrap_or_default();
-                notes.push(format!(
-                    "fexit on nf_conntrack_in does not load here ({why}): --exact uses a kprobe \
-                     pair on every packet instead"
-                ));
+            (Mode::Fexit, _) => unreachable!("fexit is planned only where it loads"),
+            (Mode::KprobePair, _) => {
+                if want == Want::Exact {
+                    notes.push(format!(
+                        "fexit on nf_conntrack_in does not load here ({why_not}): --exact uses \
+                         a kprobe pair on every packet instead"
+                    ));
+                }
                 add("nf_conntrack_in", Flavor::KProbe, ct_in);
                 add("nf_conntrack_in_ret", Flavor::KRetProbe, ct_in);
-                Mode::KprobePair
             }
-            (probe, Want::Default) => {
-                let why = probe.why_not().unwrap_or_default();
-                notes.push(format!(
-                    "no per-packet probe (fexit on nf_conntrack_in does not load here: {why}): \
-                     packets are reported when the kernel logs a reason; INVALIDs it does not \
-                     log (ICMP errors matching nothing, an RST with no entry before 6.8) need \
-                     --exact, which adds a kprobe pair on nf_conntrack_in; table-full drops \
-                     name only their namespace"
-                ));
-                Mode::Cold
-            }
-        };
+            (Mode::Cold, FexitProbe::Loads(_)) => notes.push(
+                "no per-packet probe (asked for): INVALIDs the kernel does not log (ICMP errors \
+                 matching nothing, an RST with no entry before 6.8) are not reported, and \
+                 table-full drops name only their namespace"
+                    .into(),
+            ),
+            (Mode::Cold, _) => notes.push(format!(
+                "no per-packet probe (fexit on nf_conntrack_in does not load here: {why_not}): \
+                 packets are reported when the kernel logs a reason; INVALIDs it does not log \
+                 (ICMP errors matching nothing, an RST with no entry before 6.8) need --exact, \
+                 which adds a kprobe pair on nf_conntrack_in; table-full drops name only their \
+                 namespace"
+            )),
+        }
 
         let window = match (
             syms.find("nf_tcp_log_invalid"),
@@ -526,7 +532,10 @@ mod tests {
             (FexitProbe::Loads(f), Want::Cold, Mode::Cold),
             (refused.clone(), Want::Default, Mode::Cold),
             (refused.clone(), Want::Exact, Mode::KprobePair),
-            (refused, Want::Cold, Mode::Cold),
+            (refused.clone(), Want::Cold, Mode::Cold),
+            (FexitProbe::Loads(f), Want::Force(Mode::KprobePair), Mode::KprobePair),
+            (FexitProbe::Loads(f), Want::Force(Mode::Cold), Mode::Cold),
+            (refused.clone(), Want::Force(Mode::KprobePair), Mode::KprobePair),
         ];
         for (probe, want, mode) in cases {
             let plan = Plan::new("6.12.0", &syms, &btf, None, probe.clone(), want).unwrap();
@@ -548,6 +557,10 @@ mod tests {
             assert_eq!(ed, if mode == Mode::Cold { 2 } else { 1 });
             assert_eq!(mode.complete(), mode != Mode::Cold);
         }
+        let err = Plan::new("6.12.0", &syms, &btf, None, refused, Want::Force(Mode::Fexit))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("EPERM"), "{err}");
     }
 
     #[test]

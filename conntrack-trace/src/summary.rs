@@ -10,6 +10,7 @@ use foldhash::HashMap;
 
 use crate::{
     counters::Stats,
+    plan::Mode,
     verdict::{Record, Verdict},
 };
 
@@ -51,8 +52,8 @@ pub struct Summary {
     pub peak_rss_kib: Option<u64>,
     /// Whether a filter was set (then fewer events than the kernel counted is expected).
     pub filtered: bool,
-    /// Cold mode: INVALIDs the kernel does not log are not seen.
-    pub cold: bool,
+    /// How verdicts were observed (a live run; a replay does not know).
+    pub mode: Option<Mode>,
 }
 
 impl Summary {
@@ -66,10 +67,10 @@ impl Summary {
             format!(
                 "the kernel counted {missed} more INVALID packets than were reported; a filter is set"
             )
-        } else if self.cold {
+        } else if self.mode == Some(Mode::Cold) {
             format!(
                 "the kernel counted {missed} more INVALID packets than it logged a reason for; \
-                 run with --exact to see those too"
+                 without --cold (or with --exact where fexit does not load) they are reported too"
             )
         } else {
             format!(
@@ -188,7 +189,7 @@ mod tests {
         s.lost = 2;
         assert_eq!(s.missed(), None, "reported + lost covers the counter");
         s.lost = 0;
-        s.cold = true;
+        s.mode = Some(Mode::Cold);
         assert!(s.missed().unwrap().contains("--exact"));
         s.filtered = true;
         assert!(s.missed().unwrap().contains("filter"));

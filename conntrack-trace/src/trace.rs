@@ -23,7 +23,7 @@ use crate::{
     events::{Events, Stop},
     hints::{Hints, Node},
     output::Output,
-    plan::{Flavor, Mode, Plan, Want},
+    plan::{Flavor, Plan, Want},
     privs,
     record::Recorder,
     verdict::Clock,
@@ -251,7 +251,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     summary.fill_start = fill_start;
     summary.fill_end = counters::fullest_table(&ns_after);
     summary.filtered = opts.filter != Filter::any();
-    summary.cold = plan.mode == Mode::Cold;
+    summary.mode = Some(plan.mode);
     match out.summary(&summary).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("writing the summary"),

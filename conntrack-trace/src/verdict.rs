@@ -119,7 +119,7 @@ impl Record {
     pub fn reason_text(&self) -> &str {
         match (&self.reason, self.verdict) {
             (Some(r), _) => &r.text,
-            (None, Verdict::Drop) => drops::text(self.drop_reason),
+            (None, Verdict::Drop) => drops::text(self.drop_reason, self.pkt.saddr.is_some()),
             // Conntrack logs nothing for e.g. an ICMP error that matches no connection.
             (None, _) => "no reason logged by the kernel",
         }

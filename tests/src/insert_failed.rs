@@ -69,7 +69,7 @@ pub fn insert_failed(ctx: &Ctx) -> Result<()> {
     let to = SocketAddrV4::new(SERVER_IP, SILENT_PORT);
     let syn = Packet::tcp(from, to, 1000, 0, SYN, Vec::new());
 
-    let mut observer = Observer::start(&topo, ctx.tracer_args(&[]))?;
+    let mut observer = Observer::start(&topo, ctx, &[])?;
     println!("send: {} (held in NFQUEUE {QUEUE})", syn.describe());
     held_sender.send(&syn)?;
     let held = next_packet(&mut queue, Duration::from_secs(5))?;

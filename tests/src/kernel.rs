@@ -1,5 +1,5 @@
 //! Which kernel the scenarios run on, and the documented conntrack semantics that differ
-//! between versions (see shared/docs/kernel-notes.md §2).
+//! between versions.
 
 use std::path::Path;
 
@@ -42,6 +42,12 @@ impl Kernel {
             version,
             conntrack_btf,
         })
+    }
+
+    /// Whether fexit can attach to `nf_conntrack_in`: its BTF is there (module BTF, or
+    /// conntrack built into vmlinux). The tracer's default mode is then complete.
+    pub fn fexit_attaches(&self) -> bool {
+        self.conntrack_btf
     }
 
     /// 6.1 split window failures: SEQ/ACK *over* stay INVALID, SEQ/ACK *under* became

@@ -10,8 +10,9 @@
 //! 10.0.1.2:8080 instead of 10.96.0.10:80. The client has no socket for that tuple and
 //! answers RST; the RST carries exactly the sequence number the backend expects (the
 //! segment's ACK), so the backend's connection is reset. The RST itself matches no entry at
-//! the node either and is INVALID there too, which conntrack logs only since 6.8: the tracer
-//! runs with `--exact` to see it on every kernel.
+//! the node either and is INVALID there too, which conntrack logs only since 6.8: a tracer
+//! with a verdict probe (fexit by default where it loads, or the kprobe pair) sees it on
+//! every kernel; the cold mode sees it only where it is logged, and says what it missed.
 
 use std::io::{ErrorKind, Read};
 use std::time::{Duration, Instant};
@@ -43,12 +44,8 @@ pub fn kube_proxy_incident(ctx: &Ctx) -> Result<()> {
     let sender = RawSender::open(&topo.server)?;
     let rsts_before = counters::tcp_mib(&topo.client)?;
     let record = evidence::record_path(NAME);
-    let args = [
-        "--exact".to_string(),
-        "--record".to_string(),
-        record.clone(),
-    ];
-    let mut observer = Observer::start(&topo, ctx.tracer_args(&args))?;
+    let args = ["--record".to_string(), record.clone()];
+    let mut observer = Observer::start(&topo, ctx, &args)?;
     let mut problems = Problems::default();
 
     let mut injected = Vec::new();
@@ -195,6 +192,25 @@ fn check_rst_reported(topo: &Topology, obs: &Observation, rst: &Packet, problems
         .flat_map(|k| obs.events(k))
         .filter(|ev| event_is_packet(ev, rst))
         .collect();
+    let logged = obs.logs.iter().find(|l| log_is_packet(l, rst));
+    if !obs.complete && logged.is_none() {
+        if !events.is_empty() {
+            problems.add(format!(
+                "client's RST: not logged and no verdict probe ran, yet {} events: {}",
+                events.len(),
+                brief(events[0])
+            ));
+        }
+        let summary = obs.trace.as_ref().and_then(|t| t.summary.as_ref());
+        if summary.is_none_or(|s| s["missed"].is_null()) {
+            problems.add(
+                "client's RST: the kernel counted it but did not log it; the cold summary \
+                 should say an INVALID was missed"
+                    .into(),
+            );
+        }
+        return;
+    }
     let [ev] = events.as_slice() else {
         return problems.add(format!(
             "client's RST: tracer printed {} verdict events for {}",
@@ -226,7 +242,7 @@ fn check_rst_reported(topo: &Topology, obs: &Observation, rst: &Packet, problems
     let flags: std::collections::BTreeSet<char> =
         ev["tcp"]["flags"].as_str().unwrap_or("").chars().collect();
     check(flags == flag_letters(RST), "tcp.flags should be R".into());
-    match obs.logs.iter().find(|l| log_is_packet(l, rst)) {
+    match logged {
         Some(log) => check(
             ev["reason"].as_str() == Some(log.reason.as_str()),
             format!("reason should be the kernel's \"{}\"", log.reason),

@@ -2,7 +2,8 @@
 //! kernel's own counters and log.
 //!
 //! ```text
-//! ct-scenarios [--no-tracer] [SCENARIO...]   run the suite (all scenarios by default)
+//! ct-scenarios [--no-tracer] [SCENARIO...]   run the suite (all scenarios by default), in
+//!                                            every mode the kernel supports
 //! ct-scenarios demo                          the kube-proxy incident, live, human output
 //! ```
 //!
@@ -106,35 +107,44 @@ fn main() -> ExitCode {
         }
     };
 
-    let ctx = Ctx {
+    let modes = scenarios::Mode::all(&kernel);
+    let mut ctx = Ctx {
         kernel,
         with_tracer,
+        mode: scenarios::Mode::Default,
     };
     let watchdog = start_watchdog();
     let mut failed = 0;
-    for (name, scenario) in selected {
-        println!("scenario {name}: start");
-        let _ = watchdog.send(Some((name, Instant::now() + SCENARIO_LIMIT)));
-        let started = Instant::now();
-        let outcome = match catch_unwind(AssertUnwindSafe(|| scenario(&ctx))) {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("{e:#}")),
-            Err(panic) => Some(format!(
-                "panic: {}",
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default()
-            )),
-        };
-        let _ = watchdog.send(None);
-        println!("scenario {name}: {:.1} s", started.elapsed().as_secs_f64());
-        match outcome {
-            None => println!("CT-RESULT {name} ok"),
-            Some(reason) => {
-                failed += 1;
-                println!("CT-RESULT {name} FAILED {}", one_line(&reason));
+    // Every scenario in every mode the kernel supports; oracle-only runs need one pass.
+    for mode in if with_tracer { modes } else { vec![ctx.mode] } {
+        ctx.mode = mode;
+        for &(scenario_name, scenario) in &selected {
+            // Leaked once per result: the watchdog keeps the name for the life of the run.
+            let name: &'static str =
+                Box::leak(format!("{scenario_name}{}", mode.suffix()).into_boxed_str());
+            println!("scenario {name}: start");
+            let _ = watchdog.send(Some((name, Instant::now() + SCENARIO_LIMIT)));
+            let started = Instant::now();
+            let outcome = match catch_unwind(AssertUnwindSafe(|| scenario(&ctx))) {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(panic) => Some(format!(
+                    "panic: {}",
+                    panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default()
+                )),
+            };
+            let _ = watchdog.send(None);
+            println!("scenario {name}: {:.1} s", started.elapsed().as_secs_f64());
+            match outcome {
+                None => println!("CT-RESULT {name} ok"),
+                Some(reason) => {
+                    failed += 1;
+                    println!("CT-RESULT {name} FAILED {}", one_line(&reason));
+                }
             }
         }
     }

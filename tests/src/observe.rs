@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::counters::Counters;
 use crate::kmsg::{CtLog, Kmsg};
+use crate::scenarios::Ctx;
 use crate::topology::Topology;
 use crate::tracer::{Trace, Tracer};
 
@@ -22,7 +23,8 @@ pub struct Observer<'a> {
     topo: &'a Topology,
     tracer: Option<Tracer>,
     tracer_error: Option<String>,
-    exact: bool,
+    complete: bool,
+    expected_mode: &'static str,
     kmsg: Kmsg,
     before: Vec<Counters>,
     logs: Vec<CtLog>,
@@ -40,17 +42,20 @@ pub struct Observation {
     pub trace: Option<Trace>,
     /// Why the tracer did not run although it should have.
     pub tracer_error: Option<String>,
-    /// The tracer ran with `--exact`: it also reports INVALIDs the kernel does not log.
-    pub exact: bool,
+    /// The tracer saw every verdict (fexit or the kprobe pair): it also reports INVALIDs the
+    /// kernel does not log.
+    pub complete: bool,
+    /// The summary's `mode` this run must show.
+    pub expected_mode: &'static str,
 }
 
 impl<'a> Observer<'a> {
-    /// `tracer_args: None` runs without a tracer (developing scenarios on a host that
-    /// cannot attach kprobes). A tracer that fails to start fails the scenario later, but
-    /// the scenario still runs so its kernel-side checks show whether the rest is sound.
-    pub fn start(topo: &'a Topology, tracer_args: Option<&[String]>) -> Result<Observer<'a>> {
-        let exact = tracer_args.is_some_and(|a| a.iter().any(|a| a == "--exact"));
-        let (tracer, tracer_error) = match tracer_args.map(Tracer::start_json) {
+    /// Starts the tracer in the pass's mode with `args` (none in oracle-only runs, for
+    /// developing scenarios on a host that cannot attach kprobes). A tracer that fails to
+    /// start fails the scenario later, but the scenario still runs so its kernel-side checks
+    /// show whether the rest is sound.
+    pub fn start(topo: &'a Topology, ctx: &Ctx, args: &[String]) -> Result<Observer<'a>> {
+        let (tracer, tracer_error) = match ctx.tracer_args(args).as_deref().map(Tracer::start_json) {
             None => (None, None),
             Some(Ok(t)) => (Some(t), None),
             Some(Err(e)) => (None, Some(format!("{e:#}"))),
@@ -61,7 +66,8 @@ impl<'a> Observer<'a> {
             topo,
             tracer,
             tracer_error,
-            exact,
+            complete: ctx.complete(),
+            expected_mode: ctx.expected_mode(),
             kmsg,
             before,
             logs: Vec::new(),
@@ -108,7 +114,8 @@ impl<'a> Observer<'a> {
             messages: Vec::new(),
             trace: None,
             tracer_error: self.tracer_error.take(),
-            exact: self.exact,
+            complete: self.complete,
+            expected_mode: self.expected_mode,
         };
         if let Some(tracer) = self.tracer.take() {
             let want = expected_events(&obs);

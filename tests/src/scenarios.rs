@@ -25,11 +25,75 @@ pub struct Ctx {
     pub kernel: Kernel,
     /// False in oracle-only mode: injections and kernel oracles are still checked.
     pub with_tracer: bool,
+    /// The tracer's verdict probe for this pass over the scenarios.
+    pub mode: Mode,
+}
+
+/// The tracer's modes the suite runs every scenario in: the default (what a user gets with
+/// no flag), and each verdict probe forced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Default,
+    KprobePair,
+    Cold,
+}
+
+impl Mode {
+    /// The modes this kernel supports besides the default: the kprobe pair everywhere, cold
+    /// where the default is not already cold.
+    pub fn all(kernel: &Kernel) -> Vec<Mode> {
+        let mut modes = vec![Mode::Default, Mode::KprobePair];
+        if kernel.fexit_attaches() {
+            modes.push(Mode::Cold);
+        }
+        modes
+    }
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Default => &[],
+            Mode::KprobePair => &["--verdict-probe", "kprobe-pair"],
+            Mode::Cold => &["--cold"],
+        }
+    }
+
+    /// What the result names carry after the scenario's name.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Mode::Default => "",
+            Mode::KprobePair => "+kprobe-pair",
+            Mode::Cold => "+cold",
+        }
+    }
 }
 
 impl Ctx {
-    pub fn tracer_args<'a>(&self, args: &'a [String]) -> Option<&'a [String]> {
-        self.with_tracer.then_some(args)
+    /// The tracer's arguments in this pass's mode; None in oracle-only runs.
+    pub fn tracer_args(&self, args: &[String]) -> Option<Vec<String>> {
+        self.with_tracer.then(|| {
+            let mut all: Vec<String> = self.mode.args().iter().map(|a| a.to_string()).collect();
+            all.extend_from_slice(args);
+            all
+        })
+    }
+
+    /// Whether the tracer sees every verdict in this pass: a verdict probe, forced or by
+    /// default where fexit attaches (the kernel has nf_conntrack's BTF).
+    pub fn complete(&self) -> bool {
+        match self.mode {
+            Mode::Default => self.kernel.fexit_attaches(),
+            Mode::KprobePair => true,
+            Mode::Cold => false,
+        }
+    }
+
+    /// The summary's `mode` this pass must produce.
+    pub fn expected_mode(&self) -> &'static str {
+        match self.mode {
+            Mode::KprobePair => "kprobe pair",
+            _ if self.complete() => "fexit",
+            _ => "cold",
+        }
     }
 }
 
@@ -37,7 +101,6 @@ pub type Scenario = fn(&Ctx) -> Result<()>;
 
 pub const ALL: &[(&str, Scenario)] = &[
     ("tcp-window", tcp_window),
-    ("tcp-window-exact", tcp_window_exact),
     ("tcp-bad-packets", tcp_bad_packets),
     ("udp-bad-packets", udp_bad_packets),
     ("real-retransmits", real_retransmits),
@@ -97,16 +160,7 @@ pub fn old_retransmit(flow: &Flow, old: Seqs, now: Seqs) -> Packet {
 /// writes `--pcap` and `--record` files, checked against the same expectations, and the
 /// recording goes to the host as a fixture.
 fn tcp_window(ctx: &Ctx) -> Result<()> {
-    tcp_window_in(ctx, "tcp-window", &[])
-}
-
-/// The same with `--exact`: the verdict now comes from the nf_conntrack_in probe instead of
-/// the loggers, and must be the same, packet for packet and against the counters.
-fn tcp_window_exact(ctx: &Ctx) -> Result<()> {
-    tcp_window_in(ctx, "tcp-window-exact", &["--exact"])
-}
-
-fn tcp_window_in(ctx: &Ctx, name: &str, mode: &[&str]) -> Result<()> {
+    let name = &format!("tcp-window{}", ctx.mode.suffix());
     let topo = Topology::build("win", DROP_INVALID)?;
     let mut flow = Flow::open(&topo, WEB)?;
     flow.exchange(1000)?;
@@ -142,13 +196,12 @@ fn tcp_window_in(ctx: &Ctx, name: &str, mode: &[&str]) -> Result<()> {
         ),
     ];
     let (pcap, record) = (evidence::pcap_path(name), evidence::record_path(name));
-    let mut args: Vec<String> = mode.iter().map(|a| a.to_string()).collect();
-    args.extend([
+    let args = [
         "--pcap".into(),
         pcap.clone(),
         "--record".into(),
         record.clone(),
-    ]);
+    ];
     let obs = inject(ctx, &topo, &args, None, &expected)?;
     let alive = flow.exchange(100);
     let mut problems = Problems::default();
@@ -257,7 +310,7 @@ fn real_retransmits(ctx: &Ctx) -> Result<()> {
         counters::tcp_ext(&topo.server)?,
         counters::tcp_ext(&topo.client)?,
     ];
-    let mut observer = Observer::start(&topo, ctx.tracer_args(&[]))?;
+    let mut observer = Observer::start(&topo, ctx, &[])?;
     let passed = netem_transfer(&topo, &mut flow)?;
     flow.exchange(100).context("connection after netem")?;
     let retransmits = flow.server_retransmits()? - retrans_before;
@@ -434,7 +487,7 @@ fn inject(
     expected: &[Expected],
 ) -> Result<Observation> {
     let sender = RawSender::open(&topo.server)?;
-    let mut observer = Observer::start(topo, ctx.tracer_args(args))?;
+    let mut observer = Observer::start(topo, ctx, args)?;
     for e in expected {
         println!("inject: {}: {}", e.what, e.packet.describe());
         sender.send(&e.packet)?;

@@ -61,7 +61,7 @@ pub fn render(ctx: &Run, lines: &[String]) -> Result<String> {
             "built into the kernel"
         }
     )?;
-    let ns_per_skb = cost_table(&mut s, &of("cost"), &of("throughput"), module)?;
+    let ns_per_skb = cost_table(&mut s, &of("cost"), &of("throughput"))?;
     throughput_table(&mut s, &of("throughput"), &ns_per_skb)?;
     flood_tables(
         &mut s,
@@ -94,14 +94,14 @@ fn cost_table(
     s: &mut String,
     cost: &[&Value],
     tput: &[&Value],
-    module: bool,
 ) -> Result<BTreeMap<String, f64>> {
     writeln!(
         s,
         "### Per-packet kernel cost, bulk TCP transfer through the Service DNAT\n\n\
          `kernel.bpf_stats_enabled=1`: `run_time_ns` / `run_cnt` from the fdinfo of every \
          program the tracer holds, summed over all measurement windows of a mode (rounds \
-         interleave off / default / exact). *skbs* are what conntrack saw: the client veth's \
+         interleave off / cold / fexit / kprobe pair, the verdict probe forced with \
+         `--verdict-probe`). *skbs* are what conntrack saw: the client veth's \
          rx + tx packets, one `nf_conntrack_in` call each (veth does GSO: one skb carries up to \
          64 KiB). `run_time_ns` times the program body only (plus the stats' own clock reads); \
          the kprobe/kretprobe entry and trampoline cost is not in it and shows in the \
@@ -147,18 +147,10 @@ fn cost_table(
         )?;
         per_skb.insert(mode.to_string(), total as f64 / n as f64);
     }
-    if module {
-        writeln!(
-            s,
-            "| fexit | `nf_conntrack_in_fexit` | – | – | – | not measurable: nf_conntrack is a \
-             module on this kernel and aya 0.14 cannot attach fexit to a module's BTF |"
-        )?;
-    }
     writeln!(
         s,
-        "\nFor context only (shared/docs/peers.md, `bpf bench` on real hardware, batched, per \
-         hit): fentry 7.5 ns, fexit 14.6, kprobe 18.0, kretprobe 44.7 — those include the \
-         attach mechanism, which the run_time above does not.\n"
+        "\n`run_time_ns` times the program body only: the kprobe/kretprobe entry and the fexit \
+         trampoline are not in it and show in the throughput table instead.\n"
     )?;
     Ok(per_skb)
 }
@@ -222,6 +214,29 @@ fn throughput_table(
             mibs.iter().copied().fold(0.0, f64::max),
         );
         let spread_pct = (hi - lo) / median(mibs) * 100.0;
+        let fexit = by_mode.iter().find(|(m, _)| *m == "fexit");
+        if let (Some((_, fx)), Some(fx_ns), Some(pair_ns)) = (
+            fexit,
+            ns_per_skb.get("fexit"),
+            ns_per_skb.get("kprobe pair"),
+        ) {
+            let fx_mib = median(fx.iter().map(|p| p.0).collect());
+            let cheap = *fx_ns < pair_ns / 10.0;
+            let unseen = (lo..=hi).contains(&fx_mib);
+            writeln!(
+                s,
+                "\n**Default mode.** fexit costs {fx_ns:.0} ns of program time per skb against the \
+                 kprobe pair's {pair_ns:.0} ({}a tenth of it), and its median throughput \
+                 {fx_mib:.1} MiB/s is {} the off rounds' spread {lo:.1}–{hi:.1}: {}.",
+                if cheap { "under " } else { "not under " },
+                if unseen { "inside" } else { "outside" },
+                if cheap && unseen {
+                    "fexit is the default mode where it loads"
+                } else {
+                    "fexit does not meet the bar for the default mode"
+                }
+            )?;
+        }
         writeln!(
             s,
             "\nWith the tracer off the rounds spread over {lo:.1}–{hi:.1} MiB/s ({spread_pct:.0}% of \
@@ -481,9 +496,14 @@ mod tests {
         [
             r#"{"kind":"env","release":"6.12.0-test","nf_conntrack":"module","cpus":2}"#,
             r#"{"kind":"throughput","mode":"off","round":1,"bytes":104857600,"secs":1.0,"skbs":1000}"#,
+            r#"{"kind":"throughput","mode":"off","round":2,"bytes":94371840,"secs":1.0,"skbs":1000}"#,
             r#"{"kind":"throughput","mode":"exact","round":1,"bytes":52428800,"secs":1.0,"skbs":800}"#,
             r#"{"kind":"cost","mode":"exact","round":1,"program":"nf_conntrack_in","runs":800,"run_time_ns":80000,"skbs":800}"#,
             r#"{"kind":"cost","mode":"exact","round":1,"program":"nf_conntrack_in_ret","runs":800,"run_time_ns":160000,"skbs":800}"#,
+            r#"{"kind":"throughput","mode":"kprobe pair","round":1,"bytes":52428800,"secs":1.0,"skbs":800}"#,
+            r#"{"kind":"cost","mode":"kprobe pair","round":1,"program":"nf_conntrack_in_ret","runs":800,"run_time_ns":160000,"skbs":800}"#,
+            r#"{"kind":"throughput","mode":"fexit","round":1,"bytes":99614720,"secs":1.0,"skbs":1000}"#,
+            r#"{"kind":"cost","mode":"fexit","round":1,"program":"nf_conntrack_in_fexit","runs":1000,"run_time_ns":15000,"skbs":1000}"#,
             r#"{"kind":"flood","ring_bytes":8388608,"default_ring":true,"sent":100000,"send_s":10.0,"invalid_delta":100000,"events":90000,"lost":10000,"lost_in_lines":10000,"log_records":100001,"log_conntrack_read":900,"log_wrapped":true,"tracer_cpu_s":9.0,"busy_s":12.0,"caught_up_s":11.5,"equal":true}"#,
             r#"{"kind":"flood_zero_loss","default_ring":8388608,"zero_loss_ring":33554432}"#,
             r#"{"kind":"startup","mode":"exact","during":"bulk","btf_ms":300.0,"attached_ms":900.0,"peak_rss_kib":20000}"#,
@@ -510,7 +530,8 @@ mod tests {
         assert!(text.contains("| exact | **all programs** (800 skbs) | | | | **300.0** |"));
         assert!(text.contains("| exact | `nf_conntrack_in_ret` | 800 | 1.000 | 200 | 200.0 |"));
         assert!(text.contains("| exact | 50.0 | 50.0 | 0.50 | 800 |"));
-        assert!(text.contains("not measurable: nf_conntrack is a module"));
+        // fexit: 15 ns/skb < 200/10; 95 MiB/s inside off's 90-100.
+        assert!(text.contains("fexit costs 15 ns of program time per skb against the kprobe pair's 200 (under a tenth of it), and its median throughput 95.0 MiB/s is inside the off rounds' spread 90.0–100.0: fexit is the default mode where it loads."), "{text}");
         assert!(text.contains("| 8 MiB (default) | 10.0 s (10000/s) | 100000 | 90000 | 10000 / 10000 | yes | 100001 (900 still readable) |"));
         assert!(text.contains("`--ring-size 33554432` (32 MiB)"));
         assert!(text.contains("| exact | bulk | 1 | 900 (900–900) | 300 | 20000 |"));

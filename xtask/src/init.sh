@@ -22,6 +22,7 @@ for arg in $(cat /proc/cmdline); do
     case "$arg" in
         ct.kernel=*) CT_KERNEL=${arg#ct.kernel=} ;;
         ct.mode=*) CT_MODE=${arg#ct.mode=} ;;
+        ct.scenarios=*) CT_SCENARIOS=$(echo "${arg#ct.scenarios=}" | tr , ' ') ;;
     esac
 done
 export CT_KERNEL CT_MODE CT_TRACER=/bin/conntrack-trace
@@ -49,7 +50,8 @@ fi
 case "$CT_MODE" in
     demo) /bin/ct-scenarios demo ;;
     bench) /bin/ct-scenarios bench ;;
-    *) /bin/ct-scenarios ;;
+    # shellcheck disable=SC2086 # one word per scenario name
+    *) /bin/ct-scenarios $CT_SCENARIOS ;;
 esac
 echo "CT-SCENARIOS-EXIT $?"
 poweroff -f

@@ -40,6 +40,10 @@ enum Task {
         /// Kernels to test (repeatable); default: all.
         #[arg(long = "kernel", value_parser = PossibleValuesParser::new(kernels::names()))]
         kernels: Vec<String>,
+        /// Scenarios to run (repeatable; `ct-scenarios --help` in the guest lists them);
+        /// default: all.
+        #[arg(long = "scenario")]
+        scenarios: Vec<String>,
         /// Seconds a guest may run before it counts as hung and is killed.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
@@ -89,9 +93,13 @@ fn main() -> ExitCode {
 fn run(task: Task) -> Result<bool> {
     match task {
         Task::Setup => setup::run().map(|()| true),
-        Task::VmTest { kernels, timeout } => {
+        Task::VmTest {
+            kernels,
+            scenarios,
+            timeout,
+        } => {
             setup::run()?;
-            vm_test(&kernels, timeout)
+            vm_test(&kernels, &scenarios, timeout)
         }
         Task::Demo { kernel, timeout } => {
             setup::run()?;
@@ -107,7 +115,7 @@ fn run(task: Task) -> Result<bool> {
             if !host_ok {
                 println!("xtask test: host tests FAILED; running the VM tests anyway");
             }
-            let vm_ok = vm_test(&[], timeout)?;
+            let vm_ok = vm_test(&[], &[], timeout)?;
             if !host_ok {
                 println!(
                     "xtask test: FAILED because the host tests failed (see their output above)"
@@ -157,7 +165,7 @@ fn host_tests() -> Result<bool> {
     Ok(status.success())
 }
 
-fn vm_test(names: &[String], timeout: u64) -> Result<bool> {
+fn vm_test(names: &[String], scenarios: &[String], timeout: u64) -> Result<bool> {
     let selected = kernels::select(names)?;
     kernels::prune_cache();
     let started = Instant::now();
@@ -166,7 +174,7 @@ fn vm_test(names: &[String], timeout: u64) -> Result<bool> {
     let mut times = Vec::new();
     for kernel in selected {
         // A kernel that cannot be fetched or packed is that kernel's failure, not the run's.
-        let tally = boot(kernel, &bins, Mode::Test, timeout, &[])
+        let tally = boot(kernel, &bins, Mode::Test, timeout, &[], scenarios)
             .map(|o| o.tally)
             .unwrap_or_else(|e| {
                 let mut t = Tally::default();
@@ -196,7 +204,7 @@ fn vm_test(names: &[String], timeout: u64) -> Result<bool> {
 fn demo(name: &str, timeout: u64, tracer_args: &[String]) -> Result<bool> {
     let kernel = kernels::select(&[name.to_string()])?[0];
     let bins = guest_build::build()?;
-    let outcome = boot(kernel, &bins, Mode::Demo, timeout, tracer_args)?;
+    let outcome = boot(kernel, &bins, Mode::Demo, timeout, tracer_args, &[])?;
     Ok(outcome.tally.ok())
 }
 
@@ -215,7 +223,7 @@ fn bench(names: &[String], timeout: u64) -> Result<bool> {
     let file = workspace_root().join(bench::FILE);
     let mut ok = true;
     for kernel in selected {
-        let outcome = boot(kernel, &bins, Mode::Bench, timeout, &[])?;
+        let outcome = boot(kernel, &bins, Mode::Bench, timeout, &[], &[])?;
         ok &= outcome.tally.ok();
         if outcome.bench.is_empty() {
             println!(
@@ -294,13 +302,14 @@ fn run_output(cmd: &mut Command) -> Result<String> {
 }
 
 /// Fetches the kernel, builds its initramfs and runs one guest; `tracer_args` are for the
-/// demo's tracer.
+/// demo's tracer, `scenarios` limit the test run.
 fn boot(
     kernel: &kernels::Kernel,
     bins: &guest_build::GuestBins,
     mode: Mode,
     timeout: u64,
     tracer_args: &[String],
+    scenarios: &[String],
 ) -> Result<qemu::Outcome> {
     let unpacked = kernels::fetch(kernel)?;
     let initrd = initramfs::build(kernel, &unpacked, bins, tracer_args)?;
@@ -310,6 +319,7 @@ fn boot(
         &initrd,
         mode,
         std::time::Duration::from_secs(timeout),
+        scenarios,
     )
 }
 

@@ -40,6 +40,7 @@ pub fn run(
     initrd: &Path,
     mode: Mode,
     timeout: Duration,
+    scenarios: &[String],
 ) -> Result<Outcome> {
     let (mode_arg, what) = match mode {
         Mode::Test => ("test", "running VM tests"),
@@ -59,8 +60,13 @@ pub fn run(
         .arg(initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 ct.kernel={} ct.mode={mode_arg}",
-            kernel.name
+            "console=ttyS0 quiet panic=-1 ct.kernel={} ct.mode={mode_arg}{}",
+            kernel.name,
+            if scenarios.is_empty() {
+                String::new()
+            } else {
+                format!(" ct.scenarios={}", scenarios.join(","))
+            }
         ))
         // The guest's networks are namespaces over veth inside it; it needs no host NIC.
         .args(["-nographic", "-no-reboot", "-nic", "none"])

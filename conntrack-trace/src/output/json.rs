@@ -288,6 +288,9 @@ struct Lost {
 #[derive(Serialize)]
 struct SummaryLine<'a> {
     event: &'static str,
+    /// The verdict probe: `fexit`, `kprobe pair` or `cold`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<&'static str>,
     seconds: f64,
     invalid: u64,
     ignored: u64,
@@ -366,6 +369,7 @@ impl<W: Write> Output for Json<W> {
         let fill = |f: Option<(u64, u64)>| f.map(|(count, max)| Fill { count, max });
         self.line(&SummaryLine {
             event: "summary",
+            mode: s.mode.map(|m| m.name()),
             seconds: s.seconds,
             invalid: s.invalid,
             ignored: s.ignored,

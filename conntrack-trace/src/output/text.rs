@@ -8,6 +8,7 @@ use std::{
 
 use super::{Output, Stamp, Stamps};
 use crate::{
+    plan::Mode,
     reset::{Incident, Reset},
     summary::Summary,
     verdict::{Record, Verdict},
@@ -216,6 +217,19 @@ impl<W: Write> Output for Text<W> {
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
         let o = &mut self.out;
         writeln!(o, "\n--- conntrack-trace summary ({:.1} s) ---", s.seconds)?;
+        if let Some(m) = s.mode {
+            writeln!(
+                o,
+                "verdicts: {}",
+                match m {
+                    Mode::Fexit => "fexit on nf_conntrack_in (every packet's verdict)",
+                    Mode::KprobePair =>
+                        "kprobe pair on nf_conntrack_in (every packet's verdict)",
+                    Mode::Cold =>
+                        "cold (no per-packet probe: only what the kernel logs as invalid)",
+                }
+            )?;
+        }
         writeln!(
             o,
             "events: {} invalid, {} ignored, {} dropped; {} lost",

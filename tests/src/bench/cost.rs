@@ -1,7 +1,7 @@
 //! Per-packet kernel cost and throughput: one steady bulk TCP transfer from the backend to
 //! the client through the Service DNAT runs for the whole phase, and measurement windows are
-//! taken with the tracer off, in its default mode and with `--exact`, in rounds that
-//! interleave the three so drift (TCG, caches) hits them alike.
+//! taken with the tracer off and with each verdict probe (none, fexit, the kprobe pair), in
+//! rounds that interleave them so drift (TCG, caches) hits them alike.
 //!
 //! For every program the tracer holds, the window's `run_time_ns`/`run_cnt` growth is
 //! recorded; the number of skbs conntrack saw is the client veth's rx + tx packet count
@@ -32,18 +32,24 @@ const SETTLE: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 const CHUNK: usize = 256 * 1024;
 
-/// The tracer configurations, by the label the report uses and the arguments they take.
-const MODES: [(&str, Option<&[&str]>); 3] = [
-    ("off", None),
-    ("default", Some(&[])),
-    ("exact", Some(&["--exact"])),
-];
+/// The tracer configurations, by the label the report uses and the arguments they take;
+/// fexit only where nf_conntrack has module BTF (or is built in).
+pub fn modes(fexit: bool) -> Vec<(&'static str, Option<&'static [&'static str]>)> {
+    let mut modes: Vec<(&str, Option<&[&str]>)> = vec![
+        ("off", None),
+        ("cold", Some(&["--verdict-probe", "none"])),
+        ("fexit", Some(&["--verdict-probe", "fexit"])),
+        ("kprobe pair", Some(&["--verdict-probe", "kprobe-pair"])),
+    ];
+    modes.retain(|(m, _)| fexit || *m != "fexit");
+    modes
+}
 
-pub fn run(topo: &Topology) -> Result<()> {
+pub fn run(topo: &Topology, fexit: bool) -> Result<()> {
     let bulk = Bulk::start(topo)?;
     let measured = (|| -> Result<()> {
         for round in 1..=ROUNDS {
-            for (mode, args) in MODES {
+            for (mode, args) in modes(fexit) {
                 window(topo, &bulk, round, mode, args)?;
             }
         }

@@ -7,7 +7,8 @@
 //! namespace):
 //! * `startup`: launch to attached and peak RSS on an idle guest, from the tracer's summary
 //!   (the flood's runs add theirs, with the peak RSS under load);
-//! * `cost`: per-program BPF run time under a bulk transfer, tracer off / default / `--exact`;
+//! * `cost`: per-program BPF run time under a bulk transfer, tracer off and with each verdict
+//!   probe (none, fexit, the kprobe pair);
 //! * `flood`: 100,000 out-of-window segments, events + losses against the kernel counter.
 
 mod cost;
@@ -27,9 +28,9 @@ use crate::topology::{Nat, Topology};
 /// Runs every phase; true when all of them passed.
 pub fn run() -> bool {
     match setup() {
-        Ok(topo) => {
+        Ok((topo, fexit)) => {
             println!("bench: start-up phase");
-            let startup = match startup() {
+            let startup = match startup(fexit) {
                 Ok(()) => {
                     println!("CT-RESULT bench-startup ok");
                     true
@@ -37,7 +38,7 @@ pub fn run() -> bool {
                 Err(e) => failed("bench-startup", &e),
             };
             println!("bench: cost phase");
-            let cost = match cost::run(&topo) {
+            let cost = match cost::run(&topo, fexit) {
                 Ok(()) => {
                     println!("CT-RESULT bench-cost ok");
                     true
@@ -61,7 +62,8 @@ fn failed(name: &str, e: &anyhow::Error) -> bool {
     false
 }
 
-fn setup() -> Result<Topology> {
+/// The topology, and whether fexit can attach to nf_conntrack_in here.
+fn setup() -> Result<(Topology, bool)> {
     let kernel = Kernel::detect()?;
     println!("bench: {}", kernel.describe());
     // A loadable module has an initstate; built-in code has at most a parameters directory.
@@ -70,14 +72,17 @@ fn setup() -> Result<Topology> {
                   "nf_conntrack": if module { "module" } else { "built-in" },
                   "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)}));
     progs::enable()?;
-    Topology::build("bench", Nat::Client { drop_invalid: true })
+    let topo = Topology::build("bench", Nat::Client { drop_invalid: true })?;
+    Ok((topo, kernel.fexit_attaches()))
 }
 
 /// Start-up on an otherwise idle guest, each mode a few times (the bulk phase's tracers
 /// start while the transfer keeps both vCPUs busy).
-fn startup() -> Result<()> {
+fn startup(fexit: bool) -> Result<()> {
     for _ in 0..3 {
-        for (mode, args) in [("default", vec![]), ("exact", vec!["--exact".to_string()])] {
+        for (mode, args) in cost::modes(fexit) {
+            let Some(args) = args else { continue };
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
             let summary = counting::CountingTracer::start(&args)?.stop()?;
             startup_record(mode, "idle", &summary);
         }
