@@ -152,8 +152,8 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         "conntrack-trace: attached {} programs on {} in {} ms (verdicts: {}; window reasons from {:?}); Ctrl-C to stop",
         plan.attach.len(),
         plan.release,
-        plan.mode.name(),
         startup.1.as_millis(),
+        plan.mode.name(),
         plan.window
     );
 
