@@ -7,7 +7,8 @@
 //! ct-scenarios demo                          the kube-proxy incident, live, human output
 //! ```
 //!
-//! Guest protocol (parsed by xtask): one `CT-RESULT <name> ok` or
+//! Guest protocol (parsed by xtask): `CT-PLAN <n>` (results to come), then one
+//! `CT-RESULT <name> ok` or
 //! `CT-RESULT <name> FAILED <reason>` line per scenario, then `CT-DONE`. Everything else is
 //! log. `--no-tracer` checks only the injections and the kernel oracles, for developing
 //! scenarios on a machine that cannot attach probes.
@@ -116,7 +117,9 @@ fn main() -> ExitCode {
     let watchdog = start_watchdog();
     let mut failed = 0;
     // Every scenario in every mode the kernel supports; oracle-only runs need one pass.
-    for mode in if with_tracer { modes } else { vec![ctx.mode] } {
+    let modes = if with_tracer { modes } else { vec![ctx.mode] };
+    println!("CT-PLAN {}", modes.len() * selected.len());
+    for mode in modes {
         ctx.mode = mode;
         for &(scenario_name, scenario) in &selected {
             // Leaked once per result: the watchdog keeps the name for the life of the run.

@@ -1,7 +1,8 @@
 #!/bin/sh
 # PID 1 of the test VM (busybox sh). Lines starting with CT- are the protocol that
 # `cargo xtask vm-test` parses on the host; ct-scenarios prints `CT-RESULT <name> ok`,
-# `CT-RESULT <name> FAILED <reason>` and finally `CT-DONE`.
+# `CT-PLAN <n>` (how many results will follow), `CT-RESULT <name> FAILED <reason>` and
+# finally `CT-DONE`.
 # Guest layout (xtask/src/initramfs.rs): /bin/conntrack-trace, /bin/ct-scenarios, busybox
 # applets in /bin; the real iproute2 /usr/sbin/ip and /usr/sbin/tc, /usr/bin/ss,
 # /usr/sbin/{conntrack,nft}, /usr/sbin/iptables* (legacy) and /usr/sbin/iptables-nft*.

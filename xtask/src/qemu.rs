@@ -126,6 +126,7 @@ pub fn run(
     let wall = started.elapsed();
 
     let name = kernel.name;
+    let unfinished = guest.unfinished();
     let mut tally = guest.tally;
     match mode {
         Mode::Test | Mode::Bench if !guest.done => {
@@ -141,6 +142,9 @@ pub fn run(
                     ),
                 }
             };
+            tally.fail(&format!("vm::{name}::ct-scenarios"), &reason);
+        }
+        Mode::Test if let Some(reason) = unfinished => {
             tally.fail(&format!("vm::{name}::ct-scenarios"), &reason);
         }
         Mode::Test | Mode::Bench => {
@@ -195,15 +199,19 @@ enum Event {
     Done,
 }
 
-/// The guest protocol: `CT-BOOTED ...`, `CT-RESULT <scenario> ok|ignored|FAILED <reason>`,
-/// `CT-BENCH <json>`, `CT-DONE`, `CT-SCENARIOS-EXIT <status>`. Markers are found anywhere in a line because
-/// kernel messages can share a console line with them.
+/// The guest protocol: `CT-BOOTED ...`, `CT-PLAN <scenario runs>`,
+/// `CT-RESULT <scenario> ok|ignored|FAILED <reason>`, `CT-BENCH <json>`, `CT-DONE`,
+/// `CT-SCENARIOS-EXIT <status>`. Markers are found anywhere in a line because kernel messages
+/// can share a console line with them.
 struct Protocol {
     kernel: &'static str,
     tally: Tally,
     booted: Option<Duration>,
     done: bool,
     scenarios_exit: Option<i32>,
+    /// How many scenario results the guest announced (`CT-PLAN`), and how many came after.
+    planned: Option<usize>,
+    reported: usize,
     bench: Vec<String>,
 }
 
@@ -215,16 +223,42 @@ impl Protocol {
             booted: None,
             done: false,
             scenarios_exit: None,
+            planned: None,
+            reported: 0,
             bench: Vec::new(),
+        }
+    }
+
+    /// Why a test run that printed CT-DONE still proved less than it should have: the guest
+    /// never announced its scenarios, announced none, reported fewer, or its runner failed
+    /// without a failed result to show for it.
+    fn unfinished(&self) -> Option<String> {
+        match (self.planned, self.scenarios_exit) {
+            (None, _) => Some("the guest announced no scenarios (no CT-PLAN line)".into()),
+            (Some(0), _) => Some("the guest selected no scenario to run".into()),
+            (Some(n), _) if self.reported < n => Some(format!(
+                "only {} of the {n} announced scenario results were reported",
+                self.reported
+            )),
+            (_, None) => Some("ct-scenarios' exit status was never printed".into()),
+            (_, Some(code)) if code != 0 && self.tally.ok() => Some(format!(
+                "ct-scenarios exited with status {code} although no scenario failed"
+            )),
+            _ => None,
         }
     }
 
     fn line(&mut self, line: &str, elapsed: Duration) -> Event {
         if line.contains("CT-BOOTED") {
             self.booted.get_or_insert(elapsed);
+        } else if let Some(rest) = marker(line, "CT-PLAN ") {
+            self.planned = rest.trim().parse().ok();
         } else if let Some(rest) = marker(line, "CT-RESULT ") {
             let mut words = rest.splitn(3, ' ');
             let (scenario, verdict) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            if self.planned.is_some() {
+                self.reported += 1;
+            }
             let name = format!("vm::{}::{scenario}", self.kernel);
             match verdict {
                 _ if scenario.is_empty() => {}
@@ -327,5 +361,58 @@ mod tests {
         assert_eq!(failed[0], ("vm::6.12::ack_over", "expected 1 event, got 0"));
         assert_eq!(failed[1].0, "vm::6.12::weird");
         assert_eq!(failed.len(), 2);
+    }
+
+    /// A guest that printed CT-DONE fails its kernel unless it announced its scenarios, all of
+    /// them reported and its runner exited cleanly.
+    #[test]
+    fn an_incomplete_guest_run_fails() {
+        let t = Duration::from_secs(1);
+        let run = |lines: &[&str]| {
+            let mut p = Protocol::new("6.12");
+            for l in lines {
+                p.line(l, t);
+            }
+            p.unfinished()
+        };
+        let ok = [
+            "CT-PLAN 2",
+            "CT-RESULT a ok",
+            "CT-RESULT b ok",
+            "CT-DONE",
+            "CT-SCENARIOS-EXIT 0",
+        ];
+        assert_eq!(run(&ok), None);
+        // Kernel detection failed: the guest printed CT-DONE and nothing else.
+        let none = run(&["CT-DONE", "CT-SCENARIOS-EXIT 1"]).unwrap();
+        assert!(none.contains("no CT-PLAN"), "{none}");
+        let zero = run(&["CT-PLAN 0", "CT-DONE", "CT-SCENARIOS-EXIT 0"]).unwrap();
+        assert!(zero.contains("no scenario"), "{zero}");
+        let short = run(&[
+            "CT-PLAN 3",
+            "CT-RESULT a ok",
+            "CT-DONE",
+            "CT-SCENARIOS-EXIT 0",
+        ])
+        .unwrap();
+        assert!(short.contains("only 1 of the 3"), "{short}");
+        let exit = run(&[
+            "CT-PLAN 1",
+            "CT-RESULT a ok",
+            "CT-DONE",
+            "CT-SCENARIOS-EXIT 2",
+        ])
+        .unwrap();
+        assert!(exit.contains("status 2"), "{exit}");
+        let silent = run(&["CT-PLAN 1", "CT-RESULT a ok", "CT-DONE"]).unwrap();
+        assert!(silent.contains("never printed"), "{silent}");
+        // A failed scenario explains a non-zero exit: it is already a failure of its own.
+        let failed = [
+            "CT-PLAN 1",
+            "CT-RESULT a FAILED x",
+            "CT-DONE",
+            "CT-SCENARIOS-EXIT 1",
+        ];
+        assert_eq!(run(&failed), None);
     }
 }
