@@ -63,8 +63,7 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
     let ret = ctx.arg::<u64>(2) as i32;
     let Some(frames) = frames() else { return 0 };
     // Nearly every packet: tracked, accepted, nothing logged or dropped on the way.
-    if frames.depth == 0 && frames.drop_reason == 0 && ret == NF_ACCEPT && nfct(skb) != Some(0)
-    {
+    if frames.depth == 0 && frames.drop_reason == 0 && ret == NF_ACCEPT && nfct(skb) != Some(0) {
         return 0;
     }
     let state: u64 = ctx.arg(1);

@@ -318,13 +318,10 @@ impl KernelBtf {
     /// ids continue vmlinux's), and the name of the kernel BTF object that holds it.
     pub fn func_id(&self, name: &str) -> Option<(u32, &'static str)> {
         let ids = self.btf.resolve_ids_by_name(name).ok()?;
-        let id = ids.into_iter().find(|&id| {
-            matches!(self.btf.resolve_type_by_id(id), Ok(Type::Func(_)))
-        })?;
-        let in_module = self
-            .btf
-            .split()
-            .is_some_and(|m| id >= m.type_id_range().0);
+        let id = ids
+            .into_iter()
+            .find(|&id| matches!(self.btf.resolve_type_by_id(id), Ok(Type::Func(_))))?;
+        let in_module = self.btf.split().is_some_and(|m| id >= m.type_id_range().0);
         let object = if in_module { "nf_conntrack" } else { "vmlinux" };
         Some((id, object))
     }

@@ -152,8 +152,7 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
         "\nattach plan for this kernel, default mode {} (window reasons from {:?})",
         match plan.mode {
             Mode::Fexit => "fexit: every verdict, one fexit program per packet; --cold for none",
-            Mode::Cold =>
-                "cold: no per-packet probe; --exact adds the nf_conntrack_in kprobe pair",
+            Mode::Cold => "cold: no per-packet probe; --exact adds the nf_conntrack_in kprobe pair",
             Mode::KprobePair => "kprobe pair",
         },
         plan.window

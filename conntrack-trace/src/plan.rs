@@ -153,7 +153,9 @@ impl FexitProbe {
         match self {
             Self::Loads(_) => None,
             Self::Unavailable(why) => Some(why),
-            Self::Rejected(_) => Some("the verifier rejected it: `conntrack-trace check` shows why"),
+            Self::Rejected(_) => {
+                Some("the verifier rejected it: `conntrack-trace check` shows why")
+            }
         }
     }
 }
@@ -387,7 +389,6 @@ impl Plan {
             notes,
         })
     }
-
 }
 
 /// Offsets of `skbaddr` and `skaddr` in a tracepoint format, and whether it has a `reason`
@@ -533,9 +534,17 @@ mod tests {
             (refused.clone(), Want::Default, Mode::Cold),
             (refused.clone(), Want::Exact, Mode::KprobePair),
             (refused.clone(), Want::Cold, Mode::Cold),
-            (FexitProbe::Loads(f), Want::Force(Mode::KprobePair), Mode::KprobePair),
+            (
+                FexitProbe::Loads(f),
+                Want::Force(Mode::KprobePair),
+                Mode::KprobePair,
+            ),
             (FexitProbe::Loads(f), Want::Force(Mode::Cold), Mode::Cold),
-            (refused.clone(), Want::Force(Mode::KprobePair), Mode::KprobePair),
+            (
+                refused.clone(),
+                Want::Force(Mode::KprobePair),
+                Mode::KprobePair,
+            ),
         ];
         for (probe, want, mode) in cases {
             let plan = Plan::new("6.12.0", &syms, &btf, None, probe.clone(), want).unwrap();
@@ -553,13 +562,24 @@ mod tests {
             };
             assert_eq!(on_ct_in, expected, "{probe:?} {want:?}");
             // Cold mode keeps early_drop's namespace; the others tag the packet's event.
-            let ed = plan.attach.iter().filter(|a| a.target == "early_drop").count();
+            let ed = plan
+                .attach
+                .iter()
+                .filter(|a| a.target == "early_drop")
+                .count();
             assert_eq!(ed, if mode == Mode::Cold { 2 } else { 1 });
             assert_eq!(mode.complete(), mode != Mode::Cold);
         }
-        let err = Plan::new("6.12.0", &syms, &btf, None, refused, Want::Force(Mode::Fexit))
-            .unwrap_err()
-            .to_string();
+        let err = Plan::new(
+            "6.12.0",
+            &syms,
+            &btf,
+            None,
+            refused,
+            Want::Force(Mode::Fexit),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("EPERM"), "{err}");
     }
 
@@ -575,8 +595,8 @@ mod tests {
             FexitProbe::Unavailable(String::new()),
             Want::Default,
         )
-            .unwrap_err()
-            .to_string();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("nf_conntrack"), "{err}");
     }
 }

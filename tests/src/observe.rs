@@ -55,7 +55,8 @@ impl<'a> Observer<'a> {
     /// start fails the scenario later, but the scenario still runs so its kernel-side checks
     /// show whether the rest is sound.
     pub fn start(topo: &'a Topology, ctx: &Ctx, args: &[String]) -> Result<Observer<'a>> {
-        let (tracer, tracer_error) = match ctx.tracer_args(args).as_deref().map(Tracer::start_json) {
+        let (tracer, tracer_error) = match ctx.tracer_args(args).as_deref().map(Tracer::start_json)
+        {
             None => (None, None),
             Some(Ok(t)) => (Some(t), None),
             Some(Err(e)) => (None, Some(format!("{e:#}"))),

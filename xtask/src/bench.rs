@@ -90,11 +90,7 @@ fn totals<'a, K: PartialEq>(
 }
 
 /// Writes the table; returns each mode's BPF nanoseconds per skb.
-fn cost_table(
-    s: &mut String,
-    cost: &[&Value],
-    tput: &[&Value],
-) -> Result<BTreeMap<String, f64>> {
+fn cost_table(s: &mut String, cost: &[&Value], tput: &[&Value]) -> Result<BTreeMap<String, f64>> {
     writeln!(
         s,
         "### Per-packet kernel cost, bulk TCP transfer through the Service DNAT\n\n\

@@ -223,8 +223,7 @@ impl<W: Write> Output for Text<W> {
                 "verdicts: {}",
                 match m {
                     Mode::Fexit => "fexit on nf_conntrack_in (every packet's verdict)",
-                    Mode::KprobePair =>
-                        "kprobe pair on nf_conntrack_in (every packet's verdict)",
+                    Mode::KprobePair => "kprobe pair on nf_conntrack_in (every packet's verdict)",
                     Mode::Cold =>
                         "cold (no per-packet probe: only what the kernel logs as invalid)",
                 }
