@@ -3,6 +3,7 @@
 
 pub mod btf;
 pub mod check;
+pub mod cli;
 pub mod counters;
 pub mod ct;
 pub mod drops;

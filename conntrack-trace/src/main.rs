@@ -1,127 +1,18 @@
 //! conntrack-trace: see, live, every packet netfilter conntrack marks INVALID, and why.
 
-use std::{io::IsTerminal as _, process::ExitCode, time::Duration};
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 
 use conntrack_trace::{
-    check, filter,
+    check,
+    cli::{Cli, Command, VerdictProbe},
+    filter,
     output::{Output, Tee, json::Json, pcap::Pcap, text::Text},
     plan::{Mode, Want},
     record, stats, trace,
 };
-
-#[derive(Parser)]
-#[command(version, about, long_about = None)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-    /// Print one JSON object per line (stable keys, see README) instead of text.
-    #[arg(long, global = true)]
-    json: bool,
-    /// Stop after N events.
-    #[arg(long, value_name = "N", global = true)]
-    count: Option<u64>,
-    /// Stop after this long (e.g. 30s, 5m).
-    #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
-    duration: Option<Duration>,
-    /// Only packets from or to this address or CIDR.
-    #[arg(long, value_name = "CIDR")]
-    host: Option<String>,
-    /// Only packets from this address or CIDR.
-    #[arg(long, value_name = "CIDR")]
-    src: Option<String>,
-    /// Only packets to this address or CIDR.
-    #[arg(long, value_name = "CIDR")]
-    dst: Option<String>,
-    /// Only packets with this source or destination port.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    port: Option<u16>,
-    /// Only packets with this source port.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    sport: Option<u16>,
-    /// Only packets with this destination port.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    dport: Option<u16>,
-    /// Only this protocol: tcp, udp, icmp, icmpv6, sctp, or a number.
-    #[arg(long)]
-    proto: Option<String>,
-    /// Only this network namespace (its inode, as `ls -L -i /proc/PID/ns/net` shows).
-    #[arg(long, value_name = "INODE", value_parser = clap::value_parser!(u32).range(1..))]
-    netns: Option<u32>,
-    /// Also print RSTs sent for packets with no socket that no INVALID packet explains
-    /// (those that answer an INVALID packet are always shown, as incidents).
-    #[arg(long, global = true)]
-    resets: bool,
-    /// Also write the reported packets to this pcapng file, each with its reason as a comment.
-    #[arg(long, value_name = "FILE")]
-    pcap: Option<std::path::PathBuf>,
-    /// Bytes of each packet (from the IP header) kept in the pcapng file.
-    #[arg(long, default_value_t = conntrack_trace_common::SNAP_LEN as u16, value_parser = clap::value_parser!(u16).range(20..=conntrack_trace_common::SNAP_LEN as i64))]
-    snaplen: u16,
-    /// See every verdict even where fexit cannot attach to nf_conntrack_in (no module BTF,
-    /// e.g. Linux 5.10), with a kprobe pair on every packet (measurable cost, BENCHMARKS.md).
-    /// Where fexit attaches, the default already sees every verdict.
-    #[arg(long, conflicts_with = "cold")]
-    exact: bool,
-    /// No probe on the per-packet path at all: report only what the kernel logs as invalid
-    /// (and table-full drops by namespace), missing INVALIDs it does not log.
-    #[arg(long)]
-    cold: bool,
-    /// Which probe decides each packet's verdict, failing where it cannot attach: fexit,
-    /// kprobe-pair, or none (as --cold). Default: fexit where it loads, else none (with
-    /// --exact: kprobe-pair). For comparing their cost and output on one kernel.
-    #[arg(long, value_name = "PROBE", conflicts_with_all = ["exact", "cold"])]
-    verdict_probe: Option<VerdictProbe>,
-    /// Also save the raw events to this file, for `conntrack-trace replay`.
-    #[arg(long, value_name = "FILE")]
-    record: Option<std::path::PathBuf>,
-    /// Ring buffer size in bytes (a power of two, at least one page).
-    #[arg(long, default_value_t = 8 << 20, value_parser = ring_size)]
-    ring_size: u32,
-    /// Print the attach plan (-v) and debug logs (-vv).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    verbose: u8,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum VerdictProbe {
-    Fexit,
-    KprobePair,
-    None,
-}
-
-fn ring_size(s: &str) -> Result<u32, String> {
-    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if v < 4096 || !v.is_power_of_two() {
-        return Err(format!("{v} is not a power of two of at least 4096"));
-    }
-    Ok(v)
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Load every program into the running kernel without attaching: report the verifier's
-    /// verdict per program and which attach points this kernel offers.
-    Check,
-    /// Decode a file saved with --record and print it like the live tracer would.
-    Replay { file: std::path::PathBuf },
-    /// The kernel's conntrack counters (per CPU and summed), table fill and the sysctls that
-    /// decide what is INVALID. Needs no BPF and no root.
-    Stats {
-        /// Print again every SECONDS with per-interval rates, until interrupted.
-        #[arg(long, value_name = "SECONDS", value_parser = watch_secs)]
-        watch: Option<Duration>,
-    },
-}
-
-fn watch_secs(s: &str) -> Result<Duration, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v >= 0.1 && v.is_finite() => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!("{s:?} is not a number of seconds >= 0.1")),
-    }
-}
 
 /// The terminal output the flags ask for: JSON lines, or text (coloured on a terminal).
 fn output(cli: &Cli) -> Box<dyn Output> {
@@ -187,6 +78,26 @@ fn trace(cli: &Cli) -> Result<bool> {
 }
 
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args
+        .next()
+        .is_some_and(|a| a == conntrack_trace::cli::GENERATE_DOCS)
+    {
+        let (Some(dir), None) = (args.next(), args.next()) else {
+            eprintln!(
+                "usage: conntrack-trace {} DIR",
+                conntrack_trace::cli::GENERATE_DOCS
+            );
+            return ExitCode::FAILURE;
+        };
+        return match conntrack_trace::cli::generate_docs(dir.as_ref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("conntrack-trace: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     env_logger::Builder::new()
         .filter_level(match cli.verbose {
