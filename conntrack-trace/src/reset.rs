@@ -385,7 +385,7 @@ mod kernel_tests {
     /// socket sends; the event must carry that exact tuple.
     #[test]
     fn socketless_rst_is_traced_on_this_kernel() {
-        let (plan, _) = Plan::for_running_kernel(true).unwrap();
+        let (plan, _) = Plan::for_running_kernel(crate::plan::Want::Exact).unwrap();
         if !plan.attach.iter().any(|a| a.flavor == Flavor::TracePoint) {
             eprintln!("kernel before 6.10: resets are kprobed, covered by the VM suite");
             return;
