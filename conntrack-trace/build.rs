@@ -14,9 +14,10 @@ use sha2::{Digest as _, Sha256};
 fn main() -> ExitCode {
     println!("cargo:rerun-if-changed=../conntrack-trace-common/src");
     // One line saying what to run, instead of aya-build's page of warnings and a backtrace.
-    if let Err(line) = find_bpf_linker() {
+    // (cargo::error fails the build; exiting 0 keeps cargo from adding the script's output.)
+    if let Err(line) = find_bpf_linker().and_then(|()| nightly_with_rust_src()) {
         println!("cargo::error={line}");
-        return ExitCode::FAILURE;
+        return ExitCode::SUCCESS;
     }
     let ebpf = aya_build::Package {
         name: "conntrack-trace-ebpf",
@@ -64,6 +65,28 @@ fn find_bpf_linker() -> Result<(), String> {
     let path: OsString = env::join_paths(dirs).map_err(|e| format!("PATH: {e}"))?;
     // SAFETY: the build script is single-threaded at this point.
     unsafe { env::set_var("PATH", path) };
+    Ok(())
+}
+
+/// aya-build compiles the kernel programs with `rustup run nightly` and `-Z build-std=core`.
+fn nightly_with_rust_src() -> Result<(), String> {
+    let setup = "run `cargo xtask setup` once, then build again";
+    let Ok(out) = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+    else {
+        // No rustup: aya-build then uses the current toolchain and says so itself.
+        return Ok(());
+    };
+    if !out.status.success() {
+        return Err(format!(
+            "the nightly toolchain is missing (`rustup toolchain install nightly`), then {setup}"
+        ));
+    }
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        return Err(format!("nightly has no rust-src: {setup}"));
+    }
     Ok(())
 }
 
