@@ -111,6 +111,10 @@ fn hint_for(code: &str, n: &Node) -> Option<Hint> {
                 active: n.ignore_invalid_rst,
             }],
         },
+        "icmp_error_no_flow" => Hint {
+            what: "an ICMP error about a connection conntrack does not know (often one that already ended, or an entry lost to an earlier INVALID): no entry, so not NATed back; `--ctstate INVALID` rules match it",
+            fixes: window_fixes(n).into_iter().take(1).collect(),
+        },
         "bad_checksum" | "udp_bad_checksum" | "icmp_bad_checksum" => Hint {
             what: "bad checksum at PRE_ROUTING (often checksum offload on a virtual NIC): INVALID",
             fixes: vec![Fix {

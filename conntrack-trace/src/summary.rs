@@ -11,7 +11,7 @@ use foldhash::HashMap;
 use crate::{
     counters::Stats,
     plan::Mode,
-    verdict::{Record, Verdict},
+    verdict::{ICMP_ERROR_NO_FLOW, Record, Verdict},
 };
 
 /// (protocol, source, source port, destination, destination port).
@@ -60,8 +60,10 @@ impl Summary {
     /// INVALIDs the kernel counted that were not reported, and why, when that is a surprise.
     pub fn missed(&self) -> Option<String> {
         let counted = self.kernel.as_ref()?.get("invalid")?;
+        // ICMP errors quoting no flow are INVALID to the ruleset but counted in icmp_error.
+        let icmp = self.by_code.get(ICMP_ERROR_NO_FLOW).copied().unwrap_or(0);
         let missed = counted
-            .checked_sub(self.invalid + self.lost)
+            .checked_sub(self.invalid - icmp + self.lost)
             .filter(|&m| m > 0)?;
         Some(if self.filtered {
             format!(
@@ -198,5 +200,18 @@ mod tests {
             None,
             "no counters, nothing to compare"
         );
+    }
+
+    /// Two INVALIDs counted, three reported of which one ICMP error quoting no flow (the
+    /// kernel counts that one in icmp_error): nothing missed. One fewer reported: one missed.
+    #[test]
+    fn icmp_errors_without_a_flow_are_not_held_against_invalid() {
+        let mut s = with_kernel(2);
+        s.mode = Some(Mode::Fexit);
+        s.invalid = 3;
+        s.by_code.insert(ICMP_ERROR_NO_FLOW, 1);
+        assert_eq!(s.missed(), None);
+        s.invalid = 2;
+        assert!(s.missed().unwrap().contains("counted 1 more"));
     }
 }

@@ -107,6 +107,7 @@ impl Record {
         match (&self.reason, self.verdict) {
             (Some(r), _) => r.code,
             (None, Verdict::Drop) => drops::code(self.drop_reason),
+            (None, Verdict::Invalid) if self.pkt.is_icmp_error() => ICMP_ERROR_NO_FLOW,
             (None, _) => "unknown",
         }
     }
@@ -120,13 +121,31 @@ impl Record {
         match (&self.reason, self.verdict) {
             (Some(r), _) => &r.text,
             (None, Verdict::Drop) => drops::text(self.drop_reason, self.pkt.saddr.is_some()),
+            (None, Verdict::Invalid) if self.pkt.is_icmp_error() => {
+                "ICMP error quoting no tracked connection (the kernel counts it in icmp_error, \
+                 not invalid, and logs no reason)"
+            }
             // Conntrack logs nothing for e.g. an ICMP error that matches no connection.
             (None, _) => "no reason logged by the kernel",
         }
     }
 }
 
+/// An ICMP error that quotes a packet of no known connection: no entry, so INVALID to
+/// `--ctstate`, but the kernel counts it in `icmp_error` (since 5.7), not `invalid`.
+pub const ICMP_ERROR_NO_FLOW: &str = "icmp_error_no_flow";
+
 impl Packet {
+    /// ICMP destination unreachable, source quench, redirect, time exceeded, parameter
+    /// problem; ICMPv6 types 1-4: the messages that quote the packet they answer.
+    pub fn is_icmp_error(&self) -> bool {
+        match (self.proto, self.icmp) {
+            (Some(1), Some((t, _))) => matches!(t, 3 | 4 | 5 | 11 | 12),
+            (Some(58), Some((t, _))) => (1..=4).contains(&t),
+            _ => false,
+        }
+    }
+
     /// (source, source port, destination, destination port), for matching across events.
     pub fn tuple(&self) -> Option<(IpAddr, u16, IpAddr, u16)> {
         Some((self.saddr?, self.sport?, self.daddr?, self.dport?))
@@ -489,6 +508,27 @@ mod tests {
             (t.seq, t.ack, t.flags.as_str(), t.win),
             (2619359910, 2429437391, "A", 512)
         );
+    }
+
+    /// An ICMP port unreachable quoting a UDP datagram, parsed from its bytes, with no reason
+    /// logged: its own code; an echo request with none stays unknown.
+    #[test]
+    fn icmp_errors_without_a_reason_get_their_own_code() {
+        let mut p = vec![
+            0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 1, 2,
+        ];
+        p.extend_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]); // type 3 code 3
+        p.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 1, 2, 10, 0, 0, 1]);
+        p.extend_from_slice(&[0x14, 0xe9, 0x17, 0x70, 0, 8, 0, 0]);
+        let now = SystemTime::UNIX_EPOCH;
+        let pkt = Packet::parse(&captured(&p), p.len() as u32);
+        assert_eq!(pkt.icmp, Some((3, 3)));
+        let r = Record::bare(Verdict::Invalid, 1, now, pkt);
+        assert_eq!(r.reason_code(), "icmp_error_no_flow");
+        assert!(r.reason_text().contains("icmp_error"));
+        p[20] = 8; // echo request
+        let echo = Record::bare(Verdict::Invalid, 1, now, Packet::parse(&captured(&p), 56));
+        assert_eq!(echo.reason_code(), "unknown");
     }
 
     #[test]

@@ -267,10 +267,11 @@ impl<W: Write> Output for Text<W> {
             let g = |n: &str| k.get(n).map_or("n/a".to_string(), |v| v.to_string());
             writeln!(
                 o,
-                "kernel counters over the same period ({} namespaces): invalid +{}, ignore +{}, drop +{}, early_drop +{}, insert_failed +{}, clash resolved +{}",
+                "kernel counters over the same period ({} namespaces): invalid +{}, ignore +{}, icmp_error +{}, drop +{}, early_drop +{}, insert_failed +{}, clash resolved +{}",
                 s.namespaces,
                 g("invalid"),
                 g("ignore"),
+                g("icmp_error"),
                 g("drop"),
                 g("early_drop"),
                 g("insert_failed"),
