@@ -131,16 +131,25 @@ impl Incident {
 const LINK_WINDOW_NS: u64 = 1_000_000_000;
 
 /// Remembers recent INVALID TCP packets and links each RST to the one it answers: the RST's
-/// trigger is the INVALID packet itself (same tuple; it was never NATed), in any namespace.
+/// trigger is the INVALID packet itself (same tuple, never NATed; same sequence and
+/// acknowledgment numbers), in any namespace.
 #[derive(Default)]
 pub struct Correlator {
-    /// The latest INVALID TCP packet of each tuple.
-    latest: HashMap<Tuple, Rc<Record>>,
-    /// Arrival order, for expiry: (time, tuple).
-    order: VecDeque<(u64, Tuple)>,
+    /// The latest INVALID TCP packet of each tuple and seq/ack pair.
+    latest: HashMap<Key, Rc<Record>>,
+    /// Arrival order, for expiry: (time, key).
+    order: VecDeque<(u64, Key)>,
 }
 
-type Tuple = (IpAddr, u16, IpAddr, u16);
+/// The 4-tuple and the TCP sequence and acknowledgment numbers: in a burst on one flow only
+/// these tell the segment an RST answers from its neighbours.
+type Key = (IpAddr, u16, IpAddr, u16, u32, u32);
+
+fn key(p: &Packet) -> Option<Key> {
+    let (s, sp, d, dp) = p.tuple()?;
+    let t = p.tcp.as_ref()?;
+    Some((s, sp, d, dp, t.seq, t.ack))
+}
 
 /// At most this many INVALID packets are remembered: in a flood the oldest go first (an RST
 /// follows its packet within microseconds).
@@ -148,11 +157,7 @@ const RECENT_MAX: usize = 16384;
 
 impl Correlator {
     pub fn invalid(&mut self, r: &Rc<Record>) {
-        let Some(key) = r
-            .pkt
-            .tuple()
-            .filter(|_| r.verdict == Verdict::Invalid && r.pkt.tcp.is_some())
-        else {
+        let Some(key) = key(&r.pkt).filter(|_| r.verdict == Verdict::Invalid) else {
             return;
         };
         self.expire(r.ts_ns);
@@ -184,7 +189,7 @@ impl Correlator {
     /// The incident this RST completes, if any; each INVALID packet links to one RST.
     pub fn reset(&mut self, rst: &Reset) -> Option<Incident> {
         self.expire(rst.ts_ns);
-        let key = rst.trigger.tuple()?;
+        let key = key(&rst.trigger)?;
         if self.latest.get(&key)?.ts_ns > rst.ts_ns {
             return None;
         }
@@ -298,6 +303,26 @@ mod tests {
             c.reset(&rst(300, pkt("10.0.2.2", 8080, "10.0.1.2", 40000)))
                 .is_none()
         );
+    }
+
+    /// Two INVALID segments of one flow, then the RST answering the first: the incident names
+    /// the first (same seq/ack as the RST's trigger), not the latest on the tuple.
+    #[test]
+    fn a_burst_on_one_flow_links_the_segment_the_reset_answers() {
+        let seg = |seq: u32, ack: u32| {
+            let mut p = pkt("10.0.2.2", 8080, "10.0.1.2", 40000);
+            let t = p.tcp.as_mut().unwrap();
+            (t.seq, t.ack) = (seq, ack);
+            p
+        };
+        let mut c = Correlator::default();
+        c.invalid(&Rc::new(invalid(100, seg(5000, 77))));
+        c.invalid(&Rc::new(invalid(110, seg(9000, 77))));
+        let i = c.reset(&rst(200, seg(5000, 77))).expect("linked");
+        assert_eq!(i.invalid.ts_ns, 100);
+        assert!(c.reset(&rst(210, seg(1234, 77))).is_none(), "no segment had seq 1234");
+        let later = c.reset(&rst(220, seg(9000, 77))).expect("the second links too");
+        assert_eq!(later.invalid.ts_ns, 110);
     }
 
     #[test]
