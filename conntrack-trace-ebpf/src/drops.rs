@@ -16,7 +16,7 @@ use conntrack_trace_common::{
 
 use crate::{
     filter,
-    frame::{frames, mode},
+    frame::{frames, mode, pending_add},
     ring::emit,
     skb,
 };
@@ -48,6 +48,9 @@ pub fn early_drop_ret(ctx: RetProbeContext) -> u32 {
     }
     let Some(frames) = frames() else { return 0 };
     if mode() != conntrack_trace_common::mode::COLD {
+        if frames.drop_reason == 0 {
+            pending_add(1);
+        }
         frames.drop_reason = reason::TABLE_FULL;
         return 0;
     }

@@ -6,6 +6,8 @@
 //! With the kprobe pair, the entry probe pushes every call. With fexit there is no entry
 //! probe: a reason hook pushes a frame for its packet and the fexit program pops it.
 
+use core::sync::atomic::AtomicU64;
+
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use conntrack_trace_common::{MAX_NEST, mode, stat, verdict::PacketEvent};
 
@@ -38,6 +40,41 @@ pub struct Frames {
 
 #[map]
 static FRAMES: PerCpuArray<Frames> = PerCpuArray::with_max_entries(1, 0);
+
+/// Frames and drop reasons waiting for an fexit, summed over all CPUs. While it is 0 the
+/// fexit program decides an accepted, tracked packet without looking up its CPU's frames:
+/// that lookup was most of its time on the per-packet path. Only the rare paths write it.
+/// A frame whose fexit never runs (a call already in flight at attach) keeps it above 0:
+/// every packet then takes the full path, slower but still right.
+static PENDING: AtomicU64 = AtomicU64::new(0);
+
+#[inline(always)]
+pub fn nothing_pending() -> bool {
+    // SAFETY: a plain load of a live global (this target cannot select an atomic load); a
+    // stale 0 can only be read before this CPU's own add, which comes first on this CPU.
+    unsafe { core::ptr::read_volatile(PENDING.as_ptr()) == 0 }
+}
+
+/// `PENDING += n`, n possibly negative (as its two's complement). The BPF target has an
+/// atomic add but no compare-and-swap, so Rust offers no `fetch_add` there: the instruction
+/// is written out.
+#[inline(always)]
+pub fn pending_add(n: u64) {
+    // SAFETY: an atomic add to a live global; it touches nothing else.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({p} + 0) += {n}",
+            p = in(reg) PENDING.as_ptr(),
+            n = in(reg) n,
+        )
+    }
+}
+
+/// What a CPU contributes to PENDING.
+#[inline(always)]
+pub fn pending_of(frames: &Frames) -> u64 {
+    frames.depth as u64 + u64::from(frames.drop_reason != 0)
+}
 
 /// `conntrack_trace_common::mode`, set by userspace from the attach plan.
 #[unsafe(no_mangle)]
@@ -98,7 +135,10 @@ pub fn for_reason(skb: u64, state: u64) -> Option<&'static mut Frame> {
         }
     }
     match mode() {
-        mode::FEXIT => push(frames, skb, state),
+        mode::FEXIT => {
+            pending_add(1);
+            push(frames, skb, state)
+        }
         mode::COLD => {
             let f = &mut frames.cold;
             f.skb = skb;

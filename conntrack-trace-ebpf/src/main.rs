@@ -2,6 +2,8 @@
 //! userspace decides which of these programs attach on the running kernel.
 #![no_std]
 #![no_main]
+// Inline BPF assembly, for the one atomic add Rust's atomics do not offer on this target.
+#![feature(asm_experimental_arch)]
 
 mod ct;
 mod drops;

@@ -14,7 +14,7 @@ use conntrack_trace_common::{
 
 use crate::{
     filter,
-    frame::{Frame, Frames, frames, mode, pop, push},
+    frame::{Frame, Frames, frames, mode, nothing_pending, pending_add, pending_of, pop, push},
     read::{field, offsets},
     ring::emit,
     skb,
@@ -61,11 +61,12 @@ fn take_drop_reason(frames: &mut Frames) -> u8 {
 pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
     let skb: u64 = ctx.arg(0);
     let ret = ctx.arg::<u64>(2) as i32;
-    let Some(frames) = frames() else { return 0 };
-    // Nearly every packet: tracked, accepted, nothing logged or dropped on the way.
-    if frames.depth == 0 && frames.drop_reason == 0 && ret == NF_ACCEPT && nfct(skb) != Some(0) {
+    // Nearly every packet: accepted, still tracked, nothing logged or dropped anywhere.
+    if ret == NF_ACCEPT && nothing_pending() && nfct_direct(skb) != 0 {
         return 0;
     }
+    let Some(frames) = frames() else { return 0 };
+    let before = pending_of(frames);
     let state: u64 = ctx.arg(1);
     let drop_reason = take_drop_reason(frames);
     // Bounds-checked and masked in one index, so the verifier tracks it (MAX_NEST is 2^n).
@@ -84,7 +85,17 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
         f.state = state;
         decide(f, ret, drop_reason);
     }
+    pending_add(pending_of(frames).wrapping_sub(before));
     0
+}
+
+/// `skb->_nfct` by a plain load: fexit's `skb` is a typed kernel pointer the verifier lets a
+/// program read at a constant offset (the frozen `OFFSETS`), with no helper call.
+#[inline(always)]
+fn nfct_direct(skb: u64) -> u64 {
+    let off = offsets().skb_nfct as u64;
+    // SAFETY: a BTF-typed pointer; the verifier checks the field and the JIT guards the load.
+    unsafe { core::ptr::read_volatile((skb + off) as *const u64) }
 }
 
 /// `skb->_nfct`: 0 once conntrack has taken the packet's entry away.
