@@ -3,9 +3,12 @@
 //! incident, and as real captured fixtures for the tests and benchmarks.
 //!
 //! Format: magic, the ABI's struct sizes (a file from another ABI is refused, not misread),
-//! the recording machine's boot time, then `u32 length (LE) + record` repeated.
+//! the recording machine's boot time, then `u32 length (LE) + record` repeated. A file ends
+//! after any whole record; a tracer killed mid-write leaves a cut last record, which `replay`
+//! reports with its offset after printing the rest.
 
 use std::{
+    fmt,
     fs::File,
     io::{self, BufReader, BufWriter, Read, Write},
     path::Path,
@@ -23,6 +26,8 @@ use crate::{
 };
 
 const MAGIC: &[u8; 8] = b"CTTRACE\x01";
+/// Magic, two struct sizes, boot time.
+const HEADER: usize = 24;
 
 fn sizes() -> [u32; 2] {
     [
@@ -68,53 +73,179 @@ impl<W: Write> Recorder<W> {
     }
 }
 
-/// Reads a recording: its clock and its records.
-pub fn read(mut input: impl Read) -> Result<(Clock, Vec<Vec<u8>>)> {
-    let mut head = [0u8; 24];
-    input
-        .read_exact(&mut head)
-        .context("not a conntrack-trace recording (too short)")?;
-    if &head[..8] != MAGIC {
-        bail!("not a conntrack-trace recording (bad magic)");
-    }
-    let got = [
-        u32::from_le_bytes(head[8..12].try_into()?),
-        u32::from_le_bytes(head[12..16].try_into()?),
-    ];
-    if got != sizes() {
-        bail!(
-            "recorded with another event ABI (struct sizes {got:?}, this build {:?})",
-            sizes()
-        );
-    }
-    let boot = UNIX_EPOCH + Duration::from_nanos(u64::from_le_bytes(head[16..24].try_into()?));
-    let mut records = Vec::new();
-    let mut len = [0u8; 4];
-    loop {
-        match input.read_exact(&mut len) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e.into()),
-        }
-        let n = u32::from_le_bytes(len) as usize;
-        if n > 1 << 16 {
-            bail!("corrupt recording: a {n}-byte record");
-        }
-        let mut rec = vec![0u8; n];
-        input.read_exact(&mut rec).context("truncated recording")?;
-        records.push(rec);
-    }
-    Ok((Clock::from_boot_wall(boot), records))
+/// The most a record can be: the largest event is a few hundred bytes; a length past this
+/// is a corrupt file, refused before anything is allocated for it.
+pub const MAX_RECORD: usize = 1 << 16;
+
+/// Why a recording could not be read to its end.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The file ends inside a record (the tracer was killed mid-write): every record before
+    /// `offset`, where the cut one starts, was complete. `want` is its whole size, unknown
+    /// when the cut is inside its length.
+    Cut {
+        offset: u64,
+        have: usize,
+        want: Option<usize>,
+    },
+    /// A record length no event can have, at byte `offset`.
+    Corrupt {
+        offset: u64,
+        len: usize,
+    },
+    Io(io::Error),
 }
 
-/// `conntrack-trace replay FILE`: the recorded session through the same outputs.
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Cut { offset, have, want } => {
+                write!(
+                    f,
+                    "cut off at byte {offset}: the last record has {have} of its "
+                )?;
+                match want {
+                    Some(n) => write!(f, "{n} bytes")?,
+                    None => write!(f, "bytes, not even its 4-byte length")?,
+                }
+                write!(f, " (the tracer stopped mid-write)")
+            }
+            ReadError::Corrupt { offset, len } => write!(
+                f,
+                "corrupt recording: a {len}-byte record at byte {offset} (at most {MAX_RECORD})"
+            ),
+            ReadError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ReadError {}
+
+/// A recording read one record at a time: memory stays one record, however long the file.
+pub struct Reader<R> {
+    input: R,
+    clock: Clock,
+    /// Bytes consumed so far: where the next record starts.
+    offset: u64,
+}
+
+impl<R: Read> Reader<R> {
+    /// Reads and checks the header.
+    pub fn new(mut input: R) -> Result<Self> {
+        let mut head = [0u8; HEADER];
+        let got = read_full(&mut input, &mut head)?;
+        if got < HEADER {
+            bail!("not a conntrack-trace recording (too short)");
+        }
+        if &head[..8] != MAGIC {
+            bail!("not a conntrack-trace recording (bad magic)");
+        }
+        let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let got = [word(8), word(12)];
+        if got != sizes() {
+            bail!(
+                "recorded with another event ABI (struct sizes {got:?}, this build {:?})",
+                sizes()
+            );
+        }
+        let mut boot = [0u8; 8];
+        boot.copy_from_slice(&head[16..24]);
+        let boot = UNIX_EPOCH + Duration::from_nanos(u64::from_le_bytes(boot));
+        Ok(Self {
+            input,
+            clock: Clock::from_boot_wall(boot),
+            offset: HEADER as u64,
+        })
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The next record into `buf` (replacing its contents); `Ok(false)` at a clean end.
+    pub fn next_into(&mut self, buf: &mut Vec<u8>) -> Result<bool, ReadError> {
+        let start = self.offset;
+        let mut len = [0u8; 4];
+        let got = read_full(&mut self.input, &mut len).map_err(ReadError::Io)?;
+        if got == 0 {
+            return Ok(false);
+        }
+        if got < len.len() {
+            return Err(ReadError::Cut {
+                offset: start,
+                have: got,
+                want: None,
+            });
+        }
+        let n = u32::from_le_bytes(len) as usize;
+        if n > MAX_RECORD {
+            return Err(ReadError::Corrupt {
+                offset: start,
+                len: n,
+            });
+        }
+        buf.clear();
+        buf.resize(n, 0);
+        let got = read_full(&mut self.input, buf).map_err(ReadError::Io)?;
+        if got < n {
+            return Err(ReadError::Cut {
+                offset: start,
+                have: 4 + got,
+                want: Some(4 + n),
+            });
+        }
+        self.offset = start + 4 + n as u64;
+        Ok(true)
+    }
+}
+
+/// Fills `buf` as far as the input goes; returns how many bytes it got (fewer only at EOF).
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads a whole recording: its clock and its records (for tests and benchmarks; `replay`
+/// streams). A cut or corrupt file is an error.
+pub fn read(input: impl Read) -> Result<(Clock, Vec<Vec<u8>>)> {
+    let mut reader = Reader::new(input)?;
+    let mut records = Vec::new();
+    let mut rec = Vec::new();
+    while reader.next_into(&mut rec)? {
+        records.push(std::mem::take(&mut rec));
+    }
+    Ok((reader.clock, records))
+}
+
+/// `conntrack-trace replay FILE`: the recorded session through the same outputs, one record
+/// at a time. A recording cut off mid-record still has every complete record printed, and
+/// the summary; then the cut is reported and the result is `Ok(false)` (exit status 1).
 pub fn replay(path: &Path, out: &mut dyn Output, resets: bool, count: Option<u64>) -> Result<bool> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let (clock, records) =
-        read(BufReader::new(f)).with_context(|| format!("reading {}", path.display()))?;
-    let mut events = Events::new(clock, Hints::new(Node::read()), resets, count);
-    for r in &records {
-        match events.handle(r, out) {
+    let mut reader =
+        Reader::new(BufReader::new(f)).with_context(|| format!("reading {}", path.display()))?;
+    let mut events = Events::new(reader.clock, Hints::new(Node::read()), resets, count);
+    let mut rec = Vec::new();
+    let mut cut = None;
+    loop {
+        match reader.next_into(&mut rec) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e @ ReadError::Cut { .. }) => {
+                cut = Some(e);
+                break;
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        match events.handle(&rec, out) {
             Ok(()) => {}
             Err(Stop::Closed) => return Ok(true),
             Err(Stop::Count) => break,
@@ -122,8 +253,18 @@ pub fn replay(path: &Path, out: &mut dyn Output, resets: bool, count: Option<u64
         }
     }
     match out.summary(&events.summary).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(true),
-        r => r.map(|()| true).context("writing the summary"),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(true),
+        r => r.context("writing the summary")?,
+    }
+    match cut {
+        Some(e) => {
+            eprintln!(
+                "conntrack-trace: warning: {} is {e}; every complete record before it was shown",
+                path.display()
+            );
+            Ok(false)
+        }
+        None => Ok(true),
     }
 }
 
@@ -155,5 +296,93 @@ mod tests {
                 .contains("another event ABI")
         );
         assert!(read(&buf[..buf.len() - 1]).is_err(), "truncated");
+    }
+
+    fn recording(records: &[&[u8]]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut r = Recorder::new(&mut buf, &Clock::now()).unwrap();
+        for rec in records {
+            r.write(rec).unwrap();
+        }
+        buf
+    }
+
+    /// Every record the reader yields before it stops, and how it stopped.
+    fn stream(bytes: &[u8]) -> (Vec<Vec<u8>>, Result<(), ReadError>) {
+        let mut reader = Reader::new(bytes).unwrap();
+        let (mut got, mut rec) = (Vec::new(), Vec::new());
+        loop {
+            match reader.next_into(&mut rec) {
+                Ok(true) => got.push(rec.clone()),
+                Ok(false) => return (got, Ok(())),
+                Err(e) => return (got, Err(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_cut_anywhere_in_the_last_record_keeps_the_others_and_names_its_offset() {
+        let full = recording(&[b"first", b"second!", b"third record"]);
+        let last_starts = (HEADER + 4 + 5 + 4 + 7) as u64;
+        for cut in last_starts as usize + 1..full.len() {
+            let (got, end) = stream(&full[..cut]);
+            assert_eq!(
+                got,
+                [b"first".to_vec(), b"second!".to_vec()],
+                "cut at {cut}"
+            );
+            match end {
+                Err(ReadError::Cut { offset, have, want }) => {
+                    assert_eq!(offset, last_starts, "cut at {cut}");
+                    let have_want = (cut - last_starts as usize, (have >= 4).then_some(4 + 12));
+                    assert_eq!((have, want), have_want, "cut at {cut}");
+                }
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+        // A cut exactly between records is a clean end.
+        let (got, end) = stream(&full[..last_starts as usize]);
+        assert_eq!(got.len(), 2);
+        assert!(end.is_ok());
+    }
+
+    #[test]
+    fn an_impossible_length_is_refused_before_allocating() {
+        let mut bytes = recording(&[b"ok"]);
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        let (got, end) = stream(&bytes);
+        assert_eq!(got, [b"ok".to_vec()]);
+        match end {
+            Err(ReadError::Corrupt { offset, len }) => {
+                assert_eq!((offset, len), ((HEADER + 6) as u64, u32::MAX as usize));
+            }
+            other => panic!("{other:?}"),
+        }
+        let largest = recording(&[&[0; MAX_RECORD]]);
+        assert_eq!(stream(&largest).0[0].len(), MAX_RECORD);
+    }
+
+    #[test]
+    fn a_header_cut_short_is_not_a_recording() {
+        let full = recording(&[]);
+        for cut in 0..HEADER {
+            let e = Reader::new(&full[..cut]).err().expect("refused");
+            assert!(e.to_string().contains("too short"), "{e}");
+        }
+        assert!(Reader::new(&full[..]).is_ok());
+    }
+
+    /// `replay` does not hold the file: a reader over an endless input yields records one at
+    /// a time (reading it whole would never return).
+    #[test]
+    fn records_are_yielded_as_they_are_read() {
+        let head = recording(&[]);
+        let endless = head.as_slice().chain(io::repeat(0));
+        let mut reader = Reader::new(endless).unwrap();
+        let mut rec = vec![1; 10];
+        for _ in 0..1000 {
+            assert!(reader.next_into(&mut rec).unwrap());
+            assert!(rec.is_empty(), "a zero length is an empty record");
+        }
     }
 }
