@@ -16,7 +16,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The nightly toolchain's LLVM major version, which bpf-linker's cargo feature must name.
 const LLVM_MAJOR: &str = "22";
 
-/// Debian packages the VM tests use on the host (qemu) or copy into the guest (the rest).
+/// Debian packages the VM tests use on the host (qemu) or copy into the guest, and the
+/// release tests' tools (the last two).
 const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
@@ -28,7 +29,15 @@ const APT_PACKAGES: &[&str] = &[
     "zstd",
     "kmod",
     "ca-certificates",
+    // A second reader of the OCI image `cargo xtask image` writes (its test).
+    "skopeo",
+    // `python3 -m venv` for the manifest validator (Debian's python3 ships without it).
+    "python3-venv",
 ];
+
+/// Validates deploy/kubernetes against the Kubernetes OpenAPI schemas it ships (one per
+/// release), from PyPI into a private virtualenv.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 /// `$XDG_CACHE_HOME/conntrack-trace` (or `~/.cache/...`): outside `target/` so `cargo clean`
 /// keeps bpf-linker (whose RUNPATH points here) and the kernel downloads.
@@ -73,7 +82,43 @@ pub fn is_root() -> bool {
 pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
-    apt_packages()
+    apt_packages()?;
+    kubernetes_validate().map(|_| ())
+}
+
+/// The virtualenv holding kubernetes-validate (and PyYAML, which it depends on); installs it
+/// when missing or at another version. Returns the venv's directory.
+pub fn kubernetes_validate() -> Result<PathBuf> {
+    let venv = cache_dir().join("venv");
+    let (name, version) = KUBERNETES_VALIDATE.split_once("==").expect("pinned");
+    let have = Command::new(venv.join("bin/kubernetes-validate"))
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if have.as_deref().is_some_and(|v| v.ends_with(version)) {
+        println!(
+            "setup: {name} {version}: already in {}, skipped",
+            venv.display()
+        );
+        return Ok(venv);
+    }
+    println!(
+        "setup: {name} {version}: installing into {} (PyPI)",
+        venv.display()
+    );
+    if !venv.join("bin/pip").exists() {
+        run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv)).context(
+            "cannot create a Python virtualenv (on Debian: apt-get install python3-venv)",
+        )?;
+    }
+    run_cmd(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(KUBERNETES_VALIDATE),
+    )?;
+    Ok(venv)
 }
 
 fn rust_src() -> Result<()> {
@@ -207,20 +252,60 @@ fn apt_packages() -> Result<()> {
             missing.join(" ")
         );
     }
-    let install = || {
+    // Set-up never removes a package the machine has: --no-remove makes apt-get refuse, and
+    // a dry run beforehand names what would have gone.
+    let install = |dry_run: bool| {
         let mut cmd = Command::new("apt-get");
-        cmd.env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing);
+        cmd.env("DEBIAN_FRONTEND", "noninteractive").args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "--no-remove",
+        ]);
+        if dry_run {
+            cmd.arg("--simulate");
+        }
+        cmd.args(&missing);
         cmd
     };
     // Only refresh the package lists when the install cannot proceed without it.
-    if install().status().is_ok_and(|s| s.success()) {
+    if !install(true).output().is_ok_and(|o| o.status.success()) {
+        println!("setup: apt-get cannot install them as the lists stand; running apt-get update");
+        run_cmd(Command::new("apt-get").arg("update"))?;
+    }
+    refuse_removals(&missing)?;
+    run_cmd(&mut install(false))
+}
+
+/// Fails naming the installed packages that installing `packages` would remove.
+fn refuse_removals(packages: &[&str]) -> Result<()> {
+    let out = Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "--simulate", "-y", "--no-install-recommends"])
+        .args(packages)
+        .output()
+        .context("cannot run apt-get")?;
+    let removed = removals(&String::from_utf8_lossy(&out.stdout));
+    if removed.is_empty() {
         return Ok(());
     }
-    println!("setup: apt-get install failed; running apt-get update and retrying");
-    run_cmd(Command::new("apt-get").arg("update"))?;
-    run_cmd(&mut install())
+    bail!(
+        "installing {} would remove {} (a conflict): set-up removes nothing; remove or replace \
+         {} yourself, or install the packages by hand",
+        packages.join(" "),
+        removed.join(" "),
+        if removed.len() == 1 { "it" } else { "them" }
+    )
+}
+
+/// The packages an `apt-get --simulate` transcript removes (its `Remv NAME [VERSION]` lines).
+fn removals(simulation: &str) -> Vec<String> {
+    simulation
+        .lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
 
 fn dpkg_installed(package: &str) -> bool {
@@ -228,4 +313,20 @@ fn dpkg_installed(package: &str) -> bool {
         .args(["-W", "-f=${db:Status-Status}", package])
         .output()
         .is_ok_and(|o| o.status.success() && o.stdout == b"installed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::removals;
+
+    #[test]
+    fn removals_are_read_from_a_simulation() {
+        let sim = "Reading package lists...\n\
+                   Remv qemu-utils [1:7.2+dfsg-7+deb12u18]\n\
+                   Inst qemu-system-x86 (1:7.2+dfsg-7+deb12u18 Debian:12 [amd64])\n\
+                   Remv libfoo1 [1.0]\n\
+                   Conf qemu-system-x86 (1:7.2+dfsg-7+deb12u18 Debian:12 [amd64])\n";
+        assert_eq!(removals(sim), ["qemu-utils", "libfoo1"]);
+        assert!(removals("Inst busybox-static (1:1.35.0-4+b3 Debian:12 [amd64])\n").is_empty());
+    }
 }
