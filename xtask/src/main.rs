@@ -4,9 +4,14 @@
 mod apt;
 mod bench;
 mod cpio;
+#[cfg(test)]
+mod deploy;
+mod dist;
 mod guest_build;
+mod image;
 mod initramfs;
 mod kernels;
+mod licenses;
 mod modules;
 mod qemu;
 mod setup;
@@ -65,7 +70,15 @@ enum Task {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
-    /// Set up, run the host tests, then the VM suite on every kernel.
+    /// Build the release: static binary, man pages, completions, licenses, SHA256SUMS, and
+    /// its tarball in target/dist.
+    Dist,
+    /// Build the release and an OCI image of it (FROM scratch) in target/dist.
+    Image,
+    /// Build the release and the image, and test them as `test` does (root: the image test
+    /// runs the image's root filesystem in a private mount namespace).
+    ReleaseTest,
+    /// Set up, run the host tests and the release test, then the VM suite on every kernel.
     Test {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
@@ -109,9 +122,21 @@ fn run(task: Task) -> Result<bool> {
             setup::run()?;
             bench(&kernels, timeout)
         }
+        Task::Dist => {
+            setup::run()?;
+            dist::build().map(|_| true)
+        }
+        Task::Image => {
+            setup::run()?;
+            image::build(&dist::build()?).map(|_| true)
+        }
+        Task::ReleaseTest => {
+            setup::run()?;
+            Ok(release_test())
+        }
         Task::Test { timeout } => {
             setup::run()?;
-            let host_ok = host_tests()?;
+            let host_ok = host_tests()? & release_test();
             if !host_ok {
                 println!("xtask test: host tests FAILED; running the VM tests anyway");
             }
@@ -143,6 +168,35 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// The release as a user gets it: the tarball unpacked elsewhere runs `check` and `stats`; the
+/// image unpacked runs its entrypoint's `check`. Prints a cargo-style result line.
+fn release_test() -> bool {
+    let started = Instant::now();
+    let mut results: Vec<(&str, Result<()>)> = Vec::new();
+    match dist::build() {
+        Ok(release) => {
+            results.push(("release::tarball", dist::test(&release)));
+            let image = image::build(&release).and_then(|i| image::test(&release, &i));
+            results.push(("release::image", image));
+        }
+        Err(e) => results.push(("release::build", Err(e))),
+    }
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    for (name, result) in &results {
+        match result {
+            Ok(()) => println!("test {name} ... ok"),
+            Err(e) => println!("test {name} ... FAILED\n{e:#}"),
+        }
+    }
+    println!(
+        "\ntest result: {}. {} passed; {failed} failed; finished in {:.1}s (release tarball and image)",
+        if failed == 0 { "ok" } else { "FAILED" },
+        results.len() - failed,
+        started.elapsed().as_secs_f64()
+    );
+    failed == 0
 }
 
 /// Unit tests of the host crates (and of xtask itself); the eBPF crate is never built for
