@@ -6,7 +6,7 @@ use aya::{
     programs::{FExit, ProgramError},
 };
 
-use conntrack_trace_common::filter::Filter;
+use conntrack_trace_common::{filter::Filter, offsets::Offsets};
 
 use crate::{
     btf::BtfFunc,
@@ -49,10 +49,11 @@ pub fn load_fexit(prog: &mut FExit, func: BtfFunc) -> Result<(), ProgramError> {
 }
 
 /// Whether the fexit program loads here against `func`, before anything is planned (so with
-/// the object's own globals).
-pub fn probe_fexit(func: BtfFunc) -> FexitProbe {
+/// the object's own globals but this kernel's offsets).
+pub fn probe_fexit(func: BtfFunc, offsets: &Offsets) -> FexitProbe {
     let mut bpf = match EbpfLoader::new()
         .btf(None)
+        .override_global("OFFSETS", offsets, true)
         .map_max_entries("EVENTS", 1 << 12)
         .load(OBJECT)
     {
@@ -88,7 +89,7 @@ pub fn probe_fexit(func: BtfFunc) -> FexitProbe {
 #[cfg(test)]
 mod tests {
     use aya::programs::KProbe;
-    use conntrack_trace_common::filter::Filter;
+    use conntrack_trace_common::{filter::Filter, offsets::Offsets};
 
     use crate::{
         filter,

@@ -129,8 +129,9 @@ pub enum FexitProbe {
 }
 
 impl FexitProbe {
-    /// Loads the fexit program against `nf_conntrack_in` as this kernel's BTF describes it.
-    pub fn run(btf: &KernelBtf) -> Self {
+    /// Loads the fexit program against `nf_conntrack_in` as this kernel's BTF describes it,
+    /// with this kernel's struct offsets (the program reads `skb->_nfct` at one).
+    pub fn run(btf: &KernelBtf, offsets: &Offsets) -> Self {
         let Some((type_id, object)) = btf.func_id("nf_conntrack_in") else {
             return Self::Unavailable(
                 "BTF does not describe nf_conntrack_in (a module without module BTF)".into(),
@@ -145,7 +146,7 @@ impl FexitProbe {
                 return Self::Unavailable(format!("listing the kernel's BTF objects: {e}"));
             }
         };
-        ebpf::probe_fexit(BtfFunc { object_id, type_id })
+        ebpf::probe_fexit(BtfFunc { object_id, type_id }, offsets)
     }
 
     /// Why fexit is not used, if it is not.
@@ -186,16 +187,19 @@ impl Plan {
         let btf = KernelBtf::from_sys()?;
         let tp = tracefs()
             .and_then(|t| std::fs::read_to_string(t.join("events/tcp/tcp_send_reset/format")).ok());
-        let fexit = FexitProbe::run(&btf);
-        let plan = Self::new(&release, &syms, &btf, tp.as_deref(), fexit, want)?;
+        let offsets = btf.offsets()?;
+        let fexit = FexitProbe::run(&btf, &offsets.0);
+        let plan = Self::new(&release, &syms, &btf, offsets, tp.as_deref(), fexit, want)?;
         Ok((plan, btf))
     }
 
     /// `reset_format` is the `tcp:tcp_send_reset` tracepoint's format file, if it exists.
+    /// `offsets` are `btf.offsets()`, with their notes.
     pub fn new(
         release: &str,
         syms: &Symbols,
         btf: &KernelBtf,
+        (offsets, offset_notes): (Offsets, Vec<String>),
         reset_format: Option<&str>,
         fexit: FexitProbe,
         want: Want,
@@ -212,7 +216,6 @@ impl Plan {
                 p.params.join(", ")
             );
         }
-        let (offsets, offset_notes) = btf.offsets()?;
         notes.extend(offset_notes);
         if !offsets.has_ct() {
             notes.push(format!(
@@ -547,7 +550,9 @@ mod tests {
             ),
         ];
         for (probe, want, mode) in cases {
-            let plan = Plan::new("6.12.0", &syms, &btf, None, probe.clone(), want).unwrap();
+            let offsets = btf.offsets().unwrap();
+            let plan =
+                Plan::new("6.12.0", &syms, &btf, offsets, None, probe.clone(), want).unwrap();
             assert_eq!(plan.mode, mode, "{probe:?} {want:?}");
             let on_ct_in: Vec<_> = plan
                 .attach
@@ -574,6 +579,7 @@ mod tests {
             "6.12.0",
             &syms,
             &btf,
+            btf.offsets().unwrap(),
             None,
             refused,
             Want::Force(Mode::Fexit),
@@ -591,6 +597,7 @@ mod tests {
             "6.1.0-1-amd64",
             &syms,
             &btf,
+            btf.offsets().unwrap(),
             None,
             FexitProbe::Unavailable(String::new()),
             Want::Default,
