@@ -157,9 +157,17 @@ mod tests {
     #[test]
     fn version_names_commit_and_ebpf_hash() {
         let v = Cli::command().render_version();
-        assert!(v.starts_with(&format!("conntrack-trace {}", env!("CARGO_PKG_VERSION"))), "{v}");
+        assert!(
+            v.starts_with(&format!("conntrack-trace {}", env!("CARGO_PKG_VERSION"))),
+            "{v}"
+        );
         assert!(v.contains(" (commit "), "{v}");
-        let hash = v.split("eBPF object sha256 ").nth(1).expect(&v).trim_end().trim_end_matches(')');
+        let hash = v
+            .split("eBPF object sha256 ")
+            .nth(1)
+            .expect(&v)
+            .trim_end()
+            .trim_end_matches(')');
         assert!(
             hash == "none" || (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())),
             "{v}"
@@ -185,7 +193,10 @@ mod tests {
             ] {
                 let text = read(c);
                 assert!(text.contains(sub), "{c} lacks {sub}");
-                assert!(!text.contains(GENERATE_DOCS), "{c} offers the packaging entry");
+                assert!(
+                    !text.contains(GENERATE_DOCS),
+                    "{c} offers the packaging entry"
+                );
             }
         }
         fs::remove_dir_all(&dir).unwrap();

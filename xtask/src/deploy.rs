@@ -122,7 +122,7 @@ mod tests {
         let bad = std::env::temp_dir().join(format!("xtask-bad-ds-{}.yaml", std::process::id()));
         let ds = std::fs::read_to_string(dir().join("daemonset.yaml")).unwrap();
         std::fs::write(&bad, ds.replace("hostPID: true", "hostPid: true")).unwrap();
-        let err = validate(&venv, &[bad.clone()]).unwrap_err();
+        let err = validate(&venv, std::slice::from_ref(&bad)).unwrap_err();
         std::fs::remove_file(&bad).unwrap();
         assert!(format!("{err:#}").contains("hostPid"), "{err:#}");
     }
