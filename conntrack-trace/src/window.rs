@@ -31,6 +31,7 @@ pub struct Explained {
     /// The packet's number the check was about (seq, ack or segment end), and its window.
     value: u32,
     win: u16,
+    syn: bool,
 }
 
 /// Appends text and numbers in order: literals as constant bytes, numbers through itoa.
@@ -72,7 +73,8 @@ impl Explained {
                 " bytes past the receiver's window end " maxend),
         }
         let scale = self.sender.scale;
-        if scale > 0 {
+        // The kernel scales every window but a SYN's.
+        if scale > 0 && !self.syn {
             let (win, scaled) = (self.win, (self.win as u64) << scale.min(14));
             put!(out; "; advertised window " win " << scale " scale " = " scaled);
         }
@@ -145,8 +147,8 @@ pub fn explain(
     let excess = match check {
         Check::SeqOver | Check::AckOver => value.wrapping_sub(bound).wrapping_add(1),
         Check::SeqUnder | Check::AckUnder => bound.wrapping_sub(value).wrapping_add(1),
-        // The kernel logs the overshoot itself.
-        Check::Overshot => kernel_bound.unwrap_or(end.wrapping_sub(sender.maxend)),
+        // The kernel logs the overshoot itself, as `end - td_maxend + 1`.
+        Check::Overshot => kernel_bound.unwrap_or(end.wrapping_sub(sender.maxend).wrapping_add(1)),
     };
     Some(Explained {
         sender,
@@ -156,6 +158,7 @@ pub fn explain(
         check,
         value,
         win: tcp.win,
+        syn: tcp.flags.contains(b'S'),
     })
 }
 
