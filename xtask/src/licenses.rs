@@ -21,6 +21,26 @@ const ROOTS: &[(&str, &str)] = &[
     ("conntrack-trace-ebpf", "bpfel-unknown-none"),
 ];
 
+const APACHE: &str = "/usr/share/common-licenses/Apache-2.0";
+
+/// The MIT license's text, for crates that declare MIT but ship no file.
+const MIT: &str = "\
+Permission is hereby granted, free of charge, to any person obtaining a copy of this software
+and associated documentation files (the \"Software\"), to deal in the Software without
+restriction, including without limitation the rights to use, copy, modify, merge, publish,
+distribute, sublicense, and/or sell copies of the Software, and to permit persons to whom the
+Software is furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all copies or
+substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING
+BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND
+NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM,
+DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+";
+
 #[derive(Debug, PartialEq)]
 pub struct Crate {
     pub name: String,
@@ -52,6 +72,7 @@ pub fn render() -> Result<String> {
          crates below\n(and its embedded eBPF object the bpfel ones), and the C runtime listed \
          at the end.\n\n",
     );
+    let mut missing_apache = false;
     let mut by_license: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for c in crates.values() {
         by_license
@@ -77,13 +98,42 @@ pub fn render() -> Result<String> {
         let texts = license_texts(c)?;
         if texts.is_empty() {
             out.push_str(&format!(
-                "The crate ships no license file; its manifest declares `{}`.\n",
-                c.license
+                "The crate ships no license file; its manifest declares `{}`. The standard \
+                 text{} follow{}.\n",
+                c.license,
+                if c.license.contains("Apache-2.0") {
+                    "s (MIT below, Apache-2.0 at the end)"
+                } else {
+                    ""
+                },
+                if c.license.contains("Apache-2.0") {
+                    ""
+                } else {
+                    "s"
+                },
             ));
+            missing_apache |= c.license.contains("Apache-2.0");
+            if c.license.contains("MIT") {
+                let holders = if c.authors.is_empty() {
+                    format!("the {} authors", c.name)
+                } else {
+                    c.authors.join(", ")
+                };
+                out.push_str(&format!("\nCopyright (c) {holders}\n\n{MIT}"));
+            }
         }
         for (file, text) in texts {
             out.push_str(&format!("\n[{file}]\n{}\n", text.trim_end()));
         }
+    }
+    if missing_apache {
+        let text = fs::read_to_string(APACHE)
+            .with_context(|| format!("cannot read {APACHE} (Debian's base-files ships it)"))?;
+        out.push_str(&format!(
+            "\n{rule}\nApache License 2.0, for the crates above that ship no license file\n{rule}\n{}\n",
+            text.trim_end(),
+            rule = "-".repeat(78)
+        ));
     }
     out.push_str(&c_runtime()?);
     Ok(out)
