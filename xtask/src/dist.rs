@@ -43,6 +43,12 @@ pub fn build() -> Result<Release> {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     println!("dist: {version_line}");
+    if let Some(changed) = uncommitted() {
+        println!(
+            "dist: WARNING: uncommitted changes ({changed}): the build may include them, but its \
+             --version names {commit} alone"
+        );
+    }
 
     let tracer = dir.join("conntrack-trace");
     fs::copy(&bins.tracer, &tracer)
@@ -105,6 +111,25 @@ pub fn parse_version(line: &str) -> Option<(String, String)> {
     let hash = rest.strip_suffix(')')?;
     (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
         .then(|| (version.to_string(), commit.to_string()))
+}
+
+/// Tracked files that differ from HEAD (a few names), or None for a clean tree.
+fn uncommitted() -> Option<String> {
+    let out = Command::new("git")
+        .current_dir(workspace_root())
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let files: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.get(3..).map(str::to_string))
+        .collect();
+    match files.len() {
+        0 => None,
+        n if n <= 3 => Some(files.join(", ")),
+        n => Some(format!("{} and {} more", files[..3].join(", "), n - 3)),
+    }
 }
 
 /// The commit's time, so the same commit gives the same tarball; 0 outside git.
