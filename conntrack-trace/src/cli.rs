@@ -33,13 +33,13 @@ pub struct Cli {
     #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
     /// Only packets from or to this address or CIDR.
-    #[arg(long, value_name = "CIDR")]
+    #[arg(long, value_name = "CIDR", value_parser = crate::filter::cidr_arg)]
     pub host: Option<String>,
     /// Only packets from this address or CIDR.
-    #[arg(long, value_name = "CIDR")]
+    #[arg(long, value_name = "CIDR", value_parser = crate::filter::cidr_arg)]
     pub src: Option<String>,
     /// Only packets to this address or CIDR.
-    #[arg(long, value_name = "CIDR")]
+    #[arg(long, value_name = "CIDR", value_parser = crate::filter::cidr_arg)]
     pub dst: Option<String>,
     /// Only packets with this source or destination port.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -51,7 +51,7 @@ pub struct Cli {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub dport: Option<u16>,
     /// Only this protocol: tcp, udp, icmp, icmpv6, sctp, or a number.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::filter::proto_arg)]
     pub proto: Option<String>,
     /// Only this network namespace (its inode, as `ls -L -i /proc/PID/ns/net` shows).
     #[arg(long, value_name = "INODE", value_parser = clap::value_parser!(u32).range(1..))]

@@ -56,6 +56,21 @@ pub fn parse_proto(s: &str) -> Result<u8> {
     })
 }
 
+/// `--host`/`--src`/`--dst` checked while the command line is parsed, so a bad value is a
+/// usage error (exit status 2) like every other bad flag; the text is kept for `build`.
+pub fn cidr_arg(s: &str) -> Result<String, String> {
+    parse_cidr(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// `--proto`, checked while the command line is parsed (see `cidr_arg`).
+pub fn proto_arg(s: &str) -> Result<String, String> {
+    parse_proto(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{e:#}"))
+}
+
 pub struct Flags<'a> {
     pub host: Option<&'a str>,
     pub src: Option<&'a str>,
