@@ -28,6 +28,8 @@ pub struct Summary {
     pub ignored: u64,
     pub drops: u64,
     pub lost: u64,
+    /// Runs of our programs the kernel skipped (`recursion_misses` of each program).
+    pub recursion_misses: u64,
     /// `nf_conntrack_in` calls nested too deep to track (their verdicts were not seen).
     pub untracked: u64,
     /// Reasons the kernel logged for a packet whose `nf_conntrack_in` call was not being

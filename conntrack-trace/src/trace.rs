@@ -22,7 +22,7 @@ use crate::{
     check, counters, ebpf,
     events::{Events, Stop},
     hints::{Hints, Node},
-    output::Output,
+    output::{Loss, Output},
     plan::{Flavor, Plan, Want},
     privs,
     record::Recorder,
@@ -100,6 +100,46 @@ fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Runs of our programs the kernel skipped because a BPF program was already running on
+/// that CPU: `recursion_misses` in each program's fdinfo (5.12+; absent before, then 0).
+fn recursion_misses(bpf: &Ebpf) -> u64 {
+    bpf.programs()
+        .filter_map(|(_, p)| p.fd().ok())
+        .filter_map(|fd| program_recursion_misses(&fd))
+        .sum()
+}
+
+fn program_recursion_misses(fd: &aya::programs::ProgramFd) -> Option<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let raw = fd.as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("recursion_misses:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::programs::KProbe;
+    use conntrack_trace_common::filter::Filter;
+
+    use crate::{
+        ebpf,
+        plan::{Plan, Want},
+    };
+
+    /// The kernel's skip counter is found in a loaded program's fdinfo (5.12+; this host).
+    #[test]
+    fn recursion_misses_are_read_from_fdinfo() {
+        let (plan, _) = Plan::for_running_kernel(Want::Exact).unwrap();
+        let mut bpf = ebpf::open(&plan, 1 << 16, &Filter::any()).unwrap();
+        let p: &mut KProbe = bpf.program_mut("early_drop").unwrap().try_into().unwrap();
+        p.load().unwrap();
+        assert_eq!(super::program_recursion_misses(p.fd().unwrap()), Some(0));
+        assert_eq!(super::recursion_misses(&bpf), 0);
+    }
+}
+
 fn stat_total(stats: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
     stats.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
@@ -161,6 +201,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut reported_lost = 0u64;
+    let mut reported_skipped = 0u64;
 
     let mut recorder = opts
         .record
@@ -199,11 +240,19 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
             _ = tick.tick() => {
                 let lost = stat_total(&stats, stat::LOST);
                 if lost > reported_lost {
-                    if out.lost(lost - reported_lost).and_then(|()| out.flush()).is_err() {
+                    if out.lost(lost - reported_lost, Loss::RingFull).and_then(|()| out.flush()).is_err() {
                         stop = Some(Stop::Closed);
                         break 'run;
                     }
                     reported_lost = lost;
+                }
+                let skipped = recursion_misses(&bpf);
+                if skipped > reported_skipped {
+                    if out.lost(skipped - reported_skipped, Loss::Recursion).and_then(|()| out.flush()).is_err() {
+                        stop = Some(Stop::Closed);
+                        break 'run;
+                    }
+                    reported_skipped = skipped;
                 }
             }
             _ = sigint.recv() => break 'run,
@@ -212,6 +261,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         }
     }
     // Detach first (dropping the programs), then take what is still in the ring.
+    let skipped = recursion_misses(&bpf);
     drop(bpf);
     match stop {
         Some(Stop::Closed) => return Ok(()),
@@ -233,8 +283,12 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let mut summary = events.summary;
     let lost = stat_total(&stats, stat::LOST);
     if lost > reported_lost {
-        let _ = out.lost(lost - reported_lost);
+        let _ = out.lost(lost - reported_lost, Loss::RingFull);
     }
+    if skipped > reported_skipped {
+        let _ = out.lost(skipped - reported_skipped, Loss::Recursion);
+    }
+    summary.recursion_misses = skipped;
     let _ = flush(out, recorder.as_mut());
     summary.lost = lost;
     summary.untracked = stat_total(&stats, stat::NEST_OVERFLOW);

@@ -253,7 +253,7 @@ pub fn stream_is_complete(topo: &Topology, obs: &Observation, problems: &mut Pro
         ));
     }
     // Nothing lost, and every reason the kernel logged belonged to a call being followed.
-    for key in ["lost", "untracked", "orphan_reasons"] {
+    for key in ["lost", "recursion_misses", "untracked", "orphan_reasons"] {
         if s[key].as_u64() != Some(0) {
             problems.add(format!("summary.{key} should be 0: {s}"));
         }

@@ -13,7 +13,7 @@ use conntrack_trace_common::window::TcpWindow;
 
 use serde::Serialize;
 
-use super::{Output, Stamp, Stamps, ipv4};
+use super::{Loss, Output, Stamp, Stamps, ipv4};
 use crate::{
     ct::{Conntrack, Endpoints},
     reset::{Incident, Reset},
@@ -282,6 +282,7 @@ fn endpoints(o: &mut Vec<u8>, e: &Endpoints) {
 #[derive(Serialize)]
 struct Lost {
     event: &'static str,
+    cause: &'static str,
     count: u64,
 }
 
@@ -296,6 +297,7 @@ struct SummaryLine<'a> {
     ignored: u64,
     drop: u64,
     lost: u64,
+    recursion_misses: u64,
     untracked: u64,
     orphan_reasons: u64,
     resets: u64,
@@ -358,9 +360,10 @@ impl<W: Write> Output for Json<W> {
         self.put(|o| write_incident(o, i, times))
     }
 
-    fn lost(&mut self, n: u64) -> io::Result<()> {
+    fn lost(&mut self, n: u64, cause: Loss) -> io::Result<()> {
         self.line(&Lost {
             event: "lost",
+            cause: cause.as_str(),
             count: n,
         })
     }
@@ -375,6 +378,7 @@ impl<W: Write> Output for Json<W> {
             ignored: s.ignored,
             drop: s.drops,
             lost: s.lost,
+            recursion_misses: s.recursion_misses,
             untracked: s.untracked,
             orphan_reasons: s.orphan_reasons,
             resets: s.resets,
@@ -578,7 +582,7 @@ mod tests {
             self.incidents += 1;
             Ok(())
         }
-        fn lost(&mut self, _: u64) -> io::Result<()> {
+        fn lost(&mut self, _: u64, _: Loss) -> io::Result<()> {
             Ok(())
         }
         fn reset(&mut self, r: &Reset) -> io::Result<()> {

@@ -20,7 +20,7 @@ use crate::{
 pub trait Output {
     fn event(&mut self, r: &Record) -> io::Result<()>;
     /// `n` events the kernel could not put in the ring buffer since the last report.
-    fn lost(&mut self, n: u64) -> io::Result<()>;
+    fn lost(&mut self, n: u64, cause: Loss) -> io::Result<()>;
     /// An RST for a packet with no socket that no INVALID packet explains.
     fn reset(&mut self, r: &Reset) -> io::Result<()>;
     /// An INVALID packet and the RST that answered it.
@@ -30,6 +30,26 @@ pub trait Output {
     /// an event is never held back waiting for the next one, and a flood costs one write per
     /// batch instead of one per event.
     fn flush(&mut self) -> io::Result<()>;
+}
+
+/// Why events are missing from the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// The ring buffer had no room: counted by our programs.
+    RingFull,
+    /// The kernel skipped a run of one of our programs because a BPF program was already
+    /// running on that CPU (its `recursion_misses`): that packet's verdict or reason was
+    /// not seen.
+    Recursion,
+}
+
+impl Loss {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Loss::RingFull => "ring_full",
+            Loss::Recursion => "recursion",
+        }
+    }
 }
 
 /// One sentence a reader can act on: what happened to the connection, with the roles.
@@ -162,8 +182,8 @@ impl Output for Tee<'_> {
         self.1.event(r)?;
         self.0.event(r)
     }
-    fn lost(&mut self, n: u64) -> io::Result<()> {
-        self.0.lost(n)
+    fn lost(&mut self, n: u64, cause: Loss) -> io::Result<()> {
+        self.0.lost(n, cause)
     }
     fn reset(&mut self, r: &Reset) -> io::Result<()> {
         self.1.reset(r)?;

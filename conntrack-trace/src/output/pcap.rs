@@ -143,7 +143,7 @@ impl<W: Write> Output for Pcap<W> {
         self.packet(&r.pkt, r.time, comment(r))
     }
 
-    fn lost(&mut self, _n: u64) -> io::Result<()> {
+    fn lost(&mut self, _n: u64, _cause: super::Loss) -> io::Result<()> {
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use std::{
     io::{self, Write},
 };
 
-use super::{Output, Stamp, Stamps};
+use super::{Loss, Output, Stamp, Stamps};
 use crate::{
     plan::Mode,
     reset::{Incident, Reset},
@@ -205,13 +205,19 @@ impl<W: Write> Output for Text<W> {
         Ok(())
     }
 
-    fn lost(&mut self, n: u64) -> io::Result<()> {
+    fn lost(&mut self, n: u64, cause: Loss) -> io::Result<()> {
         let (c, reset) = (self.paint(RED), self.paint(RESET));
-        writeln!(
-            self.out,
-            "{c}WARNING: {n} events lost (ring buffer full); raise --ring-size{reset}"
-        )?;
-        Ok(())
+        match cause {
+            Loss::RingFull => writeln!(
+                self.out,
+                "{c}WARNING: {n} events lost (ring buffer full); raise --ring-size{reset}"
+            ),
+            Loss::Recursion => writeln!(
+                self.out,
+                "{c}WARNING: the kernel skipped {n} runs of the tracer's programs (another BPF \
+                 program was running on that CPU): those packets may be missing{reset}"
+            ),
+        }
     }
 
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
@@ -231,14 +237,21 @@ impl<W: Write> Output for Text<W> {
         }
         writeln!(
             o,
-            "events: {} invalid, {} ignored, {} dropped; {} lost",
-            s.invalid, s.ignored, s.drops, s.lost
+            "events: {} invalid, {} ignored, {} dropped; {} lost, {} program runs skipped",
+            s.invalid, s.ignored, s.drops, s.lost, s.recursion_misses
         )?;
         writeln!(
             o,
             "resets for packets with no socket: {}, linked to an INVALID packet: {}",
             s.resets, s.incidents
         )?;
+        if s.recursion_misses > 0 {
+            writeln!(
+                o,
+                "WARNING: {} runs of the tracer's programs skipped by the kernel (recursion)",
+                s.recursion_misses
+            )?;
+        }
         if s.untracked > 0 {
             writeln!(
                 o,
