@@ -7,6 +7,7 @@ mod cpio;
 #[cfg(test)]
 mod deploy;
 mod dist;
+mod fuzz;
 mod guest_build;
 mod image;
 mod initramfs;
@@ -199,10 +200,11 @@ fn release_test() -> bool {
     failed == 0
 }
 
-/// Unit tests of the host crates (and of xtask itself); the eBPF crate is never built for
-/// the host.
+/// Unit tests of the host crates, of xtask itself and of the guest crate (which run on any
+/// host); the render benchmark once per benchmark, so it cannot rot; a bounded fuzzing run.
+/// The eBPF crate is never built for the host.
 fn host_tests() -> Result<bool> {
-    println!("xtask: cargo test (host crates)");
+    println!("xtask: cargo test (host crates and the guest crate's unit tests)");
     let status = setup::cargo()
         .current_dir(workspace_root())
         .args([
@@ -212,11 +214,20 @@ fn host_tests() -> Result<bool> {
             "-p",
             "conntrack-trace-common",
             "-p",
+            "conntrack-trace-tests",
+            "-p",
             "xtask",
         ])
         .status()
         .context("cannot run cargo test")?;
-    Ok(status.success())
+    println!("xtask: the render benchmark, each benchmark once (criterion's test mode)");
+    let bench = setup::cargo()
+        .current_dir(workspace_root())
+        .args(["test", "-p", "conntrack-trace", "--bench", "render"])
+        .status()
+        .context("cannot run cargo test --bench")?;
+    let fuzz = fuzz::run()?;
+    Ok(status.success() && bench.success() && fuzz)
 }
 
 fn vm_test(names: &[String], scenarios: &[String], timeout: u64) -> Result<bool> {

@@ -39,6 +39,8 @@ const APT_PACKAGES: &[&str] = &[
 /// release), from PyPI into a private virtualenv.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// `$XDG_CACHE_HOME/conntrack-trace` (or `~/.cache/...`): outside `target/` so `cargo clean`
 /// keeps bpf-linker (whose RUNPATH points here) and the kernel downloads.
 pub fn cache_dir() -> PathBuf {
@@ -83,6 +85,7 @@ pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     apt_packages()?;
+    cargo_fuzz()?;
     // Only the manifest tests need it, and they install it themselves and fail without it:
     // `run` and `demo` do not depend on PyPI being reachable.
     if let Err(e) = kubernetes_validate() {
@@ -126,6 +129,28 @@ pub fn kubernetes_validate() -> Result<PathBuf> {
             .arg(KUBERNETES_VALIDATE),
     )?;
     Ok(venv)
+}
+
+/// cargo-fuzz, for the fuzzing run in `cargo xtask test` (crates.io, into ~/.cargo/bin).
+fn cargo_fuzz() -> Result<()> {
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if have.as_deref() == Some(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}")) {
+        println!("setup: cargo-fuzz {CARGO_FUZZ_VERSION}: already installed, skipped");
+        return Ok(());
+    }
+    println!("setup: cargo-fuzz {CARGO_FUZZ_VERSION}: installing (crates.io)");
+    run_cmd(Command::new("cargo").args([
+        "install",
+        "--locked",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }
 
 fn rust_src() -> Result<()> {
