@@ -422,6 +422,39 @@ fn unreadable_or_corrupt_recordings_are_refused() {
     );
 }
 
+/// Records the decoders cannot use (a kind this build does not know, a packet event cut
+/// short) are each named in a warning and skipped; the records around them are printed.
+#[test]
+fn undecodable_records_are_skipped_with_a_warning() {
+    let good = fs::read(fixture("6.12-tcp-window.ctrec")).unwrap();
+    let starts = record_offsets(&good);
+    let mut bytes = good[..starts[1]].to_vec();
+    for rec in [&99u32.to_ne_bytes()[..], &[1, 0, 0, 0, 1, 2, 3]] {
+        bytes.extend_from_slice(&(rec.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(rec);
+    }
+    bytes.extend_from_slice(&good[starts[1]..]);
+    let p = scratch("undecodable.ctrec");
+    fs::write(&p, &bytes).unwrap();
+    let o = run(&["replay", p.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let expected = run(&[
+        "replay",
+        fixture("6.12-tcp-window.ctrec").to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(json_lines(&o), json_lines(&expected));
+    let err = stderr(&o);
+    assert!(err.contains("unknown event kind Some(99)"), "{err}");
+    assert!(err.contains("short event: 7 bytes"), "{err}");
+}
+
+#[test]
+fn an_unwritable_pcap_file_is_named() {
+    let o = run(&["--pcap", "/nonexistent/out.pcapng", "--duration", "1s"]);
+    assert_error(&o, &["creating /nonexistent/out.pcapng", "No such file"]);
+}
+
 /// Every usage error, whoever finds it (clap or a filter's own parser), exits with 2 and
 /// clap's `error:` line, before anything is loaded.
 #[test]
