@@ -349,7 +349,46 @@ fn dpkg_installed(package: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::removals;
+    use super::*;
+    use crate::workspace_root;
+
+    /// Without set-up's bpf-linker, a plain cargo build of the tracer stops with one line
+    /// naming `cargo xtask setup`, not aya-build's warnings and a backtrace.
+    #[test]
+    fn build_without_bpf_linker_says_what_to_run() {
+        let empty = std::env::temp_dir().join(format!("xtask-no-cache-{}", std::process::id()));
+        fs::create_dir_all(&empty).unwrap();
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path = std::env::join_paths(
+            std::env::split_paths(&path).filter(|d| !d.join("bpf-linker").exists()),
+        )
+        .unwrap();
+        // Its own target dir: the `cargo test` running this holds the workspace's.
+        let out = Command::new("cargo")
+            .current_dir(workspace_root())
+            .env("PATH", path)
+            .env("XDG_CACHE_HOME", &empty)
+            .args(["check", "--quiet", "-p", "conntrack-trace", "--target-dir"])
+            .arg(workspace_root().join("target/xtask-test-no-bpf-linker"))
+            .output()
+            .unwrap();
+        fs::remove_dir_all(&empty).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(
+            errors,
+            [
+                "error: conntrack-trace@0.1.0: bpf-linker not found (looked in \
+                 ~/.cache/conntrack-trace/bin and PATH): run `cargo xtask setup` once, then \
+                 build again",
+                "error: build script logged errors"
+            ],
+            "{stderr}"
+        );
+        assert!(!stderr.contains("cargo:warning"), "{stderr}");
+        assert!(!stderr.contains("backtrace"), "{stderr}");
+    }
 
     #[test]
     fn removals_are_read_from_a_simulation() {
