@@ -221,6 +221,14 @@ pub fn test(release: &Release) -> Result<()> {
             .current_dir(&dir)
             .args(["--quiet", "-c", "SHA256SUMS"]),
     )?;
+    // The bash completion completes a subcommand.
+    let script = "source completions/conntrack-trace.bash; COMP_WORDS=(conntrack-trace st); \
+                  COMP_CWORD=1; _conntrack__trace conntrack-trace st conntrack-trace; \
+                  echo \"${COMPREPLY[*]}\"";
+    let words = run_output(Command::new("bash").current_dir(&dir).args(["-c", script]))?;
+    if words.trim() != "stats" {
+        bail!("bash completion of `conntrack-trace st` offers {:?}, not stats", words.trim());
+    }
     let tracer = dir.join("conntrack-trace");
     ensure_no_interpreter(&tracer)?;
     // Nothing of the build may leak in: run with an empty environment from /.
