@@ -1,7 +1,6 @@
 //! `cargo xtask image`: an OCI image (FROM scratch: the static tracer alone, no shell), written
 //! as an OCI image layout directly (gzip'd tar layer, config and manifest JSON, each a
-//! sha256-named blob) and packed into one `oci-archive` tarball that skopeo, podman,
-//! buildah and `ctr images import` read.
+//! sha256-named blob) and packed into one tar, the `oci-archive:` that skopeo reads.
 
 use std::{
     fs,
@@ -112,8 +111,7 @@ pub fn build(release: &Release) -> Result<Image> {
             .args(["oci-layout", "index.json", "blobs"]),
     )?;
     println!(
-        "image: {} (OCI layout), {} (load with `skopeo copy oci-archive:{} docker://REGISTRY/conntrack-trace:{}` \
-         or `ctr images import`)",
+        "image: {} (OCI layout), {} (load with `skopeo copy oci-archive:{} docker://REGISTRY/conntrack-trace:{}`)",
         layout.display(),
         archive.display(),
         archive.display(),
