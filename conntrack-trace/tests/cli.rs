@@ -270,6 +270,48 @@ fn stats_sums_the_kernels_per_cpu_counters() {
     assert_eq!(invalid.split_whitespace().nth(1), Some("265"), "{out}");
 }
 
+/// `stats --watch`: after the first snapshot, each one is the change over its interval; a
+/// closed stdout ends it with status 0.
+#[test]
+fn stats_watch_prints_what_changed_per_interval() {
+    let header = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart\n";
+    let row = |invalid: u32| {
+        format!(
+            "00000001  00000000 00000000 00000000 {invalid:08x} 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000  00000000 00000000 00000000 00000000\n"
+        )
+    };
+    let (before, after) = (scratch("stat-before"), scratch("stat-after"));
+    fs::write(&before, format!("{header}{}", row(100))).unwrap();
+    fs::write(&after, format!("{header}{}", row(142))).unwrap();
+    assert!(is_root(), "run as root (private mount namespace)");
+    // The counters move 0.4 s in, between the first snapshot and the second (at 1 s).
+    let prepare = format!(
+        "{}; (sleep 0.4; cp {} /proc/net/stat/nf_conntrack) &",
+        with_conntrack_stat(Some(&before)),
+        after.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-ec"])
+        .arg(format!("{prepare}\nexec \"$0\" \"$@\""))
+        .arg(BIN)
+        .args(["stats", "--json", "--watch", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    drop(lines);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(first["counters"]["invalid"], 100, "{first}");
+    assert!(first["interval_s"].is_null(), "{first}");
+    assert_eq!(second["counters"]["invalid"], 42, "{second}");
+    let interval = second["interval_s"].as_f64().unwrap();
+    assert!((0.9..3.0).contains(&interval), "{second}");
+}
+
 /// `stats` on this host's real counters: one row per CPU the kernel's file has.
 #[test]
 fn stats_reads_this_kernel() {
