@@ -46,13 +46,12 @@ fn trace(cli: &Cli) -> Result<bool> {
         verbose: cli.verbose > 0,
         resets: cli.resets,
         record: cli.record.clone(),
-        want: match (cli.verdict_probe, cli.exact, cli.cold) {
-            (Some(VerdictProbe::Fexit), ..) => Want::Force(Mode::Fexit),
-            (Some(VerdictProbe::KprobePair), ..) => Want::Force(Mode::KprobePair),
-            (Some(VerdictProbe::None), ..) => Want::Force(Mode::Cold),
-            (None, true, _) => Want::Exact,
-            (None, _, true) => Want::Cold,
-            (None, false, false) => Want::Default,
+        want: match (cli.verdict_probe, cli.exact) {
+            (Some(VerdictProbe::Fexit), _) => Want::Force(Mode::Fexit),
+            (Some(VerdictProbe::KprobePair), _) => Want::Force(Mode::KprobePair),
+            (Some(VerdictProbe::None), _) => Want::Force(Mode::Cold),
+            (None, true) => Want::Exact,
+            (None, false) => Want::Default,
         },
     };
     let mut out = output(cli);
@@ -88,7 +87,8 @@ fn main() -> ExitCode {
                 "usage: conntrack-trace {} DIR",
                 conntrack_trace::cli::GENERATE_DOCS
             );
-            return ExitCode::FAILURE;
+            // 2, as clap exits on every other usage error.
+            return ExitCode::from(2);
         };
         return match conntrack_trace::cli::generate_docs(dir.as_ref()) {
             Ok(()) => ExitCode::SUCCESS,
