@@ -8,7 +8,7 @@ use aya::programs::{FExit, KProbe, ProgramError, TracePoint};
 
 use crate::{
     ebpf,
-    plan::{self, FexitProbe, Mode, Plan, Want},
+    plan::{self, FexitProbe, Plan, Want},
     privs,
     symbols::Symbols,
 };
@@ -149,13 +149,14 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
 
     writeln!(
         out,
-        "\nattach plan for this kernel, default mode {} (window reasons from {:?})",
-        match plan.mode {
-            Mode::Fexit => "fexit: every verdict, one fexit program per packet; --cold for none",
-            Mode::Cold => "cold: no per-packet probe; --exact adds the nf_conntrack_in kprobe pair",
-            Mode::KprobePair => "kprobe pair",
-        },
-        plan.window
+        "\nattach plan for this kernel, default mode {} (window reasons from {:?}); --exact \
+         adds {}",
+        plan.mode.name(),
+        plan.window,
+        match plan.fexit {
+            FexitProbe::Loads(_) => "fexit on nf_conntrack_in",
+            _ => "a kprobe pair on nf_conntrack_in",
+        }
     )?;
     for a in &plan.attach {
         writeln!(

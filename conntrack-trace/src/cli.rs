@@ -66,19 +66,15 @@ pub struct Cli {
     /// Bytes of each packet (from the IP header) kept in the pcapng file.
     #[arg(long, default_value_t = conntrack_trace_common::SNAP_LEN as u16, value_parser = clap::value_parser!(u16).range(20..=conntrack_trace_common::SNAP_LEN as i64))]
     pub snaplen: u16,
-    /// See every verdict even where fexit cannot attach to nf_conntrack_in (no module BTF,
-    /// e.g. Linux 5.10), with a kprobe pair on every packet (measurable cost, BENCHMARKS.md).
-    /// Where fexit attaches, the default already sees every verdict.
-    #[arg(long, conflicts_with = "cold")]
-    pub exact: bool,
-    /// No probe on the per-packet path at all: report only what the kernel logs as invalid
-    /// (and table-full drops by namespace), missing INVALIDs it does not log.
+    /// See every verdict, including INVALIDs the kernel does not log and the packet of each
+    /// table-full drop, with a probe on nf_conntrack_in for every packet: fexit where it
+    /// loads (module BTF, Linux 5.11+), else a kprobe pair (measured cost: BENCHMARKS.md).
+    /// Without it no probe runs per packet: only what the kernel logs is reported.
     #[arg(long)]
-    pub cold: bool,
+    pub exact: bool,
     /// Which probe decides each packet's verdict, failing where it cannot attach: fexit,
-    /// kprobe-pair, or none (as --cold). Default: fexit where it loads, else none (with
-    /// --exact: kprobe-pair). For comparing their cost and output on one kernel.
-    #[arg(long, value_name = "PROBE", conflicts_with_all = ["exact", "cold"])]
+    /// kprobe-pair, or none (the default). For comparing their cost and output on one kernel.
+    #[arg(long, value_name = "PROBE", conflicts_with = "exact")]
     pub verdict_probe: Option<VerdictProbe>,
     /// Also save the raw events to this file, for `conntrack-trace replay`.
     #[arg(long, value_name = "FILE")]
@@ -181,7 +177,7 @@ mod tests {
         generate_docs(&dir).unwrap();
         let read = |p: &str| fs::read_to_string(dir.join(p)).unwrap();
         let man = read("man/conntrack-trace.1");
-        for flag in ["verdict\\-probe", "cold", "exact", "ring\\-size"] {
+        for flag in ["verdict\\-probe", "exact", "ring\\-size"] {
             assert!(man.contains(flag), "man page lacks --{flag}");
         }
         for sub in ["check", "stats", "replay"] {

@@ -107,13 +107,13 @@ impl Mode {
 /// The mode the user asked for on the command line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Want {
-    /// Complete where fexit attaches, cold otherwise.
+    /// No per-packet probe. fexit does not meet the bar for the default: under TCG its
+    /// program time per packet is 0.14 of the kprobe pair's, not under a tenth
+    /// (BENCHMARKS.md); this is the one place that would change if it did.
     #[default]
     Default,
-    /// Complete at any cost: the kprobe pair where fexit does not attach (`--exact`).
+    /// Every verdict (`--exact`): fexit where it loads, else the kprobe pair.
     Exact,
-    /// No per-packet probe at all (`--cold`).
-    Cold,
     /// This verdict probe or none (`--verdict-probe`), failing where it cannot attach.
     Force(Mode),
 }
@@ -236,17 +236,15 @@ impl Plan {
                 target: target.to_string(),
             })
         };
-        // nf_conntrack_in runs for every packet: fexit costs about a function call there and
-        // is the default wherever it loads; the kprobe pair costs several times more and is
-        // only used when asked for.
+        // nf_conntrack_in runs for every packet: a probe there is used only when asked for,
+        // fexit where it loads (the cheaper by far), else the kprobe pair.
         let why_not = fexit.why_not().unwrap_or_default();
         let mode = match (want, &fexit) {
             (Want::Force(Mode::Fexit), FexitProbe::Unavailable(_) | FexitProbe::Rejected(_)) => {
                 bail!("fexit on nf_conntrack_in does not load here: {why_not}")
             }
             (Want::Force(mode), _) => mode,
-            (Want::Cold, _) => Mode::Cold,
-            (_, FexitProbe::Loads(_)) => Mode::Fexit,
+            (Want::Exact, FexitProbe::Loads(_)) => Mode::Fexit,
             (Want::Exact, _) => Mode::KprobePair,
             (Want::Default, _) => Mode::Cold,
         };
@@ -266,9 +264,10 @@ impl Plan {
                 add("nf_conntrack_in_ret", Flavor::KRetProbe, ct_in);
             }
             (Mode::Cold, FexitProbe::Loads(_)) => notes.push(
-                "no per-packet probe (asked for): INVALIDs the kernel does not log (ICMP errors \
-                 matching nothing, an RST with no entry before 6.8) are not reported, and \
-                 table-full drops name only their namespace"
+                "no per-packet probe: packets are reported when the kernel logs a reason; \
+                 INVALIDs it does not log (ICMP errors matching nothing, an RST with no entry \
+                 before 6.8) need --exact, which adds fexit on nf_conntrack_in here; table-full \
+                 drops name only their namespace"
                     .into(),
             ),
             (Mode::Cold, _) => notes.push(format!(
@@ -531,12 +530,11 @@ mod tests {
         };
         let refused = FexitProbe::Unavailable("EPERM".into());
         let cases = [
-            (FexitProbe::Loads(f), Want::Default, Mode::Fexit),
+            (FexitProbe::Loads(f), Want::Default, Mode::Cold),
             (FexitProbe::Loads(f), Want::Exact, Mode::Fexit),
-            (FexitProbe::Loads(f), Want::Cold, Mode::Cold),
+            (FexitProbe::Loads(f), Want::Force(Mode::Fexit), Mode::Fexit),
             (refused.clone(), Want::Default, Mode::Cold),
             (refused.clone(), Want::Exact, Mode::KprobePair),
-            (refused.clone(), Want::Cold, Mode::Cold),
             (
                 FexitProbe::Loads(f),
                 Want::Force(Mode::KprobePair),

@@ -45,7 +45,7 @@ impl Kernel {
     }
 
     /// Whether fexit can attach to `nf_conntrack_in`: its BTF is there (module BTF, or
-    /// conntrack built into vmlinux). The tracer's default mode is then complete.
+    /// conntrack built into vmlinux). `--exact` then uses fexit instead of the kprobe pair.
     pub fn fexit_attaches(&self) -> bool {
         self.conntrack_btf
     }

@@ -30,21 +30,20 @@ pub struct Ctx {
 }
 
 /// The tracer's modes the suite runs every scenario in: the default (what a user gets with
-/// no flag), and each verdict probe forced.
+/// no flag: no per-packet probe), `--exact` (fexit where it loads, else the kprobe pair),
+/// and the kprobe pair forced where `--exact` picks fexit, so every verdict probe is tested.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Default,
+    Exact,
     KprobePair,
-    Cold,
 }
 
 impl Mode {
-    /// The modes this kernel supports besides the default: the kprobe pair everywhere, cold
-    /// where the default is not already cold.
     pub fn all(kernel: &Kernel) -> Vec<Mode> {
-        let mut modes = vec![Mode::Default, Mode::KprobePair];
+        let mut modes = vec![Mode::Default, Mode::Exact];
         if kernel.fexit_attaches() {
-            modes.push(Mode::Cold);
+            modes.push(Mode::KprobePair);
         }
         modes
     }
@@ -52,8 +51,8 @@ impl Mode {
     fn args(self) -> &'static [&'static str] {
         match self {
             Mode::Default => &[],
+            Mode::Exact => &["--exact"],
             Mode::KprobePair => &["--verdict-probe", "kprobe-pair"],
-            Mode::Cold => &["--cold"],
         }
     }
 
@@ -61,8 +60,8 @@ impl Mode {
     pub fn suffix(self) -> &'static str {
         match self {
             Mode::Default => "",
+            Mode::Exact => "+exact",
             Mode::KprobePair => "+kprobe-pair",
-            Mode::Cold => "+cold",
         }
     }
 }
@@ -77,22 +76,18 @@ impl Ctx {
         })
     }
 
-    /// Whether the tracer sees every verdict in this pass: a verdict probe, forced or by
-    /// default where fexit attaches (the kernel has nf_conntrack's BTF).
+    /// Whether the tracer sees every verdict in this pass (a verdict probe runs).
     pub fn complete(&self) -> bool {
-        match self.mode {
-            Mode::Default => self.kernel.fexit_attaches(),
-            Mode::KprobePair => true,
-            Mode::Cold => false,
-        }
+        self.mode != Mode::Default
     }
 
-    /// The summary's `mode` this pass must produce.
+    /// The summary's `mode` this pass must produce: `--exact` takes fexit wherever the
+    /// kernel has nf_conntrack's BTF.
     pub fn expected_mode(&self) -> &'static str {
         match self.mode {
-            Mode::KprobePair => "kprobe pair",
-            _ if self.complete() => "fexit",
-            _ => "cold",
+            Mode::Default => "cold",
+            Mode::Exact if self.kernel.fexit_attaches() => "fexit",
+            Mode::Exact | Mode::KprobePair => "kprobe pair",
         }
     }
 }

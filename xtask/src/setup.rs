@@ -284,20 +284,34 @@ fn apt_packages() -> Result<()> {
             missing.join(" ")
         );
     }
+    // The emulator comes from where the machine's qemu-utils came from, in a transaction of
+    // its own so that nothing else is taken from there.
+    let (qemu, rest): (Vec<&str>, Vec<&str>) =
+        missing.iter().partition(|p| **p == "qemu-system-x86");
+    let release = if qemu.is_empty() {
+        None
+    } else {
+        qemu_release()?
+    };
+    for (packages, release) in [(qemu, release.as_deref()), (rest, None)] {
+        if !packages.is_empty() {
+            apt_install(&packages, release)?;
+        }
+    }
+    Ok(())
+}
+
+/// `apt-get install` of `packages`, from `release` (`-t`) when given.
+fn apt_install(packages: &[&str], release: Option<&str>) -> Result<()> {
     // Set-up never removes a package the machine has: --no-remove makes apt-get refuse, and
     // a dry run beforehand names what would have gone.
     let install = |dry_run: bool| {
-        let mut cmd = Command::new("apt-get");
-        cmd.env("DEBIAN_FRONTEND", "noninteractive").args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "--no-remove",
-        ]);
+        let mut cmd = apt_get_install(release);
+        cmd.arg("--no-remove");
         if dry_run {
             cmd.arg("--simulate");
         }
-        cmd.args(&missing);
+        cmd.args(packages);
         cmd
     };
     // Only refresh the package lists when the install cannot proceed without it.
@@ -305,15 +319,63 @@ fn apt_packages() -> Result<()> {
         println!("setup: apt-get cannot install them as the lists stand; running apt-get update");
         run_cmd(Command::new("apt-get").arg("update"))?;
     }
-    refuse_removals(&missing)?;
+    refuse_removals(packages, release)?;
     run_cmd(&mut install(false))
 }
 
+fn apt_get_install(release: Option<&str>) -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "--no-install-recommends"]);
+    if let Some(r) = release {
+        cmd.args(["-t", r]);
+    }
+    cmd
+}
+
+/// QEMU's system emulator must come at the version of the machine's `qemu-utils`, or apt
+/// replaces one with the other. A machine that carries qemu-utils from backports gets the
+/// emulator from there too: the backports source is added (at backports' default priority,
+/// so nothing is taken from it unless asked) and its name returned. None when the
+/// distribution's own version will do.
+fn qemu_release() -> Result<Option<String>> {
+    if !dpkg_installed("qemu-utils") {
+        return Ok(None);
+    }
+    let version = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", "qemu-utils"])
+        .output()
+        .context("cannot run dpkg-query")?;
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+    if !version.contains("~bpo") {
+        return Ok(None);
+    }
+    let codename = fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(str::to_string))
+        .context("no VERSION_CODENAME in /etc/os-release")?;
+    let release = format!("{codename}-backports");
+    let list = Path::new("/etc/apt/sources.list.d/conntrack-trace-backports.list");
+    let line = format!(
+        "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian {release} main\n"
+    );
+    if fs::read_to_string(list).ok().as_deref() != Some(line.as_str()) {
+        println!(
+            "setup: qemu-utils {version} is from {release}: adding that source ({}) for \
+             qemu-system-x86 of the same version",
+            list.display()
+        );
+        fs::write(list, &line).with_context(|| format!("cannot write {}", list.display()))?;
+        run_cmd(Command::new("apt-get").arg("update"))?;
+    }
+    Ok(Some(release))
+}
+
 /// Fails naming the installed packages that installing `packages` would remove.
-fn refuse_removals(packages: &[&str]) -> Result<()> {
-    let out = Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "--simulate", "-y", "--no-install-recommends"])
+fn refuse_removals(packages: &[&str], release: Option<&str>) -> Result<()> {
+    let out = apt_get_install(release)
+        .arg("--simulate")
         .args(packages)
         .output()
         .context("cannot run apt-get")?;
