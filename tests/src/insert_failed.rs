@@ -1,4 +1,4 @@
-//! A clash at confirm that cannot be resolved (`insert_failed`, issue 5): two SYNs of one new
+//! A clash at confirm that cannot be resolved (`insert_failed`): two SYNs of one new
 //! TCP flow each get an unconfirmed entry at LOCAL_OUT. NFQUEUE holds the first between its
 //! entry's creation and confirm (POST_ROUTING) while the second is confirmed, so when the
 //! first is let go its tuple is taken. From 6.12, TCP allowing no clash, `nf_ct_resolve_clash`

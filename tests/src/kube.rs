@@ -1,4 +1,4 @@
-//! The kube-proxy incident (issue 5, item 4), end to end on a node that routes and DNATs:
+//! The kube-proxy incident, end to end on a node that routes and DNATs:
 //!
 //! ```text
 //!  client 10.0.0.1 --> node (wire netns: nat PREROUTING DNAT 10.96.0.10:80 -> 10.0.1.2:8080) --> backend 10.0.1.2

@@ -1,4 +1,4 @@
-//! The VM suite's scenarios (issue 4, item 3). Each builds its own namespaces, does its
+//! The VM suite's scenarios. Each builds its own namespaces, does its
 //! traffic, and returns Err with a one-line reason when anything disagrees.
 
 use std::net::SocketAddrV4;

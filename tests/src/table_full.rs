@@ -1,4 +1,4 @@
-//! A full conntrack table (issue 5, item 4): the node's table holds only its established
+//! A full conntrack table: the node's table holds only its established
 //! connections, so every new flow's first packet is dropped by `nf_conntrack_in`
 //! ("nf_conntrack: table full, dropping packet", `drop` counter). With a verdict probe each
 //! drop is attributed to its packet; in cold mode `early_drop` names only the namespace.

@@ -1,4 +1,4 @@
-//! `ct-scenarios bench` (issue 7): measurements, not tests. `cargo xtask bench` boots a
+//! `ct-scenarios bench`: measurements, not tests. `cargo xtask bench` boots a
 //! kernel with `ct.mode=bench`, collects the `CT-BENCH <json>` records printed here and
 //! renders them into BENCHMARKS.md; `CT-RESULT` lines say whether each phase ran (and, for
 //! the flood, whether the tracer accounted for every packet), then `CT-DONE`.
