@@ -108,7 +108,7 @@ impl Mode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Want {
     /// No per-packet probe. fexit does not meet the bar for the default: under TCG its
-    /// program time per packet is 0.14 of the kprobe pair's, not under a tenth
+    /// program time per packet is 0.31-0.39 of the kprobe pair's, not under a tenth
     /// (BENCHMARKS.md); this is the one place that would change if it did.
     #[default]
     Default,

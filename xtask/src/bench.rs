@@ -143,11 +143,7 @@ fn cost_table(s: &mut String, cost: &[&Value], tput: &[&Value]) -> Result<BTreeM
         )?;
         per_skb.insert(mode.to_string(), total as f64 / n as f64);
     }
-    writeln!(
-        s,
-        "\n`run_time_ns` times the program body only: the kprobe/kretprobe entry and the fexit \
-         trampoline are not in it and show in the throughput table instead.\n"
-    )?;
+    writeln!(s)?;
     Ok(per_skb)
 }
 
