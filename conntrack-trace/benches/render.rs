@@ -8,7 +8,7 @@ use std::{fs, hint::black_box, io, path::Path};
 use conntrack_trace::{
     events::Events,
     hints::{Hints, Node},
-    output::{Output, json::Json, text::Text},
+    output::{Loss, Output, json::Json, text::Text},
     record,
     reset::{Incident, Reset},
     summary::Summary,
@@ -90,7 +90,7 @@ impl Output for Discard {
         black_box(r);
         Ok(())
     }
-    fn lost(&mut self, _: u64) -> io::Result<()> {
+    fn lost(&mut self, _: u64, _: Loss) -> io::Result<()> {
         Ok(())
     }
     fn reset(&mut self, r: &Reset) -> io::Result<()> {

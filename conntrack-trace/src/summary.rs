@@ -74,7 +74,7 @@ impl Summary {
         } else if self.mode == Some(Mode::Cold) {
             format!(
                 "the kernel counted {missed} more INVALID packets than it logged a reason for; \
-                 without --cold (or with --exact where fexit does not load) they are reported too"
+                 run with --exact to see those too"
             )
         } else {
             format!(
@@ -133,7 +133,9 @@ impl Summary {
                         };
                         format!("{} {s}:{sp} > {d}:{dp}", pkt.proto_name())
                     }
-                    None => "(unparsed)".into(),
+                    // No addresses: headers that did not parse, or no packet at all (a
+                    // table-full drop seen without a verdict probe).
+                    None => "(no addresses)".into(),
                 };
                 (name, c)
             })
