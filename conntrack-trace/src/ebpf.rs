@@ -89,7 +89,7 @@ pub fn probe_fexit(func: BtfFunc, offsets: &Offsets) -> FexitProbe {
 #[cfg(test)]
 mod tests {
     use aya::programs::KProbe;
-    use conntrack_trace_common::{filter::Filter, offsets::Offsets};
+    use conntrack_trace_common::filter::Filter;
 
     use crate::{
         filter,

@@ -105,7 +105,7 @@ fn peak_rss_kib() -> Option<u64> {
 fn recursion_misses(bpf: &Ebpf) -> u64 {
     bpf.programs()
         .filter_map(|(_, p)| p.fd().ok())
-        .filter_map(|fd| program_recursion_misses(&fd))
+        .filter_map(program_recursion_misses)
         .sum()
 }
 
@@ -116,28 +116,6 @@ fn program_recursion_misses(fd: &aya::programs::ProgramFd) -> Option<u64> {
     info.lines()
         .find_map(|l| l.strip_prefix("recursion_misses:"))
         .and_then(|v| v.trim().parse().ok())
-}
-
-#[cfg(test)]
-mod tests {
-    use aya::programs::KProbe;
-    use conntrack_trace_common::filter::Filter;
-
-    use crate::{
-        ebpf,
-        plan::{Plan, Want},
-    };
-
-    /// The kernel's skip counter is found in a loaded program's fdinfo (5.12+; this host).
-    #[test]
-    fn recursion_misses_are_read_from_fdinfo() {
-        let (plan, _) = Plan::for_running_kernel(Want::Exact).unwrap();
-        let mut bpf = ebpf::open(&plan, 1 << 16, &Filter::any()).unwrap();
-        let p: &mut KProbe = bpf.program_mut("early_drop").unwrap().try_into().unwrap();
-        p.load().unwrap();
-        assert_eq!(super::program_recursion_misses(p.fd().unwrap()), Some(0));
-        assert_eq!(super::recursion_misses(&bpf), 0);
-    }
 }
 
 fn stat_total(stats: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
@@ -309,5 +287,27 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     match out.summary(&summary).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("writing the summary"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::programs::KProbe;
+    use conntrack_trace_common::filter::Filter;
+
+    use crate::{
+        ebpf,
+        plan::{Plan, Want},
+    };
+
+    /// The kernel's skip counter is found in a loaded program's fdinfo (5.12+; this host).
+    #[test]
+    fn recursion_misses_are_read_from_fdinfo() {
+        let (plan, _) = Plan::for_running_kernel(Want::Exact).unwrap();
+        let mut bpf = ebpf::open(&plan, 1 << 16, &Filter::any()).unwrap();
+        let p: &mut KProbe = bpf.program_mut("early_drop").unwrap().try_into().unwrap();
+        p.load().unwrap();
+        assert_eq!(super::program_recursion_misses(p.fd().unwrap()), Some(0));
+        assert_eq!(super::recursion_misses(&bpf), 0);
     }
 }
