@@ -238,7 +238,11 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
             _ = sleep => break 'run,
         }
     }
-    // Detach first (dropping the programs), then take what is still in the ring.
+    // The kernel's counters are read while the probes are still attached (as they were at
+    // the start): every packet they count was traced, so a busy node cannot show a gap that
+    // is only the moment between detaching and reading. Then detach (dropping the programs)
+    // and take what is still in the ring.
+    let ns_after = counters::all_namespaces();
     let skipped = recursion_misses(&bpf);
     drop(bpf);
     match stop {
@@ -274,7 +278,6 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     summary.seconds = started.elapsed().as_secs_f64();
     summary.startup_ms = Some((startup.0.as_secs_f64() * 1e3, startup.1.as_secs_f64() * 1e3));
     summary.peak_rss_kib = peak_rss_kib();
-    let ns_after = counters::all_namespaces();
     summary.namespaces = ns_after
         .keys()
         .filter(|k| ns_before.contains_key(k))
