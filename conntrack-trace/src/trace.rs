@@ -37,7 +37,7 @@ pub struct Options {
     pub verbose: bool,
     /// Print RSTs that no INVALID packet explains (linked ones always print as incidents).
     pub resets: bool,
-    /// Which verdict probe to use (`--exact`, `--cold`, or the default).
+    /// Which verdict probe to use (`--exact`, `--verdict-probe`, or the default).
     pub want: Want,
     /// Also append every raw record to this file (`replay` reads it back).
     pub record: Option<std::path::PathBuf>,
@@ -118,6 +118,24 @@ fn program_recursion_misses(fd: &aya::programs::ProgramFd) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Writes a `lost` line for each cause (ring full, skipped runs) that grew since `reported`,
+/// which it updates; true when it wrote any.
+fn report_losses(out: &mut dyn Output, reported: &mut [u64; 2], now: [u64; 2]) -> io::Result<bool> {
+    let mut wrote = false;
+    for ((told, now), cause) in reported
+        .iter_mut()
+        .zip(now)
+        .zip([Loss::RingFull, Loss::Recursion])
+    {
+        if now > *told {
+            out.lost(now - *told, cause)?;
+            *told = now;
+            wrote = true;
+        }
+    }
+    Ok(wrote)
+}
+
 fn stat_total(stats: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
     stats.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
@@ -178,8 +196,8 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let clock = Clock::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut reported_lost = 0u64;
-    let mut reported_skipped = 0u64;
+    // What the stream has been told so far: ring-full losses, skipped program runs.
+    let mut reported = [0u64; 2];
 
     let mut recorder = opts
         .record
@@ -216,21 +234,11 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                let lost = stat_total(&stats, stat::LOST);
-                if lost > reported_lost {
-                    if out.lost(lost - reported_lost, Loss::RingFull).and_then(|()| out.flush()).is_err() {
-                        stop = Some(Stop::Closed);
-                        break 'run;
-                    }
-                    reported_lost = lost;
-                }
-                let skipped = recursion_misses(&bpf);
-                if skipped > reported_skipped {
-                    if out.lost(skipped - reported_skipped, Loss::Recursion).and_then(|()| out.flush()).is_err() {
-                        stop = Some(Stop::Closed);
-                        break 'run;
-                    }
-                    reported_skipped = skipped;
+                let now = [stat_total(&stats, stat::LOST), recursion_misses(&bpf)];
+                let told = report_losses(out, &mut reported, now);
+                if told.and_then(|wrote| if wrote { out.flush() } else { Ok(()) }).is_err() {
+                    stop = Some(Stop::Closed);
+                    break 'run;
                 }
             }
             _ = sigint.recv() => break 'run,
@@ -264,12 +272,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     }
     let mut summary = events.summary;
     let lost = stat_total(&stats, stat::LOST);
-    if lost > reported_lost {
-        let _ = out.lost(lost - reported_lost, Loss::RingFull);
-    }
-    if skipped > reported_skipped {
-        let _ = out.lost(skipped - reported_skipped, Loss::Recursion);
-    }
+    let _ = report_losses(out, &mut reported, [lost, skipped]);
     summary.recursion_misses = skipped;
     let _ = flush(out, recorder.as_mut());
     summary.lost = lost;
