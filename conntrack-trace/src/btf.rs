@@ -50,6 +50,8 @@ fn mapped_copy(path: &Path) -> btf_rs::Result<Btf> {
 /// or a module's) and its type id there. fentry/fexit programs name both at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BtfFunc {
+    /// The object's name: "vmlinux" or the module's.
+    pub object: &'static str,
     pub object_id: u32,
     pub type_id: u32,
 }
@@ -57,14 +59,19 @@ pub struct BtfFunc {
 impl BtfFunc {
     /// A file descriptor for the BTF object, as `BPF_PROG_LOAD` wants it.
     pub fn object_fd(&self) -> std::io::Result<OwnedFd> {
-        let mut attr = IdAttr {
-            id: self.object_id,
-            ..Default::default()
-        };
-        let fd = bpf(BPF_BTF_GET_FD_BY_ID, &mut attr)?;
-        // SAFETY: the kernel returned a new fd that nobody else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        object_fd(self.object_id)
     }
+}
+
+/// A file descriptor for the kernel BTF object with this id.
+fn object_fd(id: u32) -> std::io::Result<OwnedFd> {
+    let mut attr = IdAttr {
+        id,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_BTF_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 // bpf(2) commands (uapi `enum bpf_cmd`; libc does not carry them).
@@ -130,12 +137,8 @@ pub fn kernel_object_id(name: &str) -> std::io::Result<Option<u32>> {
             Err(e) => return Err(e),
         }
         attr.id = attr.next_id;
-        let probe = BtfFunc {
-            object_id: attr.id,
-            type_id: 0,
-        };
         // An object can go away between the two calls (a program's BTF, an unloaded module).
-        let Ok(fd) = probe.object_fd() else { continue };
+        let Ok(fd) = object_fd(attr.id) else { continue };
         let mut buf = [0u8; 64];
         let mut info = BtfInfo {
             name: buf.as_mut_ptr() as u64,

@@ -95,12 +95,7 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
         match &plan.fexit {
             FexitProbe::Loads(f) => format!(
                 "loads (type id {} in BTF object {} {})",
-                f.type_id,
-                f.object_id,
-                match btf.conntrack_source {
-                    crate::btf::ConntrackBtf::Module(_) => "nf_conntrack",
-                    _ => "vmlinux",
-                }
+                f.type_id, f.object_id, f.object
             ),
             FexitProbe::Unavailable(why) => format!("UNAVAILABLE: {why}"),
             FexitProbe::Rejected(_) => "REJECTED by the verifier (log below)".into(),

@@ -97,11 +97,6 @@ impl Mode {
             Mode::Cold => "cold",
         }
     }
-
-    /// Whether every verdict is observed (INVALIDs the kernel does not log included).
-    pub fn complete(self) -> bool {
-        self != Mode::Cold
-    }
 }
 
 /// The mode the user asked for on the command line.
@@ -146,7 +141,12 @@ impl FexitProbe {
                 return Self::Unavailable(format!("listing the kernel's BTF objects: {e}"));
             }
         };
-        ebpf::probe_fexit(BtfFunc { object_id, type_id }, offsets)
+        let func = BtfFunc {
+            object,
+            object_id,
+            type_id,
+        };
+        ebpf::probe_fexit(func, offsets)
     }
 
     /// Why fexit is not used, if it is not.
@@ -525,6 +525,7 @@ mod tests {
             KERNEL_FUNCTIONS,
         );
         let f = BtfFunc {
+            object: "nf_conntrack",
             object_id: 7,
             type_id: 90000,
         };
@@ -571,7 +572,6 @@ mod tests {
                 .filter(|a| a.target == "early_drop")
                 .count();
             assert_eq!(ed, if mode == Mode::Cold { 2 } else { 1 });
-            assert_eq!(mode.complete(), mode != Mode::Cold);
         }
         let err = Plan::new(
             "6.12.0",
