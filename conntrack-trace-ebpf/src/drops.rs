@@ -47,8 +47,11 @@ pub fn early_drop_ret(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     let Some(frames) = frames() else { return 0 };
-    if mode() != conntrack_trace_common::mode::COLD {
-        if frames.drop_reason == 0 {
+    let mode = mode();
+    if mode != conntrack_trace_common::mode::COLD {
+        // Only fexit reads the pending count (the kprobe pair's return takes the reason
+        // without it).
+        if mode == conntrack_trace_common::mode::FEXIT && frames.drop_reason == 0 {
             pending_add(1);
         }
         frames.drop_reason = reason::TABLE_FULL;
