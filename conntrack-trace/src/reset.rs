@@ -320,8 +320,13 @@ mod tests {
         c.invalid(&Rc::new(invalid(110, seg(9000, 77))));
         let i = c.reset(&rst(200, seg(5000, 77))).expect("linked");
         assert_eq!(i.invalid.ts_ns, 100);
-        assert!(c.reset(&rst(210, seg(1234, 77))).is_none(), "no segment had seq 1234");
-        let later = c.reset(&rst(220, seg(9000, 77))).expect("the second links too");
+        assert!(
+            c.reset(&rst(210, seg(1234, 77))).is_none(),
+            "no segment had seq 1234"
+        );
+        let later = c
+            .reset(&rst(220, seg(9000, 77)))
+            .expect("the second links too");
         assert_eq!(later.invalid.ts_ns, 110);
     }
 

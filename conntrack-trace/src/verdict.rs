@@ -518,7 +518,9 @@ mod tests {
             0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 1, 2,
         ];
         p.extend_from_slice(&[3, 3, 0, 0, 0, 0, 0, 0]); // type 3 code 3
-        p.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 1, 2, 10, 0, 0, 1]);
+        p.extend_from_slice(&[
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 1, 2, 10, 0, 0, 1,
+        ]);
         p.extend_from_slice(&[0x14, 0xe9, 0x17, 0x70, 0, 8, 0, 0]);
         let now = SystemTime::UNIX_EPOCH;
         let pkt = Packet::parse(&captured(&p), p.len() as u32);
