@@ -1,7 +1,8 @@
 //! Per-packet kernel cost and throughput: one steady bulk TCP transfer from the backend to
 //! the client through the Service DNAT runs for the whole phase, and measurement windows are
-//! taken with the tracer off and with each verdict probe (none, fexit, the kprobe pair), in
-//! rounds that interleave them so drift (TCG, caches) hits them alike.
+//! taken with the tracer off, with each verdict probe (none, fexit, the kprobe pair) and with
+//! empty programs where fexit and the kprobe pair attach (the `bpf_stats` floor of each hook),
+//! in rounds that interleave them so drift (TCG, caches) hits them alike.
 //!
 //! For every program the tracer holds, the window's `run_time_ns`/`run_cnt` growth is
 //! recorded; the number of skbs conntrack saw is the client veth's rx + tx packet count
@@ -9,6 +10,7 @@
 //! a "packet" here is an skb of up to 64 KiB, which is also what `nf_conntrack_in` is called
 //! for.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -20,7 +22,9 @@ use anyhow::{Context, Result, ensure};
 use serde_json::json;
 
 use super::counting::CountingTracer;
-use super::{progs, record};
+use super::floor::Floor;
+use super::progs::{self, Prog};
+use super::record;
 use crate::topology::{CLIENT_IF, Topology, WEB};
 
 /// Round-to-round noise under TCG is tens of percent (TCP's own dynamics on two emulated
@@ -32,16 +36,31 @@ const SETTLE: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 const CHUNK: usize = 256 * 1024;
 
-/// The tracer configurations, by the label the report uses and the arguments they take;
-/// fexit only where nf_conntrack has module BTF (or is built in).
-pub fn modes(fexit: bool) -> Vec<(&'static str, Option<&'static [&'static str]>)> {
-    let mut modes: Vec<(&str, Option<&[&str]>)> = vec![
-        ("off", None),
-        ("cold", Some(&["--verdict-probe", "none"])),
-        ("fexit", Some(&["--verdict-probe", "fexit"])),
-        ("kprobe pair", Some(&["--verdict-probe", "kprobe-pair"])),
+/// What runs in a measurement window.
+#[derive(Clone, Copy)]
+pub enum Setup {
+    Off,
+    /// The tracer with these arguments.
+    Tracer(&'static [&'static str]),
+    /// Empty programs where a verdict probe attaches: the `bpf_stats` floor of that hook.
+    Empty(fn() -> Result<Floor>),
+}
+
+/// The configurations, by the label the report uses; fexit only where nf_conntrack has
+/// module BTF (or is built in).
+pub fn modes(fexit: bool) -> Vec<(&'static str, Setup)> {
+    let mut modes = vec![
+        ("off", Setup::Off),
+        ("cold", Setup::Tracer(&["--verdict-probe", "none"])),
+        ("fexit", Setup::Tracer(&["--verdict-probe", "fexit"])),
+        ("empty fexit", Setup::Empty(Floor::fexit)),
+        (
+            "kprobe pair",
+            Setup::Tracer(&["--verdict-probe", "kprobe-pair"]),
+        ),
+        ("empty kprobe pair", Setup::Empty(Floor::kprobe_pair)),
     ];
-    modes.retain(|(m, _)| fexit || *m != "fexit");
+    modes.retain(|(m, _)| fexit || !m.contains("fexit"));
     modes
 }
 
@@ -49,8 +68,8 @@ pub fn run(topo: &Topology, fexit: bool) -> Result<()> {
     let bulk = Bulk::start(topo)?;
     let measured = (|| -> Result<()> {
         for round in 1..=ROUNDS {
-            for (mode, args) in modes(fexit) {
-                window(topo, &bulk, round, mode, args)?;
+            for (mode, setup) in modes(fexit) {
+                window(topo, &bulk, round, mode, setup)?;
             }
         }
         Ok(())
@@ -60,33 +79,58 @@ pub fn run(topo: &Topology, fexit: bool) -> Result<()> {
     ended
 }
 
+/// What a window holds attached, and how its programs' totals are read.
+enum Running {
+    Off,
+    Tracer(CountingTracer, HashMap<String, String>),
+    Empty(Floor),
+}
+
+impl Running {
+    fn start(setup: Setup) -> Result<Running> {
+        Ok(match setup {
+            Setup::Off => Running::Off,
+            Setup::Tracer(args) => {
+                let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+                let tracer = CountingTracer::start(&args)?;
+                Running::Tracer(tracer, progs::names()?)
+            }
+            Setup::Empty(attach) => Running::Empty(attach()?),
+        })
+    }
+
+    /// Every program's totals by id, and each id's name.
+    fn snapshot(&self) -> Result<(HashMap<u32, Prog>, HashMap<u32, String>)> {
+        match self {
+            Running::Off => Ok(Default::default()),
+            Running::Tracer(t, by_tag) => {
+                let totals = progs::snapshot(t.pid())?;
+                let names = totals
+                    .values()
+                    .filter_map(|p| Some((p.id, by_tag.get(&p.tag)?.clone())))
+                    .collect();
+                Ok((totals, names))
+            }
+            Running::Empty(floor) => floor.snapshot(),
+        }
+    }
+
+    fn stop(self) -> Result<()> {
+        if let Running::Tracer(t, _) = self {
+            t.stop()?;
+        }
+        Ok(())
+    }
+}
+
 /// One measurement window in one mode.
-fn window(
-    topo: &Topology,
-    bulk: &Bulk,
-    round: usize,
-    mode: &str,
-    args: Option<&[&str]>,
-) -> Result<()> {
-    let tracer = args
-        .map(|a| CountingTracer::start(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>()))
-        .transpose()
-        .with_context(|| format!("tracer in {mode} mode"))?;
+fn window(topo: &Topology, bulk: &Bulk, round: usize, mode: &str, setup: Setup) -> Result<()> {
+    let running = Running::start(setup).with_context(|| format!("{mode} mode"))?;
     std::thread::sleep(SETTLE);
-    let names = match &tracer {
-        Some(_) => progs::names()?,
-        None => Default::default(),
-    };
-    let snapshot = |t: &Option<CountingTracer>| {
-        t.as_ref()
-            .map(|t| progs::snapshot(t.pid()))
-            .transpose()
-            .map(Option::unwrap_or_default)
-    };
-    let (progs0, skbs0, bytes0) = (snapshot(&tracer)?, skbs(topo)?, bulk.received());
+    let (progs0, skbs0, bytes0) = (running.snapshot()?.0, skbs(topo)?, bulk.received());
     let started = Instant::now();
     std::thread::sleep(WINDOW);
-    let (progs1, skbs1, bytes1) = (snapshot(&tracer)?, skbs(topo)?, bulk.received());
+    let ((progs1, names), skbs1, bytes1) = (running.snapshot()?, skbs(topo)?, bulk.received());
     let secs = started.elapsed().as_secs_f64();
     let (bytes, skbs) = (bytes1 - bytes0, skbs1 - skbs0);
     ensure!(
@@ -99,7 +143,7 @@ fn window(
     );
     record(json!({"kind": "throughput", "mode": mode, "round": round,
                   "bytes": bytes, "secs": secs, "skbs": skbs}));
-    for d in progs::delta(&progs0, &progs1, &names) {
+    for d in progs::delta(&progs0, &progs1, |p| names.get(&p.id).cloned()) {
         record(
             json!({"kind": "cost", "mode": mode, "round": round, "program": d.name,
                       "runs": d.run_cnt, "run_time_ns": d.run_time_ns, "skbs": skbs}),
@@ -107,10 +151,7 @@ fn window(
     }
     // Its start-up time competed with the transfer for both vCPUs: the idle phase
     // measures that instead.
-    if let Some(t) = tracer {
-        t.stop()?;
-    }
-    Ok(())
+    running.stop()
 }
 
 /// Packets through the client's veth in both directions, from its namespace's /proc/net/dev.

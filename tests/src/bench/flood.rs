@@ -143,7 +143,7 @@ fn flood(
         "log_read": log.read, "log_wrapped": log.wrapped,
         "tracer_cpu_s": cpu_s, "busy_s": busy_s, "caught_up_s": caught_up_s, "equal": equal,
     }));
-    for d in progs::delta(&progs0, &progs1, &names) {
+    for d in progs::delta(&progs0, &progs1, |p| names.get(&p.tag).cloned()) {
         record(
             json!({"kind": "flood_prog", "ring_bytes": ring, "program": d.name,
                       "runs": d.run_cnt, "run_time_ns": d.run_time_ns}),

@@ -7,13 +7,14 @@
 //! namespace):
 //! * `startup`: launch to attached and peak RSS on an idle guest, from the tracer's summary
 //!   (the flood's runs add theirs, with the peak RSS under load);
-//! * `cost`: per-program BPF run time under a bulk transfer, tracer off and with each verdict
-//!   probe (none, fexit, the kprobe pair);
+//! * `cost`: per-program BPF run time under a bulk transfer, tracer off, with each verdict
+//!   probe (none, fexit, the kprobe pair) and with empty programs at those probes' hooks;
 //! * `flood`: 100,000 out-of-window segments, events + losses against the kernel counter.
 
 mod cost;
 mod counting;
 mod flood;
+mod floor;
 mod klog;
 mod progs;
 
@@ -80,8 +81,10 @@ fn setup() -> Result<(Topology, bool)> {
 /// start while the transfer keeps both vCPUs busy).
 fn startup(fexit: bool) -> Result<()> {
     for _ in 0..3 {
-        for (mode, args) in cost::modes(fexit) {
-            let Some(args) = args else { continue };
+        for (mode, setup) in cost::modes(fexit) {
+            let cost::Setup::Tracer(args) = setup else {
+                continue;
+            };
             let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
             let summary = counting::CountingTracer::start(&args)?.stop()?;
             startup_record(mode, "idle", &summary);

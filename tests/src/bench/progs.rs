@@ -49,7 +49,7 @@ pub fn snapshot(pid: u32) -> Result<HashMap<u32, Prog>> {
     Ok(progs)
 }
 
-fn parse_fdinfo(text: &str) -> Option<Prog> {
+pub fn parse_fdinfo(text: &str) -> Option<Prog> {
     let field = |key: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
@@ -92,17 +92,14 @@ pub struct Delta {
 pub fn delta(
     before: &HashMap<u32, Prog>,
     after: &HashMap<u32, Prog>,
-    names: &HashMap<String, String>,
+    name: impl Fn(&Prog) -> Option<String>,
 ) -> Vec<Delta> {
     let mut out: Vec<Delta> = after
         .values()
         .map(|a| {
             let b = before.get(&a.id);
             Delta {
-                name: names
-                    .get(&a.tag)
-                    .cloned()
-                    .unwrap_or_else(|| format!("prog {} (tag {})", a.id, a.tag)),
+                name: name(a).unwrap_or_else(|| format!("prog {} (tag {})", a.id, a.tag)),
                 run_time_ns: a.run_time_ns - b.map_or(0, |b| b.run_time_ns),
                 run_cnt: a.run_cnt - b.map_or(0, |b| b.run_cnt),
             }
