@@ -173,7 +173,11 @@ mod tests {
             .collect();
         assert_eq!(
             host_paths,
-            BTreeSet::from(["/sys/kernel/btf", "/sys/kernel/tracing", "/sys/kernel/debug"])
+            BTreeSet::from([
+                "/sys/kernel/btf",
+                "/sys/kernel/tracing",
+                "/sys/kernel/debug"
+            ])
         );
     }
 

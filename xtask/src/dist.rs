@@ -227,7 +227,10 @@ pub fn test(release: &Release) -> Result<()> {
                   echo \"${COMPREPLY[*]}\"";
     let words = run_output(Command::new("bash").current_dir(&dir).args(["-c", script]))?;
     if words.trim() != "stats" {
-        bail!("bash completion of `conntrack-trace st` offers {:?}, not stats", words.trim());
+        bail!(
+            "bash completion of `conntrack-trace st` offers {:?}, not stats",
+            words.trim()
+        );
     }
     let tracer = dir.join("conntrack-trace");
     ensure_no_interpreter(&tracer)?;
