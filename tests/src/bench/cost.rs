@@ -54,6 +54,7 @@ pub fn modes(fexit: bool) -> Vec<(&'static str, Setup)> {
         ("cold", Setup::Tracer(&["--verdict-probe", "none"])),
         ("fexit", Setup::Tracer(&["--verdict-probe", "fexit"])),
         ("empty fexit", Setup::Empty(Floor::fexit)),
+        ("fexit reading skb->_nfct", Setup::Empty(Floor::fexit_nfct)),
         (
             "kprobe pair",
             Setup::Tracer(&["--verdict-probe", "kprobe-pair"]),

@@ -27,7 +27,29 @@ pub struct Floor {
 impl Floor {
     /// An empty fexit on `nf_conntrack_in`, against the BTF object that describes it.
     pub fn fexit() -> Result<Floor> {
+        Self::fexit_with("empty fexit", c"empty_fexit", |_| Ok(EMPTY.to_vec()))
+    }
+
+    /// The least a verdict probe can do at fexit: load `skb->_nfct` (is the entry still
+    /// there?) and nothing else.
+    pub fn fexit_nfct() -> Result<Floor> {
+        Self::fexit_with("fexit reading skb->_nfct", c"fexit_nfct", |btf| {
+            let off = btf.offsets()?.0.skb_nfct;
+            let off = i16::try_from(off).context("skb->_nfct offset")?;
+            // r2 = ctx[0] (skb); r3 = *(u64 *)(r2 + off); then the empty program.
+            let mut insns = vec![ldx_dw(2, 1, 0), ldx_dw(3, 2, off)];
+            insns.extend(EMPTY);
+            Ok(insns)
+        })
+    }
+
+    fn fexit_with(
+        name: &'static str,
+        prog_name: &std::ffi::CStr,
+        insns: impl Fn(&KernelBtf) -> Result<Vec<u64>>,
+    ) -> Result<Floor> {
         let btf = KernelBtf::from_sys()?;
+        let insns = insns(&btf)?;
         let (type_id, object) = btf
             .func_id(FUNC)
             .with_context(|| format!("{FUNC} is not in this kernel's BTF"))?;
@@ -46,17 +68,18 @@ impl Floor {
             expected_attach_type: BPF_TRACE_FEXIT,
             attach_btf_id: type_id,
             attach_btf_obj_fd: object_fd.as_raw_fd() as u32,
-            ..Load::new(c"empty_fexit")
+            ..Load::new(prog_name, &insns)
         })
-        .context("load an empty fexit program")?;
+        .with_context(|| format!("load the {name} program"))?;
         let mut attr = RawTpAttr {
             name: 0,
             prog_fd: prog.as_raw_fd() as u32,
             pad: 0,
         };
-        let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &mut attr).context("attach the empty fexit")?;
+        let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &mut attr)
+            .with_context(|| format!("attach the {name}"))?;
         Ok(Floor {
-            progs: vec![("empty fexit", prog)],
+            progs: vec![(name, prog)],
             _attachments: vec![link],
         })
     }
@@ -75,7 +98,7 @@ impl Floor {
         ] {
             let prog = load(Load {
                 prog_type: BPF_PROG_TYPE_KPROBE,
-                ..Load::new(prog_name)
+                ..Load::new(prog_name, &EMPTY)
             })
             .with_context(|| format!("load an {name} program"))?;
             let event = pmu
@@ -125,6 +148,11 @@ const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
 /// adds no perf sample).
 const EMPTY: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
 
+/// `dst = *(u64 *)(src + off)` (BPF_LDX | BPF_MEM | BPF_DW).
+fn ldx_dw(dst: u8, src: u8, off: i16) -> u64 {
+    0x79 | u64::from(dst | (src << 4)) << 8 | u64::from(off as u16) << 16
+}
+
 /// `union bpf_attr` for `BPF_PROG_LOAD`, up to `attach_btf_obj_fd` (5.11+) and the field
 /// after it, so no padding byte reaches the kernel (it rejects non-zero unknown tails).
 #[repr(C)]
@@ -155,13 +183,14 @@ struct Load {
 }
 
 impl Load {
-    fn new(name: &std::ffi::CStr) -> Load {
+    /// `insns` must outlive the load call.
+    fn new(name: &std::ffi::CStr, insns: &[u64]) -> Load {
         let mut prog_name = [0; 16];
         let bytes = name.to_bytes();
         prog_name[..bytes.len().min(15)].copy_from_slice(&bytes[..bytes.len().min(15)]);
         Load {
-            insn_cnt: EMPTY.len() as u32,
-            insns: EMPTY.as_ptr() as u64,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
             license: c"GPL".as_ptr() as u64,
             prog_name,
             ..Default::default()
@@ -271,5 +300,26 @@ impl KprobePmu {
         }
         // SAFETY: a new fd owned by nobody else.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instructions_encode_as_llvm_emits_them() {
+        // llvm-objdump: `b7 00 00 00 00 00 00 00  r0 = 0`, `95 00 ... exit`,
+        // `79 12 00 00 00 00 00 00  r2 = *(u64 *)(r1 + 0)`, `79 23 c8 00 ... (r2 + 200)`.
+        assert_eq!(EMPTY[0].to_le_bytes(), [0xb7, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(EMPTY[1].to_le_bytes(), [0x95, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            ldx_dw(2, 1, 0).to_le_bytes(),
+            [0x79, 0x12, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            ldx_dw(3, 2, 200).to_le_bytes(),
+            [0x79, 0x23, 0xc8, 0, 0, 0, 0, 0]
+        );
     }
 }
