@@ -35,6 +35,9 @@ pub struct Frames {
     /// The skb `nf_tcp_log_invalid` is logging for, until it returns: the generic logger it
     /// calls with the same text must not report the packet a second time.
     pub tcp_log_skb: u64,
+    /// The skb `nf_tcp_log_invalid` last logged for on this CPU (kept after it returns): the
+    /// timeout note `nf_tcp_handle_invalid` logs next for that packet is not a second event.
+    pub window_logged_skb: u64,
     pub frame: [Frame; MAX_NEST],
 }
 

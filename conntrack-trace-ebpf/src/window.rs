@@ -35,6 +35,7 @@ fn enter(skb: u64) {
 #[kretprobe]
 pub fn nf_tcp_log_invalid_ret(_ctx: RetProbeContext) -> u32 {
     if let Some(frames) = frames() {
+        frames.window_logged_skb = frames.tcp_log_skb;
         frames.tcp_log_skb = 0;
     }
     0

@@ -56,6 +56,13 @@ impl Kernel {
         self.version >= (6, 1)
     }
 
+    /// 6.1 added `nf_tcp_handle_invalid` ("netfilter: conntrack: reduce timeout when
+    /// receiving out-of-window fin or rst"): an out-of-window FIN/RST answering the other
+    /// side's out-of-window FIN/RST shortens the entry's timeout and logs a second line.
+    pub fn logs_out_of_sync_note(&self) -> bool {
+        self.version >= (6, 1)
+    }
+
     /// Before 6.12 nfnetlink_queue resolved a clash itself when a packet was let go: it
     /// re-attached the packet to the entry confirmed meanwhile, so confirm saw no clash. 6.12
     /// removed that ("netfilter: nfnetlink_queue: remove old clash resolution logic") and
@@ -63,6 +70,12 @@ impl Kernel {
     /// may carry the removal; the matrix's 5.10.223, 6.1.176 and 6.1.192 do not.
     pub fn queue_reinject_resolves_clash(&self) -> bool {
         self.version < (6, 12)
+    }
+
+    /// 6.17 ("netfilter: conntrack: table full detailed log") names the namespace in the
+    /// table-full warning when it is not init_net: "table full in netns N, dropping packet".
+    pub fn table_full_log_names_netns(&self) -> bool {
+        self.version >= (6, 17)
     }
 
     pub fn describe(&self) -> String {

@@ -25,6 +25,7 @@ mod kmsg;
 mod kube;
 mod netns;
 mod observe;
+mod out_of_sync;
 mod scenarios;
 mod table_full;
 mod tools;
