@@ -50,3 +50,29 @@ pub struct PacketEvent {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PacketEvent {}
+
+/// What the kernel side counts a `PacketEvent` the ring buffer could not take under (the
+/// `LOST_BY` per-CPU hash map): what its `event` and `reason_code` are decided from in
+/// userspace (the codes come from the kernel's texts there), without the packet and the
+/// numbers, so a flood of one kind of packet is one key. Text past the NUL is zeroed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LostKey {
+    pub verdict: u8,
+    pub drop_reason: u8,
+    /// `HAS_REASON` when `reason` is filled in (its `args` are always 0).
+    pub flags: u8,
+    /// For a packet without a reason: its IPPROTO and, for ICMP/ICMPv6, its type (an ICMP
+    /// error quoting no flow has a code of its own).
+    pub proto: u8,
+    pub icmp_type: u8,
+    pub _pad: [u8; 3],
+    pub reason: Reason,
+}
+
+/// Kinds of lost packet events counted one by one: far more than the kernel has reasons
+/// (a few dozen texts); a loss of a kind past these counts only in `stat::LOST`.
+pub const LOST_BY_MAX: u32 = 256;
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LostKey {}

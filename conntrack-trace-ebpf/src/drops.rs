@@ -17,7 +17,7 @@ use conntrack_trace_common::{
 use crate::{
     filter,
     frame::{frames, mode, pending_add},
-    ring::emit,
+    ring::emit_packet,
     skb,
 };
 
@@ -73,7 +73,7 @@ pub fn early_drop_ret(ctx: RetProbeContext) -> u32 {
     // No packet: only the namespace filter can apply, packet filters hide it.
     e.headers[0] = 0;
     if filter::matches(&e.headers, e.netns) {
-        emit(e);
+        emit_packet(e);
     }
     0
 }
@@ -128,7 +128,7 @@ pub fn nf_ct_resolve_clash_ret(ctx: RetProbeContext) -> u32 {
     }
     e.skb_len = skb::headers(skb, &mut e.headers);
     if filter::matches(&e.headers, e.netns) {
-        emit(e);
+        emit_packet(e);
     }
     0
 }

@@ -16,7 +16,7 @@ use crate::{
     filter,
     frame::{Frame, Frames, frames, mode, nothing_pending, pending_add, pending_of, pop, push},
     read::{field, offsets},
-    ring::emit,
+    ring::emit_packet,
     skb,
 };
 
@@ -117,7 +117,7 @@ fn decide(f: &mut Frame, ret: i32, drop_reason: u8) {
     fill(f, verdict);
     f.event.drop_reason = drop_reason;
     if filter::matches(&f.event.headers, f.event.netns) {
-        emit(&f.event);
+        emit_packet(&f.event);
     }
 }
 
@@ -127,7 +127,7 @@ pub fn reason_logged(f: &mut Frame) {
     if mode() == conntrack_trace_common::mode::COLD {
         fill(f, verdict::LOGGED);
         if filter::matches(&f.event.headers, f.event.netns) {
-            emit(&f.event);
+            emit_packet(&f.event);
         }
     }
 }

@@ -79,6 +79,11 @@ pub struct Cli {
     /// Also save the raw events to this file, for `conntrack-trace replay`.
     #[arg(long, value_name = "FILE")]
     pub record: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (and /healthz) while tracing, e.g.
+    /// 0.0.0.0:9477. Where the programs cannot attach, the kernel's counters and
+    /// conntrack_trace_attached 0 with the reason are served until stopped, instead of exiting.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Ring buffer size in bytes (a power of two, at least one page).
     #[arg(long, default_value_t = 8 << 20, value_parser = ring_size)]
     pub ring_size: u32,
@@ -177,7 +182,7 @@ mod tests {
         generate_docs(&dir).unwrap();
         let read = |p: &str| fs::read_to_string(dir.join(p)).unwrap();
         let man = read("man/conntrack-trace.1");
-        for flag in ["verdict\\-probe", "exact", "ring\\-size"] {
+        for flag in ["verdict\\-probe", "exact", "ring\\-size", "metrics"] {
             assert!(man.contains(flag), "man page lacks --{flag}");
         }
         for sub in ["check", "stats", "replay"] {

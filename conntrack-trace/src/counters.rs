@@ -105,8 +105,9 @@ enum NsHandle {
 }
 
 /// Every network namespace this machine has that can be reached: those processes live in,
-/// those pinned by an open fd, and those bind-mounted by `ip netns` / CNI plugins.
-fn namespaces() -> BTreeMap<u64, NsHandle> {
+/// those bind-mounted by `ip netns` / CNI plugins, and with `fds` those pinned only by an open
+/// fd (a walk of every process's fds: for a one-off summary, not for every scrape).
+fn namespaces(fds: bool) -> BTreeMap<u64, NsHandle> {
     let mut out = BTreeMap::new();
     let ino = |p: &Path| fs::metadata(p).ok().map(|m| m.ino());
     let procs: Vec<(u32, PathBuf)> = fs::read_dir("/proc")
@@ -131,7 +132,7 @@ fn namespaces() -> BTreeMap<u64, NsHandle> {
                 .map(|e| e.path()),
         );
     }
-    for (_, dir) in &procs {
+    for (_, dir) in procs.iter().filter(|_| fds) {
         for fd in fs::read_dir(dir.join("fd")).into_iter().flatten().flatten() {
             if fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with("net:[")) {
                 pinned.push(fd.path());
@@ -170,13 +171,23 @@ fn read_in(ns: &NsHandle, rel: &str) -> Option<String> {
 
 /// Reads `/proc/net/<rel>` in the network namespace with inode `ino`, if it can be reached.
 pub fn read_in_netns(ino: u64, rel: &str) -> Option<String> {
-    read_in(namespaces().get(&ino)?, rel)
+    read_in(namespaces(true).get(&ino)?, rel)
 }
 
 /// Counters of every reachable network namespace, keyed by netns inode. The tracer sees all
 /// namespaces, so its totals compare against the sum of these.
 pub fn all_namespaces() -> BTreeMap<u64, Stats> {
-    namespaces()
+    read_all(namespaces(true))
+}
+
+/// Counters of the namespaces processes live in and those under `/run/netns`, without the
+/// walk of every open fd: cheap enough for each metrics scrape.
+pub fn lived_in_or_mounted() -> BTreeMap<u64, Stats> {
+    read_all(namespaces(false))
+}
+
+fn read_all(namespaces: BTreeMap<u64, NsHandle>) -> BTreeMap<u64, Stats> {
+    namespaces
         .into_iter()
         .filter_map(|(ino, ns)| {
             Some((ino, Stats::parse(&read_in(&ns, "stat/nf_conntrack")?).ok()?))

@@ -1,12 +1,13 @@
 //! From ring-buffer records to outputs: decode by kind, attach hints, link resets to INVALID
 //! packets, count for the summary. Shared by the live tracer and `replay`.
 
-use std::{io, rc::Rc};
+use std::{io, rc::Rc, sync::Arc};
 
 use conntrack_trace_common::kind;
 
 use crate::{
     hints::Hints,
+    metrics::Metrics,
     output::Output,
     reset::{self, Correlator},
     summary::Summary,
@@ -41,6 +42,8 @@ pub struct Events {
     /// Print RSTs no INVALID packet explains.
     resets: bool,
     count: Option<u64>,
+    /// `--metrics`: every packet and incident handled is counted there too.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Events {
@@ -52,6 +55,7 @@ impl Events {
             hints,
             resets,
             count,
+            metrics: None,
         }
     }
 
@@ -66,6 +70,9 @@ impl Events {
                     let mut r = verdict::decode(&ev, &self.clock);
                     r.hint = self.hints.get(r.reason_code());
                     self.summary.record(&r);
+                    if let Some(m) = &self.metrics {
+                        m.event(r.verdict, r.reason_code(), 1);
+                    }
                     // Shared with the correlator, which keeps recent INVALID packets.
                     let r = Rc::new(r);
                     self.corr.invalid(&r);
@@ -83,6 +90,9 @@ impl Events {
                     match self.corr.reset(&rst) {
                         Some(incident) => {
                             self.summary.incidents += 1;
+                            if let Some(m) = &self.metrics {
+                                m.incident();
+                            }
                             out.incident(&incident)
                         }
                         None if self.resets => out.reset(&rst),

@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod events;
 pub mod filter;
 pub mod hints;
+pub mod metrics;
 pub mod output;
 pub mod plan;
 pub mod privs;

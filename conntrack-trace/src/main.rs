@@ -8,7 +8,7 @@ use clap::Parser as _;
 use conntrack_trace::{
     check,
     cli::{Cli, Command, VerdictProbe},
-    filter,
+    filter, metrics,
     output::{Output, Tee, json::Json, pcap::Pcap, text::Text},
     plan::{Mode, Want},
     record, stats, trace,
@@ -38,7 +38,7 @@ fn trace(cli: &Cli) -> Result<bool> {
         dport: cli.dport,
         netns: cli.netns,
     })?;
-    let opts = trace::Options {
+    let mut opts = trace::Options {
         count: cli.count,
         duration: cli.duration,
         filter,
@@ -53,8 +53,16 @@ fn trace(cli: &Cli) -> Result<bool> {
             (None, true) => Want::Exact,
             (None, false) => Want::Default,
         },
+        metrics: None,
     };
     let mut out = output(cli);
+    if let Some(addr) = cli.metrics {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("--metrics {addr}: cannot listen there"))?;
+        let m = metrics::Metrics::new();
+        metrics::http::spawn(listener, m.clone())?;
+        opts.metrics = Some(m);
+    }
     let mut pcap = match &cli.pcap {
         Some(path) => {
             let file = std::fs::File::create(path)

@@ -2,31 +2,35 @@
 //! summarize against the kernel's own counters when stopped.
 
 use std::{
+    collections::HashMap,
     io,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{FExit, KProbe, TracePoint},
 };
-use conntrack_trace_common::{filter::Filter, stat};
+use conntrack_trace_common::{filter::Filter, stat, verdict::LostKey};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
 
 use crate::{
+    btf::KernelBtf,
     check, counters, ebpf,
     events::{Events, Stop},
     hints::{Hints, Node},
+    metrics::Metrics,
     output::{Loss, Output},
     plan::{Flavor, Plan, Want},
     privs,
     record::Recorder,
-    verdict::Clock,
+    verdict::{self, Clock},
 };
 
 pub struct Options {
@@ -41,6 +45,8 @@ pub struct Options {
     pub want: Want,
     /// Also append every raw record to this file (`replay` reads it back).
     pub record: Option<std::path::PathBuf>,
+    /// `--metrics`: counted into as events arrive; also what is served when attaching fails.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// Loads and attaches every program in the plan. The return probe goes on before the entry
@@ -119,8 +125,13 @@ fn program_recursion_misses(fd: &aya::programs::ProgramFd) -> Option<u64> {
 }
 
 /// Writes a `lost` line for each cause (ring full, skipped runs) that grew since `reported`,
-/// which it updates; true when it wrote any.
-fn report_losses(out: &mut dyn Output, reported: &mut [u64; 2], now: [u64; 2]) -> io::Result<bool> {
+/// which it updates, and counts it in the metrics; true when it wrote any.
+fn report_losses(
+    out: &mut dyn Output,
+    metrics: Option<&Metrics>,
+    reported: &mut [u64; 2],
+    now: [u64; 2],
+) -> io::Result<bool> {
     let mut wrote = false;
     for ((told, now), cause) in reported
         .iter_mut()
@@ -128,6 +139,9 @@ fn report_losses(out: &mut dyn Output, reported: &mut [u64; 2], now: [u64; 2]) -
         .zip([Loss::RingFull, Loss::Recursion])
     {
         if now > *told {
+            if let Some(m) = metrics {
+                m.lost(cause, now - *told);
+            }
             out.lost(now - *told, cause)?;
             *told = now;
             wrote = true;
@@ -136,11 +150,38 @@ fn report_losses(out: &mut dyn Output, reported: &mut [u64; 2], now: [u64; 2]) -
     Ok(wrote)
 }
 
+/// Packet events the ring buffer could not take, as the kernel side counted them by kind
+/// (`LOST_BY`), and how many of each the metrics have been given.
+struct LostBy {
+    map: PerCpuHashMap<MapData, LostKey, u64>,
+    told: HashMap<Vec<u8>, u64>,
+}
+
+impl LostBy {
+    /// Adds to the metrics' events what was lost since the last call, by event and reason.
+    fn count(&mut self, metrics: &Metrics) {
+        for (key, per_cpu) in self.map.iter().flatten() {
+            let total: u64 = per_cpu.iter().sum();
+            // SAFETY: LostKey is repr(C) plain data with every padding byte spelled out.
+            let bytes = unsafe {
+                std::slice::from_raw_parts((&raw const key).cast::<u8>(), size_of::<LostKey>())
+            };
+            let told = self.told.insert(bytes.to_vec(), total).unwrap_or(0);
+            if total > told {
+                let (v, code) = verdict::lost_kind(&key);
+                metrics.event(v, code, total - told);
+            }
+        }
+    }
+}
+
 fn stat_total(stats: &PerCpuArray<MapData, u64>, slot: u32) -> u64 {
     stats.get(&slot, 0).map(|v| v.iter().sum()).unwrap_or(0)
 }
 
-pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
+/// Everything up to attached programs: what fails on a kernel the tracer cannot run on.
+/// Also returns how long reading kallsyms and BTF into the plan took.
+fn start(opts: &Options, launched: Instant) -> Result<(Plan, KernelBtf, Ebpf, Duration)> {
     privs::check()?;
     if !check::kprobes_available() {
         bail!(
@@ -149,6 +190,41 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
             check::KPROBES_MISSING
         );
     }
+    let (plan, btf) = Plan::for_running_kernel(opts.want)?;
+    let planned = launched.elapsed();
+    let mut bpf = ebpf::open(&plan, opts.ring_bytes, &opts.filter)?;
+    attach(&mut bpf, &plan)?;
+    Ok((plan, btf, bpf, planned))
+}
+
+/// With `--metrics`, a node the tracer cannot attach on still serves the kernel's counters,
+/// and `conntrack_trace_attached 0` says why, until stopped: an agent that exited would
+/// only show as a crash loop.
+async fn serve_detached(
+    metrics: &Metrics,
+    why: &anyhow::Error,
+    duration: Option<Duration>,
+    sigint: &mut tokio::signal::unix::Signal,
+    sigterm: &mut tokio::signal::unix::Signal,
+) {
+    eprintln!(
+        "conntrack-trace: not tracing: {why:#}; serving the kernel's counters on --metrics until stopped"
+    );
+    metrics.not_attached(&format!("{why:#}"));
+    let sleep = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+        _ = sleep => {}
+    }
+}
+
+pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let launched = Instant::now();
     // Installed first and kept for the whole run: a Ctrl-C during start-up or between two
     // loop turns is then delivered to the loop (a fresh ctrl_c() future per turn misses
@@ -156,10 +232,17 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     // with probes attached and no summary).
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let (plan, _btf) = Plan::for_running_kernel(opts.want)?;
-    let planned = launched.elapsed();
-    let mut bpf = ebpf::open(&plan, opts.ring_bytes, &opts.filter)?;
-    attach(&mut bpf, &plan)?;
+    let (plan, _btf, mut bpf, planned) = match (start(&opts, launched), &opts.metrics) {
+        (Ok(started), _) => started,
+        (Err(e), Some(m)) => {
+            serve_detached(m, &e, opts.duration, &mut sigint, &mut sigterm).await;
+            return Ok(());
+        }
+        (Err(e), None) => return Err(e),
+    };
+    if let Some(m) = &opts.metrics {
+        m.attached(plan.mode);
+    }
     if opts.verbose {
         for a in &plan.attach {
             eprintln!(
@@ -176,6 +259,13 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let ring = RingBuf::try_from(bpf.take_map("EVENTS").context("EVENTS map")?)?;
     let stats: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(bpf.take_map("STATS").context("STATS map")?)?;
+    let mut lost_by = match &opts.metrics {
+        Some(_) => Some(LostBy {
+            map: PerCpuHashMap::try_from(bpf.take_map("LOST_BY").context("LOST_BY map")?)?,
+            told: HashMap::new(),
+        }),
+        None => None,
+    };
     // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
@@ -205,6 +295,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         .map(|p| Recorder::create(p, &clock))
         .transpose()?;
     let mut events = Events::new(clock, Hints::new(Node::read()), opts.resets, opts.count);
+    events.metrics = opts.metrics.clone();
     let mut stop = None;
 
     'run: loop {
@@ -235,7 +326,10 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
             }
             _ = tick.tick() => {
                 let now = [stat_total(&stats, stat::LOST), recursion_misses(&bpf)];
-                let told = report_losses(out, &mut reported, now);
+                if let (Some(l), Some(m)) = (lost_by.as_mut(), &opts.metrics) {
+                    l.count(m);
+                }
+                let told = report_losses(out, opts.metrics.as_deref(), &mut reported, now);
                 if told.and_then(|wrote| if wrote { out.flush() } else { Ok(()) }).is_err() {
                     stop = Some(Stop::Closed);
                     break 'run;
@@ -272,7 +366,10 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     }
     let mut summary = events.summary;
     let lost = stat_total(&stats, stat::LOST);
-    let _ = report_losses(out, &mut reported, [lost, skipped]);
+    if let (Some(l), Some(m)) = (lost_by.as_mut(), &opts.metrics) {
+        l.count(m);
+    }
+    let _ = report_losses(out, opts.metrics.as_deref(), &mut reported, [lost, skipped]);
     summary.recursion_misses = skipped;
     let _ = flush(out, recorder.as_mut());
     summary.lost = lost;

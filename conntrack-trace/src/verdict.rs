@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Result, bail};
 use conntrack_trace_common::{
     SNAP_LEN,
-    verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, PacketEvent, verdict},
+    verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, LostKey, PacketEvent, verdict},
 };
 use etherparse::{
     Ipv4HeaderSlice, Ipv6ExtensionsSlice, Ipv6HeaderSlice, TcpHeaderSlice, UdpHeaderSlice,
@@ -104,12 +104,12 @@ impl Record {
 
 impl Record {
     pub fn reason_code(&self) -> &'static str {
-        match (&self.reason, self.verdict) {
-            (Some(r), _) => r.code,
-            (None, Verdict::Drop) => drops::code(self.drop_reason),
-            (None, Verdict::Invalid) if self.pkt.is_icmp_error() => ICMP_ERROR_NO_FLOW,
-            (None, _) => "unknown",
-        }
+        code(
+            self.reason.as_ref(),
+            self.verdict,
+            self.drop_reason,
+            &self.pkt,
+        )
     }
 
     /// Whether `reason_text` is this program's own ASCII (nothing to escape in JSON).
@@ -128,6 +128,48 @@ impl Record {
             // Conntrack logs nothing for e.g. an ICMP error that matches no connection.
             (None, _) => "no reason logged by the kernel",
         }
+    }
+}
+
+/// The reason code of a packet: the kernel's reason where one was logged, else what its drop
+/// path or its headers say.
+fn code(
+    reason: Option<&reason::Explained>,
+    verdict: Verdict,
+    drop_reason: u8,
+    pkt: &Packet,
+) -> &'static str {
+    match (reason, verdict) {
+        (Some(r), _) => r.code,
+        (None, Verdict::Drop) => drops::code(drop_reason),
+        (None, Verdict::Invalid) if pkt.is_icmp_error() => ICMP_ERROR_NO_FLOW,
+        (None, _) => "unknown",
+    }
+}
+
+/// The verdict and reason code of the packet events the kernel side counted under `k`
+/// because the ring buffer could not take them: what decoding each would have given.
+pub fn lost_kind(k: &LostKey) -> (Verdict, &'static str) {
+    let verdict = verdict_of(k.verdict, &k.reason);
+    let reason = if k.flags & HAS_REASON != 0 {
+        reason::explain(&k.reason, None)
+    } else {
+        None
+    };
+    let pkt = Packet {
+        proto: Some(k.proto).filter(|&p| p != 0),
+        icmp: matches!(k.proto, 1 | 58).then_some((k.icmp_type, 0)),
+        ..Default::default()
+    };
+    (verdict, code(reason.as_ref(), verdict, k.drop_reason, &pkt))
+}
+
+fn verdict_of(v: u8, r: &conntrack_trace_common::reason::Reason) -> Verdict {
+    match v {
+        verdict::IGNORED => Verdict::Ignored,
+        verdict::DROP => Verdict::Drop,
+        verdict::LOGGED => inferred(r),
+        _ => Verdict::Invalid,
     }
 }
 
@@ -333,12 +375,7 @@ pub fn parse(bytes: &[u8]) -> Result<PacketEvent> {
 }
 
 pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
-    let verdict = match e.verdict {
-        verdict::IGNORED => Verdict::Ignored,
-        verdict::DROP => Verdict::Drop,
-        verdict::LOGGED => inferred(&e.reason),
-        _ => Verdict::Invalid,
-    };
+    let verdict = verdict_of(e.verdict, &e.reason);
     let mut r = Record {
         verdict,
         ts_ns: e.ts_ns,

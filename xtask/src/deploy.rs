@@ -136,14 +136,26 @@ mod tests {
         assert_eq!(spec["hostPID"], true);
         assert_eq!(spec["hostNetwork"], true);
         assert_eq!(spec["automountServiceAccountToken"], false);
-        // Nothing declared that the tracer does not serve or read: no metrics port (no
-        // endpoint yet), no CRI socket (connect(2) ignores a read-only mount).
-        assert!(pod["metadata"]["annotations"].is_null());
+        // The metrics port is declared, announced to annotation-based scraping, and the one
+        // the tracer is told to serve; nothing else is (no CRI socket: connect(2) ignores a
+        // read-only mount).
+        let annotations = &pod["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(annotations["prometheus.io/port"], "9477");
+        assert_eq!(annotations["prometheus.io/path"], "/metrics");
 
         let containers = spec["containers"].as_array().unwrap();
         assert_eq!(containers.len(), 1);
         let c = &containers[0];
-        assert!(c["ports"].is_null());
+        assert_eq!(
+            c["ports"],
+            serde_json::json!([{"name": "metrics", "containerPort": 9477, "protocol": "TCP"}])
+        );
+        assert_eq!(
+            c["args"],
+            serde_json::json!(["--metrics", "0.0.0.0:9477", "--json"])
+        );
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
         let sc = &c["securityContext"];
         assert_eq!(sc["privileged"], false);
         assert_eq!(sc["allowPrivilegeEscalation"], false);

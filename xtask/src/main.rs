@@ -14,6 +14,7 @@ mod initramfs;
 mod kernels;
 mod licenses;
 mod modules;
+mod prometheus;
 mod qemu;
 mod setup;
 mod summary;
@@ -172,7 +173,8 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
 }
 
 /// The release as a user gets it: the tarball unpacked elsewhere runs `check` and `stats`; the
-/// image unpacked runs its entrypoint's `check`. Prints a cargo-style result line.
+/// image unpacked runs its entrypoint's `check`; the binary as an agent is scraped by
+/// Prometheus. Prints a cargo-style result line.
 fn release_test() -> bool {
     let started = Instant::now();
     let mut results: Vec<(&str, Result<()>)> = Vec::new();
@@ -181,6 +183,8 @@ fn release_test() -> bool {
             results.push(("release::tarball", dist::test(&release)));
             let image = image::build(&release).and_then(|i| image::test(&release, &i));
             results.push(("release::image", image));
+            let tracer = release.dir.join("conntrack-trace");
+            results.push(("release::prometheus", prometheus::test(&tracer)));
         }
         Err(e) => results.push(("release::build", Err(e))),
     }
@@ -192,7 +196,7 @@ fn release_test() -> bool {
         }
     }
     println!(
-        "\ntest result: {}. {} passed; {failed} failed; finished in {:.1}s (release tarball and image)",
+        "\ntest result: {}. {} passed; {failed} failed; finished in {:.1}s (release tarball, image, Prometheus scrape)",
         if failed == 0 { "ok" } else { "FAILED" },
         results.len() - failed,
         started.elapsed().as_secs_f64()

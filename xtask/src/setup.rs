@@ -17,7 +17,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
 
 /// Debian packages the VM tests use on the host (qemu) or copy into the guest, and the
-/// release tests' tools (the last two).
+/// release tests' tools (the last three).
 const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
@@ -33,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "skopeo",
     // `python3 -m venv` for the manifest validator (Debian's python3 ships without it).
     "python3-venv",
+    // The metrics test's scraper, and promtool for the exposition and the alert rules.
+    "prometheus",
 ];
 
 /// Validates deploy/kubernetes against the Kubernetes OpenAPI schemas it ships (one per
