@@ -9,8 +9,9 @@ use conntrack_trace::{
     events::Events,
     hints::{Hints, Node},
     output::{Loss, Output, json::Json, text::Text},
+    owner::{Owner, OwnerCache, Process},
     record,
-    reset::{Incident, Reset},
+    reset::{self, Incident, Reset},
     summary::Summary,
     verdict::Record,
 };
@@ -62,6 +63,29 @@ fn per_event(c: &mut Criterion, group: &str, filter: &str) {
             }
         })
     });
+    // Every namespace with an owner of the common size (a pod's: two processes, a name, a
+    // kubelet cgroup): what each event then copies.
+    let owners = owners_of(&records);
+    g.bench_function("decode_explain_json_owner", |b| {
+        let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
+        events.owners = Some(owners.clone());
+        let mut out = Json::new(io::sink());
+        b.iter(|| {
+            for r in &records {
+                black_box(events.handle(black_box(r), &mut out)).ok();
+            }
+        })
+    });
+    g.bench_function("decode_explain_text_owner", |b| {
+        let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
+        events.owners = Some(owners.clone());
+        let mut out = Text::new(stdout_like(), false);
+        b.iter(|| {
+            for r in &records {
+                black_box(events.handle(black_box(r), &mut out)).ok();
+            }
+        })
+    });
     g.bench_function("decode_only", |b| {
         let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
         b.iter(|| {
@@ -80,6 +104,37 @@ fn per_event(c: &mut Criterion, group: &str, filter: &str) {
         })
     });
     g.finish();
+}
+
+/// An owner for every namespace the records name.
+fn owners_of(records: &[Vec<u8>]) -> OwnerCache {
+    use conntrack_trace_common::kind;
+    let mut inodes: Vec<u32> = records
+        .iter()
+        .filter_map(|r| {
+            match r
+                .get(..4)
+                .map(|k| u32::from_ne_bytes(k.try_into().unwrap()))
+            {
+                Some(kind::PACKET) => conntrack_trace::verdict::parse(r).ok().map(|e| e.netns),
+                Some(kind::RESET) => reset::parse(r).ok().map(|e| e.netns),
+                _ => None,
+            }
+        })
+        .collect();
+    inodes.sort_unstable();
+    inodes.dedup();
+    inodes
+        .into_iter()
+        .map(|ns| {
+            let processes = vec![
+                Process { pid: 4211, comm: "pause".into() },
+                Process { pid: 4302, comm: "nginx".into() },
+            ];
+            let cgroup = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod6f1c2a3b_4d5e_4f60_8a7b_9c0d1e2f3a4b.slice";
+            (ns, Owner::new(processes, 2, Some(format!("cni-{ns}")), Some(cgroup.into())))
+        })
+        .collect()
 }
 
 /// An output that renders nothing.

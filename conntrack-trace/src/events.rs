@@ -1,7 +1,7 @@
 //! From ring-buffer records to outputs: decode by kind, attach hints, link resets to INVALID
 //! packets, count for the summary. Shared by the live tracer and `replay`.
 
-use std::{io, rc::Rc, sync::Arc};
+use std::{io, rc::Rc, sync::Arc, time::Duration};
 
 use conntrack_trace_common::kind;
 
@@ -9,6 +9,7 @@ use crate::{
     hints::Hints,
     metrics::Metrics,
     output::Output,
+    owner::{Owner, OwnerCache},
     reset::{self, Correlator},
     summary::Summary,
     verdict::{self, Clock},
@@ -44,7 +45,14 @@ pub struct Events {
     count: Option<u64>,
     /// `--metrics`: every packet and incident handled is counted there too.
     pub metrics: Option<Arc<Metrics>>,
+    /// Who owns each network namespace: the live tracer's (a replay has none, the recording's
+    /// machine is elsewhere).
+    pub owners: Option<OwnerCache>,
 }
+
+/// How long the first event of a namespace the owner cache does not know waits for the scan
+/// it asks for (measured: 32 ms for 2,000 processes); its later events never wait.
+const OWNER_WAIT: Duration = Duration::from_millis(100);
 
 impl Events {
     pub fn new(clock: Clock, hints: Hints, resets: bool, count: Option<u64>) -> Self {
@@ -56,7 +64,12 @@ impl Events {
             resets,
             count,
             metrics: None,
+            owners: None,
         }
+    }
+
+    fn owner(&self, netns: Option<u32>) -> Option<Arc<Owner>> {
+        self.owners.as_ref()?.wait_for(netns?, OWNER_WAIT)
     }
 
     /// Handles one ring-buffer record. Malformed records are logged and skipped.
@@ -69,6 +82,7 @@ impl Events {
                 Ok(ev) => {
                     let mut r = verdict::decode(&ev, &self.clock);
                     r.hint = self.hints.get(r.reason_code());
+                    r.owner = self.owner(r.netns);
                     self.summary.record(&r);
                     if let Some(m) = &self.metrics {
                         m.event(r.verdict, r.reason_code(), 1);
@@ -85,7 +99,8 @@ impl Events {
             },
             Some(kind::RESET) => match reset::parse(bytes) {
                 Ok(ev) => {
-                    let rst = reset::decode(&ev, &self.clock);
+                    let mut rst = reset::decode(&ev, &self.clock);
+                    rst.owner = self.owner(rst.netns);
                     self.summary.resets += 1;
                     match self.corr.reset(&rst) {
                         Some(incident) => {

@@ -13,6 +13,7 @@ pub mod filter;
 pub mod hints;
 pub mod metrics;
 pub mod output;
+pub mod owner;
 pub mod plan;
 pub mod privs;
 pub mod reason;

@@ -1,7 +1,7 @@
 //! Resets sent for packets that found no socket, and the incident they complete: an INVALID
 //! segment escaped NAT, a stack answered it with an RST, the real connection died.
 
-use std::{collections::VecDeque, net::IpAddr, rc::Rc, time::SystemTime};
+use std::{collections::VecDeque, net::IpAddr, rc::Rc, sync::Arc, time::SystemTime};
 
 use anyhow::{Result, bail};
 use conntrack_trace_common::reset::{HAS_NETNS, ResetEvent};
@@ -9,6 +9,7 @@ use foldhash::HashMap;
 
 use crate::{
     ct::{Conntrack, Endpoints},
+    owner::Owner,
     verdict::{Clock, Packet, Record, Verdict},
 };
 
@@ -18,6 +19,8 @@ pub struct Reset {
     pub time: SystemTime,
     /// Namespace and interface where the answered packet arrived (where the RST came from).
     pub netns: Option<u32>,
+    /// Who owns `netns`, where the tracer knows.
+    pub owner: Option<Arc<Owner>>,
     pub ifindex: Option<u32>,
     /// The packet that was answered. The RST itself goes from its destination to its source.
     pub trigger: Packet,
@@ -36,6 +39,7 @@ pub fn decode(e: &ResetEvent, clock: &Clock) -> Reset {
         ts_ns: e.ts_ns,
         time: clock.wall(e.ts_ns),
         netns: (e.flags & HAS_NETNS != 0).then_some(e.netns),
+        owner: None,
         ifindex: (e.ifindex != 0).then_some(e.ifindex),
         trigger: Packet::parse(&e.headers, e.skb_len),
     }
@@ -277,6 +281,7 @@ mod tests {
             ts_ns: ts,
             time: SystemTime::UNIX_EPOCH,
             netns: Some(2),
+            owner: None,
             ifindex: None,
             trigger: p,
         }

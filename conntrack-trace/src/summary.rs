@@ -4,12 +4,14 @@
 use std::{
     collections::{BTreeMap, hash_map::Entry},
     net::IpAddr,
+    sync::Arc,
 };
 
 use foldhash::HashMap;
 
 use crate::{
     counters::Stats,
+    owner::{Owner, ScanStats},
     plan::Mode,
     verdict::{ICMP_ERROR_NO_FLOW, Record, Verdict},
 };
@@ -20,6 +22,10 @@ type FlowKey = (u8, IpAddr, u16, IpAddr, u16);
 /// Flows counted one by one: a flood of forged tuples must not grow the tracer without
 /// bound (about 80 bytes each).
 const FLOWS_MAX: usize = 16_384;
+
+/// Namespaces counted one by one; a node has a few thousand at most, and the events of any
+/// past these still count in every other total.
+const NETNS_MAX: usize = 4096;
 
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -43,6 +49,10 @@ pub struct Summary {
     flows: HashMap<Option<FlowKey>, u64>,
     /// Events of flows first seen once `flows` was full.
     other_flows: u64,
+    /// Events per network namespace, with its owner as of its latest event that had one.
+    netns: HashMap<u32, (u64, Option<Arc<Owner>>)>,
+    /// The /proc scans that found namespace owners (a live run).
+    pub owner_scans: Option<ScanStats>,
     /// Kernel counter deltas summed over the namespaces present at start and end.
     pub kernel: Option<Stats>,
     pub namespaces: usize,
@@ -105,6 +115,36 @@ impl Summary {
                 v.insert(1);
             }
         }
+        if let Some(ns) = r.netns {
+            let full = self.netns.len() >= NETNS_MAX;
+            match self.netns.entry(ns) {
+                Entry::Occupied(mut n) => {
+                    let (count, owner) = n.get_mut();
+                    *count += 1;
+                    if let Some(o) = &r.owner
+                        && !owner.as_ref().is_some_and(|had| Arc::ptr_eq(had, o))
+                    {
+                        *owner = Some(o.clone());
+                    }
+                }
+                Entry::Vacant(_) if full => {}
+                Entry::Vacant(v) => {
+                    v.insert((1, r.owner.clone()));
+                }
+            }
+        }
+    }
+
+    /// Up to `n` network namespaces with the most events, most first: (inode, events, owner).
+    pub fn top_netns(&self, n: usize) -> Vec<(u32, u64, Option<&Owner>)> {
+        let mut v: Vec<_> = self
+            .netns
+            .iter()
+            .map(|(&ns, (c, o))| (ns, *c, o.as_deref()))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(n);
+        v
     }
 
     pub fn events(&self) -> u64 {
@@ -217,5 +257,37 @@ mod tests {
         assert_eq!(s.missed(), None);
         s.invalid = 2;
         assert!(s.missed().unwrap().contains("counted 1 more"));
+    }
+
+    #[test]
+    fn namespaces_keep_their_latest_known_owner() {
+        let mut s = Summary::default();
+        let ev = |ns: u32, owner: Option<&Arc<Owner>>| Record {
+            netns: Some(ns),
+            owner: owner.cloned(),
+            ..Record::bare(
+                Verdict::Invalid,
+                0,
+                SystemTime::UNIX_EPOCH,
+                Packet::default(),
+            )
+        };
+        let a = Arc::new(Owner::new(Vec::new(), 0, Some("a".into()), None));
+        s.record(&ev(7, None));
+        s.record(&ev(7, Some(&a)));
+        // An event whose owner was not known does not forget it.
+        s.record(&ev(7, None));
+        s.record(&ev(9, None));
+        let top = s.top_netns(10);
+        assert_eq!(top.len(), 2);
+        assert_eq!((top[0].0, top[0].1), (7, 3));
+        assert_eq!(top[0].2.and_then(|o| o.ip_netns_name.as_deref()), Some("a"));
+        assert_eq!((top[1].0, top[1].1), (9, 1));
+        assert!(top[1].2.is_none());
+        for ns in 0..NETNS_MAX as u32 {
+            s.record(&ev(1000 + ns, None));
+        }
+        assert_eq!(s.netns.len(), NETNS_MAX);
+        assert_eq!(s.invalid, NETNS_MAX as u64 + 4);
     }
 }

@@ -27,6 +27,7 @@ use crate::{
     hints::{Hints, Node},
     metrics::Metrics,
     output::{Loss, Output},
+    owner::OwnerCache,
     plan::{Flavor, Plan, Want},
     privs,
     record::Recorder,
@@ -232,6 +233,8 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     // with probes attached and no summary).
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    // Started before BTF is read, so the first /proc scan is done by the first event.
+    let owners = OwnerCache::start();
     let (plan, _btf, mut bpf, planned) = match (start(&opts, launched), &opts.metrics) {
         (Ok(started), _) => started,
         (Err(e), Some(m)) => {
@@ -296,6 +299,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         .transpose()?;
     let mut events = Events::new(clock, Hints::new(Node::read()), opts.resets, opts.count);
     events.metrics = opts.metrics.clone();
+    events.owners = Some(owners.clone());
     let mut stop = None;
 
     'run: loop {
@@ -387,6 +391,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     summary.fill_end = counters::fullest_table(&ns_after);
     summary.filtered = opts.filter != Filter::any();
     summary.mode = Some(plan.mode);
+    summary.owner_scans = Some(owners.scan_stats());
     match out.summary(&summary).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("writing the summary"),

@@ -17,7 +17,7 @@ use etherparse::{
     Ipv4HeaderSlice, Ipv6ExtensionsSlice, Ipv6HeaderSlice, TcpHeaderSlice, UdpHeaderSlice,
 };
 
-use crate::{ct::Conntrack, drops, hints, reason, window};
+use crate::{ct::Conntrack, drops, hints, owner::Owner, reason, window};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verdict {
@@ -73,6 +73,8 @@ pub struct Record {
     pub window: Option<window::Explained>,
     pub ct: Option<Conntrack>,
     pub netns: Option<u32>,
+    /// Who owns `netns` (processes, name, cgroup, container, pod), where the tracer knows.
+    pub owner: Option<Arc<Owner>>,
     pub ifindex: Option<u32>,
     pub hook: Option<&'static str>,
     /// For DROP verdicts: which drop path (`drops::code`).
@@ -94,6 +96,7 @@ impl Record {
             window: None,
             ct: None,
             netns: None,
+            owner: None,
             ifindex: None,
             hook: None,
             drop_reason: 0,
@@ -385,6 +388,7 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
         window: None,
         ct: Conntrack::decode(&e.ct),
         netns: (e.flags & HAS_NETNS != 0).then_some(e.netns),
+        owner: None,
         ifindex: (e.flags & HAS_IFINDEX != 0).then_some(if e.ifindex_in != 0 {
             e.ifindex_in
         } else {

@@ -12,6 +12,7 @@ use std::{
 use conntrack_trace_common::window::TcpWindow;
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use super::{Loss, Output, Stamp, Stamps, ipv4};
 use crate::{
@@ -148,6 +149,7 @@ fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp) -> io::Result<()> {
     }
     field!(o, "ct"?, ct(r.ct.as_ref()));
     field!(o, "netns"?, num(r.netns));
+    field!(o, "owner"?, raw(r.owner.as_ref().map(|w| w.json().get())));
     field!(o, "ifindex"?, num(r.ifindex));
     field!(o, "hook"?, plain(r.hook));
     field!(o, "hint"?, raw(r.hint.as_ref().map(|h| h.json.get())));
@@ -167,7 +169,7 @@ fn plain(o: &mut Vec<u8>, v: &str) {
     o.push(b'"');
 }
 
-/// JSON that is already JSON (a hint serialized once).
+/// JSON that is already JSON (a hint or an owner serialized once).
 fn raw(o: &mut Vec<u8>, json: &str) {
     o.extend_from_slice(json.as_bytes());
 }
@@ -222,6 +224,7 @@ fn write_reset(o: &mut Vec<u8>, r: &Reset, time: Stamp) {
     field!(o, "daddr"?, ip(t.saddr));
     field!(o, "dport"?, num(t.sport));
     field!(o, "netns"?, num(r.netns));
+    field!(o, "owner"?, raw(r.owner.as_ref().map(|w| w.json().get())));
     field!(o, "ifindex"?, num(r.ifindex));
     // The packet it answered.
     field!(o, "trigger"?, tcp(t.tcp.as_ref()));
@@ -304,6 +307,10 @@ struct SummaryLine<'a> {
     incidents: u64,
     counts: &'a BTreeMap<&'static str, u64>,
     top_flows: Vec<Flow>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    top_netns: Vec<NetnsRow<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner_scans: Option<OwnerScans>,
     #[serde(skip_serializing_if = "Option::is_none")]
     kernel: Option<&'a BTreeMap<String, u64>>,
     namespaces: usize,
@@ -325,6 +332,20 @@ struct SummaryLine<'a> {
 struct Flow {
     flow: String,
     events: u64,
+}
+
+#[derive(Serialize)]
+struct NetnsRow<'a> {
+    netns: u32,
+    events: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct OwnerScans {
+    count: u64,
+    longest_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -389,6 +410,19 @@ impl<W: Write> Output for Json<W> {
                 .into_iter()
                 .map(|(flow, events)| Flow { flow, events })
                 .collect(),
+            top_netns: s
+                .top_netns(10)
+                .into_iter()
+                .map(|(netns, events, owner)| NetnsRow {
+                    netns,
+                    events,
+                    owner: owner.map(|o| o.json()),
+                })
+                .collect(),
+            owner_scans: s.owner_scans.map(|o| OwnerScans {
+                count: o.scans,
+                longest_ms: o.longest.as_secs_f64() * 1e3,
+            }),
             kernel: s.kernel.as_ref().map(|k| &k.0),
             namespaces: s.namespaces,
             missed: s.missed(),
@@ -407,6 +441,7 @@ mod tests {
         fs,
         net::Ipv6Addr,
         path::Path,
+        sync::Arc,
         time::{Duration, SystemTime},
     };
 
@@ -417,6 +452,7 @@ mod tests {
     use crate::{
         events::Events,
         hints::{Hints, Node},
+        owner::{Owner, OwnerCache, Process},
         reason, record,
         verdict::{Packet, Tcp, Verdict},
         window,
@@ -487,6 +523,7 @@ mod tests {
             }),
         );
         put("netns", r.netns.map(Value::from));
+        put("owner", r.owner.as_deref().map(expected_owner));
         put("ifindex", r.ifindex.map(Value::from));
         put("hook", r.hook.map(Value::from));
         put(
@@ -496,6 +533,52 @@ mod tests {
                 .map(|h| serde_json::to_value(&h.hint).unwrap()),
         );
         v
+    }
+
+    /// An owner object from the owner's fields, each key only when known.
+    fn expected_owner(o: &Owner) -> Value {
+        let processes: Vec<Value> = o
+            .processes
+            .iter()
+            .map(|p| json!({"pid": p.pid, "comm": p.comm}))
+            .collect();
+        let mut v = json!({"processes": processes, "process_count": o.process_count});
+        for (k, x) in [
+            ("ip_netns", &o.ip_netns_name),
+            ("cgroup", &o.cgroup),
+            ("container_id", &o.container_id),
+            ("pod_uid", &o.pod_uid),
+        ] {
+            if let Some(x) = x {
+                v[k] = x.as_str().into();
+            }
+        }
+        if let Some(r) = o.runtime {
+            v["runtime"] = r.into();
+        }
+        v
+    }
+
+    /// An owner with every field and text to escape in each of them.
+    fn nasty_owner(pid: u32) -> Owner {
+        let id = "9c4f".repeat(16);
+        Owner::new(
+            vec![
+                Process {
+                    pid,
+                    comm: "a\"q\\\u{1}ü".into(),
+                },
+                Process {
+                    pid: pid + 1,
+                    comm: "sleep".into(),
+                },
+            ],
+            5,
+            Some("cni-\"x\"".into()),
+            Some(format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0e9a4c1b_2f3d_4e5a_8b6c_7d8e9f0a1b2c.slice/cri-containerd-{id}.scope"
+            )),
+        )
     }
 
     /// What a reset line must hold: the RST's addresses are the answered packet's, reversed.
@@ -517,6 +600,7 @@ mod tests {
         put("daddr", t.saddr.map(|a| a.to_string().into()));
         put("dport", t.sport.map(Value::from));
         put("netns", r.netns.map(Value::from));
+        put("owner", r.owner.as_deref().map(expected_owner));
         put("ifindex", r.ifindex.map(Value::from));
         put(
             "trigger",
@@ -591,7 +675,21 @@ mod tests {
             self.resets += 1;
             Ok(())
         }
-        fn summary(&mut self, _: &Summary) -> io::Result<()> {
+        fn summary(&mut self, s: &Summary) -> io::Result<()> {
+            let got = self.render(|j| j.summary(s));
+            let rows: Vec<Value> = s
+                .top_netns(10)
+                .into_iter()
+                .map(|(ns, n, owner)| {
+                    let mut row = json!({"netns": ns, "events": n});
+                    if let Some(o) = owner {
+                        row["owner"] = expected_owner(o);
+                    }
+                    row
+                })
+                .collect();
+            assert!(!rows.is_empty());
+            assert_eq!(got["top_netns"], Value::from(rows));
             Ok(())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -599,21 +697,47 @@ mod tests {
         }
     }
 
+    /// The namespace a ring-buffer record names, read apart from the decoder.
+    fn netns_of(bytes: &[u8]) -> Option<u32> {
+        use conntrack_trace_common::kind;
+        match bytes
+            .get(..4)
+            .map(|k| u32::from_ne_bytes(k.try_into().unwrap()))
+        {
+            Some(kind::PACKET) => crate::verdict::parse(bytes).ok().map(|e| e.netns),
+            Some(kind::RESET) => crate::reset::parse(bytes).ok().map(|e| e.netns),
+            _ => None,
+        }
+    }
+
     #[test]
     fn recorded_events_and_incidents_match_their_records() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let mut check = Check::default();
+        let mut owned = 0;
         for e in fs::read_dir(dir).unwrap() {
             let (clock, records) =
                 record::read(fs::File::open(e.unwrap().path()).unwrap()).unwrap();
+            // Every other namespace has an owner: events with and without one.
+            let mut inodes: Vec<u32> = records.iter().filter_map(|r| netns_of(r)).collect();
+            inodes.sort_unstable();
+            inodes.dedup();
+            let owners: OwnerCache = inodes
+                .iter()
+                .step_by(2)
+                .map(|&ns| (ns, nasty_owner(ns % 1000)))
+                .collect();
             let mut events = Events::new(clock, Hints::new(Node::default()), true, None);
+            events.owners = Some(owners.clone());
             for r in &records {
+                owned += usize::from(netns_of(r).and_then(|ns| owners.get(ns)).is_some());
                 events.handle(r, &mut check).unwrap();
             }
+            check.summary(&events.summary).unwrap();
         }
         assert!(
-            check.events >= 15 && check.incidents >= 2,
-            "{} {}",
+            check.events >= 15 && check.incidents >= 2 && owned >= 5,
+            "{} {} {owned}",
             check.events,
             check.incidents
         );
@@ -669,6 +793,8 @@ mod tests {
                     ours: false,
                 }),
                 window: window::explain("seq_over", None, [w, w], false, &tcp),
+                netns: Some(7),
+                owner: Some(Arc::new(nasty_owner(1))),
                 ifindex: Some(0),
                 ..Record::bare(Verdict::Invalid, u64::MAX, time, pkt)
             };
@@ -677,6 +803,16 @@ mod tests {
                 ts_ns: 5,
                 time,
                 netns: Some(u32::MAX),
+                // Known for the processes alone: no name, cgroup or container.
+                owner: Some(Arc::new(Owner::new(
+                    vec![Process {
+                        pid: u32::MAX,
+                        comm: String::new(),
+                    }],
+                    1,
+                    None,
+                    None,
+                ))),
                 ifindex: None,
                 trigger: r.pkt.clone(),
             };
@@ -694,6 +830,7 @@ mod tests {
             ts_ns: 0,
             time: bare.time,
             netns: None,
+            owner: None,
             ifindex: None,
             trigger: Packet::default(),
         };

@@ -12,6 +12,7 @@ use std::{
 };
 
 use crate::{
+    owner::Owner,
     reset::{Incident, Reset},
     summary::Summary,
     verdict::Record,
@@ -74,8 +75,8 @@ pub fn incident_story(i: &Incident) -> String {
         Known(inv.pkt.saddr.zip(inv.pkt.sport)),
         Known(inv.pkt.daddr.zip(inv.pkt.dport)),
         inv.reason_code(),
-        Known(inv.netns),
-        Known(i.reset.netns),
+        Netns(inv.netns, inv.owner.as_deref()),
+        Netns(i.reset.netns, i.reset.owner.as_deref()),
         Known(trig.daddr.zip(trig.dport)),
         Known(trig.saddr.zip(trig.sport)),
         i.effect().sentence(),
@@ -105,6 +106,17 @@ pub fn ipv4(a: Ipv4Addr, buf: &mut [u8; 15]) -> &str {
     }
     // SAFETY: only ASCII digits and dots were written (checking costs more than the rest).
     unsafe { std::str::from_utf8_unchecked(&buf[..len]) }
+}
+
+/// A namespace's inode (`?` when the event lacks it) and its owner where known:
+/// `4026532124 (ip netns client, pid 57 sleep)`.
+pub struct Netns<'a>(pub Option<u32>, pub Option<&'a Owner>);
+
+impl fmt::Display for Netns<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Known(self.0).fmt(f)?;
+        f.write_str(self.1.map_or("", |o| o.text()))
+    }
 }
 
 /// A value the event may lack, shown as `?` then; an (address, port) pair as `addr:port`.

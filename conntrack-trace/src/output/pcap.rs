@@ -123,7 +123,7 @@ fn comment(r: &Record) -> String {
         );
     }
     if let Some(n) = r.netns {
-        c += &format!("; netns {n}");
+        c += &format!("; netns {n}{}", r.owner.as_ref().map_or("", |o| o.text()));
     }
     if let Some(h) = r.hook {
         c += &format!("; hook {h}");
@@ -134,7 +134,7 @@ fn comment(r: &Record) -> String {
 fn reset_comment(r: &Reset) -> String {
     format!(
         "answered with RST (no socket) in netns {}",
-        r.netns.map_or("?".into(), |n| n.to_string())
+        super::Netns(r.netns, r.owner.as_deref())
     )
 }
 

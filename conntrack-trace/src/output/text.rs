@@ -118,7 +118,8 @@ impl<W: Write> Output for Text<W> {
                 let _ = write!(line, " {h}");
             }
             if let Some(n) = r.netns {
-                let _ = write!(line, " netns {n}");
+                let owner = r.owner.as_ref().map_or("", |o| o.text());
+                let _ = write!(line, " netns {n}{owner}");
             }
             if let Some(i) = r.ifindex {
                 let _ = write!(line, " if {i}");
@@ -167,7 +168,7 @@ impl<W: Write> Output for Text<W> {
                 "{} seq {} ack {}",
                 t.flags, t.seq, t.ack
             )),
-            r.netns.map_or("?".into(), |n| n.to_string()),
+            super::Netns(r.netns, r.owner.as_deref()),
             r.ifindex.map_or("?".into(), |n| n.to_string()),
         )?;
         Ok(())
@@ -276,6 +277,13 @@ impl<W: Write> Output for Text<W> {
                 writeln!(o, "  {n:>6}  {flow}")?;
             }
         }
+        let top = s.top_netns(10);
+        if !top.is_empty() {
+            writeln!(o, "top namespaces:")?;
+            for (ns, n, owner) in top {
+                writeln!(o, "  {n:>6}  netns {}", super::Netns(Some(ns), owner))?;
+            }
+        }
         if let Some(k) = &s.kernel {
             let g = |n: &str| k.get(n).map_or("n/a".to_string(), |v| v.to_string());
             writeln!(
@@ -299,6 +307,14 @@ impl<W: Write> Output for Text<W> {
                 o,
                 "start-up {attached:.0} ms ({btf:.0} ms reading BTF), peak memory {} KiB",
                 rss
+            )?;
+        }
+        if let Some(scans) = s.owner_scans {
+            writeln!(
+                o,
+                "namespace owners: {} /proc scans, the longest {:.1} ms",
+                scans.scans,
+                scans.longest.as_secs_f64() * 1e3
             )?;
         }
         if let (Some((c0, m0)), Some((c1, m1))) = (s.fill_start, s.fill_end) {
