@@ -26,6 +26,7 @@ mod kube;
 mod netns;
 mod observe;
 mod out_of_sync;
+mod owner;
 mod scenarios;
 mod table_full;
 mod tools;

@@ -14,7 +14,7 @@ use crate::kernel::Kernel;
 use crate::observe::{Observation, Observer};
 use crate::tools;
 use crate::topology::{API, CLIENT_IP, Nat, SERVER_IP, Service, Topology, WEB, WIRE_TO_CLIENT_IF};
-use crate::{insert_failed, kube, out_of_sync, table_full};
+use crate::{insert_failed, kube, out_of_sync, owner, table_full};
 
 /// The suite's usual topology: Service DNAT in the client namespace, with kube-proxy's
 /// INVALID drop rule so that injected segments never reset the connection under test.
@@ -103,6 +103,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("kube-proxy-incident", kube::kube_proxy_incident),
     ("out-of-sync-rst", out_of_sync::out_of_sync_rst),
     ("insert-failed", insert_failed::insert_failed),
+    ("netns-owner", owner::netns_owner),
     // Last: it lowers the global nf_conntrack_max (restored when it ends).
     ("table-full", table_full::table_full),
 ];
