@@ -64,13 +64,15 @@ pub fn table_full(ctx: &Ctx) -> Result<()> {
     if obs.delta(node, "early_drop") != 0 {
         problems.add("early_drop evicted an entry: the table was not full of ASSURED ones".into());
     }
-    // printk is rate limited: at least one line, not one per packet.
-    if !obs
-        .messages
-        .iter()
-        .any(|m| m.contains("nf_conntrack: table full, dropping packet"))
-    {
-        problems.add("the kernel did not log \"nf_conntrack: table full, dropping packet\"".into());
+    // printk is rate limited: at least one line, not one per packet. Outside init_net 6.17+
+    // names the namespace, which must be the node's.
+    let logged = if ctx.kernel.table_full_log_names_netns() {
+        format!("nf_conntrack: table full in netns {node}, dropping packet")
+    } else {
+        "nf_conntrack: table full, dropping packet".to_string()
+    };
+    if !obs.messages.iter().any(|m| m.contains(&logged)) {
+        problems.add(format!("the kernel did not log \"{logged}\""));
     }
 
     // The tracer side: one table_full drop per dropped packet, each attributed to its packet.

@@ -1,5 +1,5 @@
-//! A private apt configuration under our cache dir, so kernel packages from bookworm AND
-//! bullseye can be downloaded without touching the system's apt sources or lists.
+//! A private apt configuration under our cache dir, so kernel packages from every suite the
+//! matrix uses can be downloaded without touching the system's apt sources or lists.
 
 use std::{
     fs,
@@ -16,6 +16,9 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security trixie-security main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main
 ";
 
 pub struct PrivateApt {
@@ -87,8 +90,8 @@ impl PrivateApt {
             self.update()?;
             if !self.knows(package, version) {
                 bail!(
-                    "{package} {version} is no longer in the Debian archive (bookworm, bullseye and \
-                     their security suites were searched); pick a current build and update the \
+                    "{package} {version} is no longer in the Debian archive (bullseye, bookworm, \
+                     trixie, their security suites and trixie-backports were searched); pick a current build and update the \
                      table in xtask/src/kernels.rs"
                 );
             }

@@ -41,7 +41,7 @@ pub fn render(ctx: &Run, lines: &[String]) -> Result<String> {
         s,
         "## Linux {} (`{}` {}, guest `{}`)\n",
         k.name,
-        k.package,
+        k.package(),
         k.version,
         env["release"].as_str().unwrap_or("?")
     )?;

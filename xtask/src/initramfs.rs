@@ -177,7 +177,7 @@ pub fn build(
         }
     }
 
-    let mods = modules::resolve(&unpacked.modules_dir(), &unpacked.work.join("modules"))?;
+    let mods = modules::resolve(&unpacked.modules_dir, &unpacked.work.join("modules"))?;
     let mut order = String::new();
     for m in &mods {
         tree.copy(&m.ko, &format!("/lib/modules/{}.ko", m.name), 0o644)?;

@@ -14,45 +14,96 @@ use crate::{apt::PrivateApt, run_cmd, setup};
 pub struct Kernel {
     /// Test name: `vm::<name>::<scenario>`.
     pub name: &'static str,
-    pub package: &'static str,
+    /// The packages that together hold the kernel image and its modules, the image first:
+    /// one `linux-image` up to 6.12; from 7.x Debian splits it into `linux-binary` (the
+    /// image), `linux-modules` and `linux-base` (`modules.builtin`).
+    pub debs: &'static [Deb],
+    /// The version every package in `debs` has.
     pub version: &'static str,
-    /// From `apt-cache show` when the version was pinned.
-    pub sha256: &'static str,
     /// Why this build is in the matrix.
     pub why: &'static str,
 }
 
+pub struct Deb {
+    pub package: &'static str,
+    /// From `apt-cache show` when the version was pinned.
+    pub sha256: &'static str,
+}
+
+impl Kernel {
+    /// The package holding the kernel image, which names the build.
+    pub fn package(&self) -> &'static str {
+        self.debs[0].package
+    }
+}
+
 /// Which build has which `nf_tcp_log_invalid` was read from `conntrack-trace check` in the
 /// guest (2026-11): variadic in 6.1.0-47 (6.1.170-3) and 6.1.0-50 (6.1.176-1); the struct form
-/// in 6.1.0-53 (6.1.187-1) and later 6.1 builds, and in every 6.12 build seen (6.12.107 on).
-/// Each pick is the newest build of its kind, which stays in the archive longest.
+/// in 6.1.0-53 (6.1.187-1) and later 6.1 builds, in every 6.12 build seen (6.12.107 on) and
+/// in trixie-backports' 7.3.4. Each pick is the newest build of its kind, which stays in the archive longest.
 pub const KERNELS: &[Kernel] = &[
     Kernel {
         name: "6.1-variadic",
-        package: "linux-image-6.1.0-50-cloud-amd64-unsigned",
+        debs: &[Deb {
+            package: "linux-image-6.1.0-50-cloud-amd64-unsigned",
+            sha256: "4f217f710203cdfedde21f836bc66a0a4d773752d7fe8e5e13f701f891788945",
+        }],
         version: "6.1.176-1",
-        sha256: "4f217f710203cdfedde21f836bc66a0a4d773752d7fe8e5e13f701f891788945",
         why: "bookworm 6.1.176: nf_tcp_log_invalid(skb, ct, state, sender, ret, fmt, ...)",
     },
     Kernel {
         name: "6.1-struct",
-        package: "linux-image-6.1.0-56-cloud-amd64-unsigned",
+        debs: &[Deb {
+            package: "linux-image-6.1.0-56-cloud-amd64-unsigned",
+            sha256: "7ff7fc8da85d313242c20698c6b34542aea447673c7c1975b0d38bd6005100b5",
+        }],
         version: "6.1.192-2",
-        sha256: "7ff7fc8da85d313242c20698c6b34542aea447673c7c1975b0d38bd6005100b5",
         why: "bookworm-security 6.1.192: nf_tcp_log_invalid(skb, ct, state, log)",
     },
     Kernel {
         name: "6.12",
-        package: "linux-image-6.12.117+deb12-cloud-amd64-unsigned",
+        debs: &[Deb {
+            package: "linux-image-6.12.117+deb12-cloud-amd64-unsigned",
+            sha256: "670b2688bcf94c24693f7c7e1fc9776ff2e202ff15553a2614f79415d48a6607",
+        }],
         version: "6.12.117-1~deb12u1",
-        sha256: "670b2688bcf94c24693f7c7e1fc9776ff2e202ff15553a2614f79415d48a6607",
         why: "bookworm-security 6.12.117: nf_tcp_log_invalid(skb, ct, state, log), tcp_send_reset with reason",
     },
     Kernel {
+        name: "6.12-trixie",
+        debs: &[Deb {
+            package: "linux-image-6.12.118+deb13-cloud-amd64-unsigned",
+            sha256: "6e5bf7a08ae170f62ab9da4f8ced023d243144583857a0e133e09a5164b2eb83",
+        }],
+        version: "6.12.118-1",
+        why: "trixie-security 6.12.118, the current stable's kernel: modules under usr/lib/modules",
+    },
+    Kernel {
+        name: "7.3",
+        debs: &[
+            Deb {
+                package: "linux-binary-7.3.4+deb13-cloud-amd64",
+                sha256: "c4fbc8e404958693b28825474c20742d70594d65ca58aea7be6a279c81eb6fa0",
+            },
+            Deb {
+                package: "linux-modules-7.3.4+deb13-cloud-amd64",
+                sha256: "359f04c363b7d3c5f9ce999ccb7351e00cc8eec0a30d6bc1cda37734987fc43d",
+            },
+            Deb {
+                package: "linux-base-7.3.4+deb13-cloud-amd64",
+                sha256: "e08baa43706ba6e8daff58029b039f46beecfb3b3750c6fa0d6d5ca508a46a43",
+            },
+        ],
+        version: "7.3.4-1~bpo13+1",
+        why: "trixie-backports 7.3.4, the newest Debian ships: split packages, table-full log names the netns",
+    },
+    Kernel {
         name: "5.10",
-        package: "linux-image-5.10.0-32-cloud-amd64-unsigned",
+        debs: &[Deb {
+            package: "linux-image-5.10.0-32-cloud-amd64-unsigned",
+            sha256: "b1fb8d34c26105a2ba1271a3df868a9eea460657df98c77fd08822ef4908c9db",
+        }],
         version: "5.10.223-1",
-        sha256: "b1fb8d34c26105a2ba1271a3df868a9eea460657df98c77fd08822ef4908c9db",
         why: "bullseye 5.10.223: variadic nf_ct_l4proto_log_invalid, no module BTF",
     },
 ];
@@ -83,25 +134,18 @@ pub fn select(names: &[String]) -> Result<Vec<&'static Kernel>> {
 }
 
 pub struct Unpacked {
-    /// Where `dpkg -x` put the package.
-    pub root: PathBuf,
     pub vmlinuz: PathBuf,
-    /// `uname -r` of the kernel, the directory name under lib/modules.
-    pub release: String,
+    /// `lib/modules/<release>` or, merged-/usr, `usr/lib/modules/<release>` where `dpkg -x`
+    /// put the packages.
+    pub modules_dir: PathBuf,
     /// Per-kernel scratch space (decompressed modules, the initramfs).
     pub work: PathBuf,
-}
-
-impl Unpacked {
-    pub fn modules_dir(&self) -> PathBuf {
-        self.root.join("lib/modules").join(&self.release)
-    }
 }
 
 fn cache_dir(kernel: &Kernel) -> PathBuf {
     setup::cache_dir()
         .join("kernels")
-        .join(format!("{}_{}", kernel.package, kernel.version))
+        .join(format!("{}_{}", kernel.package(), kernel.version))
 }
 
 /// Deletes cached kernels the table no longer names (each takes 100-160 MB).
@@ -121,57 +165,52 @@ pub fn prune_cache() {
     }
 }
 
-/// Downloads (once) and verifies (every time) the kernel package, and unpacks it (once).
+/// Downloads (once) and verifies (every time) the kernel's packages, and unpacks them (once).
 pub fn fetch(kernel: &Kernel) -> Result<Unpacked> {
     let dir = cache_dir(kernel);
-    let deb = dir.join("kernel.deb");
-    if deb.exists() && sha256(&deb)? == kernel.sha256 {
-        println!(
-            "kernels: {}: {} {} cached, sha256 ok",
-            kernel.name, kernel.package, kernel.version
-        );
-    } else {
-        println!(
-            "kernels: {}: downloading {} {}",
-            kernel.name, kernel.package, kernel.version
-        );
-        let downloaded =
-            PrivateApt::new()?.download(kernel.package, kernel.version, &dir.join("download"))?;
-        let got = sha256(&downloaded)?;
-        if got != kernel.sha256 {
-            bail!(
-                "{} has sha256 {got}, expected {}: refusing to use it",
-                downloaded.display(),
-                kernel.sha256
+    let mut debs = Vec::new();
+    for d in kernel.debs {
+        let deb = dir.join(format!("{}.deb", d.package));
+        if deb.exists() && sha256(&deb)? == d.sha256 {
+            println!(
+                "kernels: {}: {} {} cached, sha256 ok",
+                kernel.name, d.package, kernel.version
             );
+        } else {
+            println!(
+                "kernels: {}: downloading {} {}",
+                kernel.name, d.package, kernel.version
+            );
+            let downloaded =
+                PrivateApt::new()?.download(d.package, kernel.version, &dir.join("download"))?;
+            let got = sha256(&downloaded)?;
+            if got != d.sha256 {
+                bail!(
+                    "{} has sha256 {got}, expected {}: refusing to use it",
+                    downloaded.display(),
+                    d.sha256
+                );
+            }
+            fs::rename(&downloaded, &deb)
+                .with_context(|| format!("cannot move the .deb to {}", deb.display()))?;
+            let _ = fs::remove_dir_all(dir.join("download"));
         }
-        fs::rename(&downloaded, &deb)
-            .with_context(|| format!("cannot move the .deb to {}", deb.display()))?;
-        let _ = fs::remove_dir_all(dir.join("download"));
+        debs.push(deb);
     }
 
     let root = dir.join("root");
     let marker = root.join(".unpacked-sha256");
-    if fs::read_to_string(&marker).ok().as_deref() != Some(kernel.sha256) {
+    let sums: Vec<&str> = kernel.debs.iter().map(|d| d.sha256).collect();
+    let sums = sums.join("\n");
+    if fs::read_to_string(&marker).ok().as_deref() != Some(sums.as_str()) {
         let _ = fs::remove_dir_all(&root);
-        run_cmd(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
-        fs::write(&marker, kernel.sha256)?;
+        for deb in &debs {
+            run_cmd(Command::new("dpkg").arg("-x").arg(deb).arg(&root))?;
+        }
+        fs::write(&marker, &sums)?;
     }
-    let vmlinuz = fs::read_dir(root.join("boot"))
-        .with_context(|| format!("{} has no boot/ directory", kernel.package))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
-        .with_context(|| format!("{} has no boot/vmlinuz-*", kernel.package))?;
-    let release = vmlinuz
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("checked above")["vmlinuz-".len()..]
-        .to_string();
+    let (vmlinuz, modules_dir) =
+        locate(&root).with_context(|| format!("unpacking {}", kernel.package()))?;
     // One work dir (decompressed modules, initrd) per xtask process: two runs of the same
     // kernel at once must not boot each other's half-written initramfs. Dirs of processes
     // that are gone are removed.
@@ -187,11 +226,48 @@ pub fn fetch(kernel: &Kernel) -> Result<Unpacked> {
     let work = dir.join(format!("work-{}", std::process::id()));
     fs::create_dir_all(&work)?;
     Ok(Unpacked {
-        root,
         vmlinuz,
-        release,
+        modules_dir,
         work,
     })
+}
+
+/// The kernel image and the modules directory in unpacked packages: `boot/vmlinuz-<release>`
+/// (up to 6.12) or `usr/lib/modules/<release>/vmlinuz` (7.x's `linux-binary`); the modules
+/// under `lib/modules/<release>` (bullseye, bookworm) or `usr/lib/modules/<release>`
+/// (trixie's merged /usr).
+fn locate(root: &Path) -> Result<(PathBuf, PathBuf)> {
+    let dirs = ["lib/modules", "usr/lib/modules"];
+    let releases: Vec<PathBuf> = dirs
+        .iter()
+        .filter_map(|d| fs::read_dir(root.join(d)).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    let [modules_dir] = releases.as_slice() else {
+        bail!(
+            "expected one kernel release under {}, found {}",
+            dirs.join(" or "),
+            releases.len()
+        );
+    };
+    let release = modules_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("the modules directory's name is not UTF-8")?;
+    let vmlinuz = [
+        root.join("boot").join(format!("vmlinuz-{release}")),
+        modules_dir.join("vmlinuz"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .with_context(|| {
+        format!(
+            "no boot/vmlinuz-{release} nor vmlinuz in {}",
+            modules_dir.display()
+        )
+    })?;
+    Ok((vmlinuz, modules_dir.clone()))
 }
 
 fn sha256(file: &Path) -> Result<String> {
@@ -212,4 +288,57 @@ fn sha256(file: &Path) -> Result<String> {
         .next()
         .unwrap_or_default()
         .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both package layouts, and the errors of an unpacking that is neither.
+    #[test]
+    fn image_and_modules_are_found_in_both_layouts() {
+        let base = std::env::temp_dir().join(format!("xtask-locate-{}", std::process::id()));
+        let root = |name: &str, files: &[&str]| {
+            let root = base.join(name);
+            for f in files {
+                let path = root.join(f);
+                if f.ends_with('/') {
+                    fs::create_dir_all(&path).unwrap();
+                } else {
+                    fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    fs::write(&path, b"").unwrap();
+                }
+            }
+            root
+        };
+        let image = root(
+            "image",
+            &["boot/vmlinuz-6.12.1", "lib/modules/6.12.1/kernel/"],
+        );
+        assert_eq!(
+            locate(&image).unwrap(),
+            (
+                image.join("boot/vmlinuz-6.12.1"),
+                image.join("lib/modules/6.12.1")
+            )
+        );
+        let split = root("split", &["usr/lib/modules/7.3.4/vmlinuz"]);
+        assert_eq!(
+            locate(&split).unwrap(),
+            (
+                split.join("usr/lib/modules/7.3.4/vmlinuz"),
+                split.join("usr/lib/modules/7.3.4")
+            )
+        );
+        let two = root("two", &["lib/modules/a/", "usr/lib/modules/b/"]);
+        assert!(locate(&two).unwrap_err().to_string().contains("found 2"));
+        let no_image = root("no-image", &["usr/lib/modules/7.3.4/"]);
+        assert!(
+            locate(&no_image)
+                .unwrap_err()
+                .to_string()
+                .contains("vmlinuz")
+        );
+        let _ = fs::remove_dir_all(&base);
+    }
 }

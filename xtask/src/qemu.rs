@@ -49,7 +49,10 @@ pub fn run(
     };
     println!(
         "\n{what} on {}: {} {} ({})",
-        kernel.name, kernel.package, kernel.version, kernel.why
+        kernel.name,
+        kernel.package(),
+        kernel.version,
+        kernel.why
     );
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
