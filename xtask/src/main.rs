@@ -240,7 +240,7 @@ fn vm_test(names: &[String], scenarios: &[String], timeout: u64) -> Result<bool>
     let started = Instant::now();
     let bins = guest_build::build()?;
     let mut total = Tally::default();
-    let mut times = Vec::new();
+    let mut rows = Vec::new();
     for kernel in selected {
         // A kernel that cannot be fetched or packed is that kernel's failure, not the run's.
         let tally = boot(kernel, &bins, Mode::Test, timeout, &[], scenarios)
@@ -250,21 +250,31 @@ fn vm_test(names: &[String], scenarios: &[String], timeout: u64) -> Result<bool>
                 t.fail(&format!("vm::{}::boot", kernel.name), &format!("{e:#}"));
                 t
             });
-        times.push((kernel.name, tally.boot, tally.wall));
+        rows.push(format!(
+            "  {:<14} {:<20} {:<28} {:>3} passed {:>2} failed  boot {:>6}  total {:>6.1}s",
+            kernel.name,
+            kernel.version,
+            tally.release.as_deref().unwrap_or("(never booted)"),
+            tally.passed,
+            tally.failures.len(),
+            tally
+                .boot
+                .map(|b| format!("{:.1}s", b.as_secs_f64()))
+                .unwrap_or_else(|| "-".into()),
+            tally.wall.as_secs_f64()
+        ));
         total.add(&tally);
     }
-    println!("\nvm-test time per kernel (boot to /init, whole guest run):");
-    for (name, boot, wall) in &times {
-        let boot = boot
-            .map(|b| format!("{:.1}s", b.as_secs_f64()))
-            .unwrap_or_else(|| "-".into());
-        println!(
-            "  {name:<14} boot {boot:>6}  total {:>6.1}s",
-            wall.as_secs_f64()
-        );
+    // The README's table of tested kernels is written from these lines.
+    println!(
+        "\nvm-test per kernel (Debian version, guest uname -r, scenario results, boot to /init, \
+         whole guest run):"
+    );
+    for row in &rows {
+        println!("{row}");
     }
     total.wall = started.elapsed();
-    println!("\nvm-test total ({} kernels):", times.len());
+    println!("\nvm-test total ({} kernels):", rows.len());
     total.print_result();
     Ok(total.ok())
 }

@@ -189,6 +189,7 @@ pub fn run(
     }
     tally.wall = wall;
     tally.boot = guest.booted;
+    tally.release = guest.release;
     tally.print_result();
     Ok(Outcome {
         tally,
@@ -202,7 +203,7 @@ enum Event {
     Done,
 }
 
-/// The guest protocol: `CT-BOOTED ...`, `CT-PLAN <scenario runs>`,
+/// The guest protocol: `CT-BOOTED <name> <uname -r>`, `CT-PLAN <scenario runs>`,
 /// `CT-RESULT <scenario> ok|ignored|FAILED <reason>`, `CT-BENCH <json>`, `CT-DONE`,
 /// `CT-SCENARIOS-EXIT <status>`. Markers are found anywhere in a line because kernel messages
 /// can share a console line with them.
@@ -210,6 +211,8 @@ struct Protocol {
     kernel: &'static str,
     tally: Tally,
     booted: Option<Duration>,
+    /// The guest's `uname -r`.
+    release: Option<String>,
     done: bool,
     scenarios_exit: Option<i32>,
     /// How many scenario results the guest announced (`CT-PLAN`), and how many came after.
@@ -224,6 +227,7 @@ impl Protocol {
             kernel,
             tally: Tally::default(),
             booted: None,
+            release: None,
             done: false,
             scenarios_exit: None,
             planned: None,
@@ -252,8 +256,9 @@ impl Protocol {
     }
 
     fn line(&mut self, line: &str, elapsed: Duration) -> Event {
-        if line.contains("CT-BOOTED") {
+        if let Some(rest) = marker(line, "CT-BOOTED") {
             self.booted.get_or_insert(elapsed);
+            self.release = rest.split_whitespace().nth(1).map(str::to_string);
         } else if let Some(rest) = marker(line, "CT-PLAN ") {
             self.planned = rest.trim().parse().ok();
         } else if let Some(rest) = marker(line, "CT-RESULT ") {
@@ -350,6 +355,7 @@ mod tests {
         assert_eq!(p.line("CT-DONE", t), Event::Done);
         p.line("CT-SCENARIOS-EXIT 1", t);
         assert_eq!(p.booted, Some(t));
+        assert_eq!(p.release.as_deref(), Some("6.12.115+deb12-cloud-amd64"));
         assert!(p.done);
         assert_eq!(p.scenarios_exit, Some(1));
         assert_eq!(p.bench, [r#"{"kind":"env"}"#]);

@@ -11,6 +11,8 @@ pub struct Tally {
     pub wall: Duration,
     /// Time from starting qemu to the guest's /init running.
     pub boot: Option<Duration>,
+    /// The guest kernel's `uname -r`, as it reported it.
+    pub release: Option<String>,
 }
 
 impl Tally {
