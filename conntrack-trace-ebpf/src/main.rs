@@ -5,6 +5,7 @@
 // Inline BPF assembly, for the one atomic add Rust's atomics do not offer on this target.
 #![feature(asm_experimental_arch)]
 
+mod args;
 mod ct;
 mod drops;
 mod filter;

@@ -10,7 +10,7 @@ use conntrack_trace_common::{
     window::action,
 };
 
-use crate::{ct, frame::for_reason, read::field, ring::count};
+use crate::{args::arg, ct, frame::for_reason, read::field, ring::count};
 
 #[unsafe(no_mangle)]
 static LOG_ARGS: LogArgs = LogArgs {
@@ -109,27 +109,5 @@ pub fn fmt_into(ptr: u64, dst: &mut [u8; TEXT_LEN]) {
     if ptr != 0 {
         // SAFETY: the helper checks the address and always NUL-terminates.
         let _ = unsafe { bpf_probe_read_kernel_str_bytes(ptr as *const u8, dst) };
-    }
-}
-
-/// Argument `n` of the probed function, x86-64 SysV: six registers, then the stack. `n` is
-/// only known at run time, and the verifier refuses variable offsets into the context, so
-/// each register is loaded at its constant offset and one is selected.
-#[inline(always)]
-pub fn arg(ctx: &ProbeContext, n: u64) -> u64 {
-    let regs = ctx.regs;
-    // SAFETY: regs is this hit's pt_regs; each read is a fixed-offset context load.
-    let r = |p: *const u64| unsafe { core::ptr::read_volatile(p) };
-    unsafe {
-        match n {
-            0 => r(&raw const (*regs).rdi),
-            1 => r(&raw const (*regs).rsi),
-            2 => r(&raw const (*regs).rdx),
-            3 => r(&raw const (*regs).rcx),
-            4 => r(&raw const (*regs).r8),
-            5 => r(&raw const (*regs).r9),
-            // At entry rsp points at the return address; stack arguments follow it.
-            _ => field::<u64>(r(&raw const (*regs).rsp), (8 * (n - 5)) as u32).unwrap_or(0),
-        }
     }
 }

@@ -13,10 +13,11 @@ use conntrack_trace_common::{
 };
 
 use crate::{
+    args::arg,
     ct,
     frame::{Frame, for_reason, frames},
     read::{field, offsets},
-    reason::{arg, fmt_into, orphan},
+    reason::{fmt_into, orphan},
     verdict,
 };
 
@@ -70,7 +71,7 @@ pub fn nf_tcp_log_invalid_variadic(ctx: ProbeContext) -> u32 {
         .unwrap_or(action::UNKNOWN);
     r.log_type = log_type::NONE;
     r.l4proto = 6;
-    // The bound is the first vararg: past the six register arguments, on the stack.
+    // The bound is the first vararg (on the stack on x86-64, in x6 on arm64).
     r.args[0] = arg(&ctx, 6);
     fmt_into(ctx.arg::<u64>(5).unwrap_or(0), &mut r.fmt);
     r.arg[0] = 0;
