@@ -1,6 +1,7 @@
 //! `cargo xtask dist`: the release directory and tarball for a node with no toolchain: the
 //! static tracer (the VM suite's own build, eBPF object embedded), man pages, completions,
-//! the README, the licenses of everything linked in, and SHA256SUMS.
+//! the README, the licenses of everything linked in, and SHA256SUMS; one for x86_64 and one
+//! cross-built for aarch64.
 
 use std::{
     fs,
@@ -11,7 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::{guest_build, licenses, run_cmd, run_output, workspace_root};
+use crate::{arch::Arch, guest_build, licenses, run_cmd, run_output, workspace_root};
 
 pub struct Release {
     /// `conntrack-trace 0.1.0 (commit ..., eBPF object sha256 ...)`, as the binary says.
@@ -24,6 +25,8 @@ pub struct Release {
     pub created: String,
     pub dir: PathBuf,
     pub tarball: PathBuf,
+    /// The same release cross-built for aarch64.
+    pub aarch64_tarball: PathBuf,
 }
 
 /// Where releases go: `target/dist`.
@@ -38,10 +41,6 @@ pub fn build() -> Result<Release> {
         .to_string();
     let (version, commit) = parse_version(&version_line)
         .with_context(|| format!("unexpected --version output {version_line:?}"))?;
-    let name = format!("conntrack-trace-{version}-x86_64-linux");
-    let dir = out_dir().join(&name);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     println!("dist: {version_line}");
     if let Some(changed) = uncommitted() {
         println!(
@@ -49,20 +48,6 @@ pub fn build() -> Result<Release> {
              --version names {commit} alone"
         );
     }
-
-    let tracer = dir.join("conntrack-trace");
-    fs::copy(&bins.tracer, &tracer)
-        .with_context(|| format!("cannot copy {}", bins.tracer.display()))?;
-    run_cmd(Command::new(&tracer).arg("__generate-docs").arg(&dir))?;
-    fs::copy(workspace_root().join("README.md"), dir.join("README.md"))
-        .context("cannot copy README.md")?;
-    let third_party = licenses::render()?;
-    fs::write(dir.join("THIRD-PARTY-LICENSES.txt"), third_party)
-        .context("cannot write THIRD-PARTY-LICENSES.txt")?;
-    let sums = sha256sums(&dir)?;
-    fs::write(dir.join("SHA256SUMS"), &sums).context("cannot write SHA256SUMS")?;
-
-    let tarball = out_dir().join(format!("{name}.tar.gz"));
     let mtime = commit_time(&commit);
     let created = run_output(
         Command::new("date")
@@ -72,6 +57,48 @@ pub fn build() -> Result<Release> {
     )?
     .trim()
     .to_string();
+    let (dir, tarball) = package(Arch::X86_64, &bins.tracer, &bins.tracer, &version, mtime)?;
+    let cross = guest_build::build_for(Arch::Aarch64)?;
+    // Man pages and completions come from the CLI's definition, the same on every
+    // architecture: the host's binary writes them (the aarch64 one cannot run here).
+    let (_, aarch64_tarball) =
+        package(Arch::Aarch64, &cross.tracer, &bins.tracer, &version, mtime)?;
+    Ok(Release {
+        version_line,
+        version,
+        commit,
+        created,
+        dir,
+        tarball,
+        aarch64_tarball,
+    })
+}
+
+/// The release directory and tarball of `tracer` built for `arch`; `docs_from` is a binary
+/// of the same release that runs here. Returns both paths.
+fn package(
+    arch: Arch,
+    tracer: &Path,
+    docs_from: &Path,
+    version: &str,
+    mtime: u64,
+) -> Result<(PathBuf, PathBuf)> {
+    let name = format!("conntrack-trace-{version}-{}-linux", arch.name());
+    let dir = out_dir().join(&name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::copy(tracer, dir.join("conntrack-trace"))
+        .with_context(|| format!("cannot copy {}", tracer.display()))?;
+    run_cmd(Command::new(docs_from).arg("__generate-docs").arg(&dir))?;
+    fs::copy(workspace_root().join("README.md"), dir.join("README.md"))
+        .context("cannot copy README.md")?;
+    let third_party = licenses::render(arch)?;
+    fs::write(dir.join("THIRD-PARTY-LICENSES.txt"), third_party)
+        .context("cannot write THIRD-PARTY-LICENSES.txt")?;
+    let sums = sha256sums(&dir)?;
+    fs::write(dir.join("SHA256SUMS"), &sums).context("cannot write SHA256SUMS")?;
+
+    let tarball = out_dir().join(format!("{name}.tar.gz"));
     // Reproducible: sorted names, no owner, the commit's time on every file.
     run_cmd(
         Command::new("tar")
@@ -93,14 +120,7 @@ pub fn build() -> Result<Release> {
         tarball.display(),
         fs::metadata(&tarball)?.len()
     );
-    Ok(Release {
-        version_line,
-        version,
-        commit,
-        created,
-        dir,
-        tarball,
-    })
+    Ok((dir, tarball))
 }
 
 /// `conntrack-trace 0.1.0 (commit C, eBPF object sha256 H)` -> ("0.1.0", "C").
@@ -189,38 +209,7 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
 /// sums, and run the binary's `--version`, `check` and `stats`.
 pub fn test(release: &Release) -> Result<()> {
     let scratch = out_dir().join("test-unpack");
-    let _ = fs::remove_dir_all(&scratch);
-    fs::create_dir_all(&scratch)?;
-    run_cmd(
-        Command::new("tar")
-            .arg("-xzf")
-            .arg(&release.tarball)
-            .arg("-C")
-            .arg(&scratch),
-    )?;
-    let dir = scratch.join(release.dir.file_name().expect("named"));
-    for want in [
-        "conntrack-trace",
-        "README.md",
-        "THIRD-PARTY-LICENSES.txt",
-        "SHA256SUMS",
-        "man/conntrack-trace.1",
-        "man/conntrack-trace-check.1",
-        "man/conntrack-trace-stats.1",
-        "man/conntrack-trace-replay.1",
-        "completions/conntrack-trace.bash",
-        "completions/_conntrack-trace",
-        "completions/conntrack-trace.fish",
-    ] {
-        if !dir.join(want).is_file() {
-            bail!("the tarball has no {want}");
-        }
-    }
-    run_cmd(
-        Command::new("sha256sum")
-            .current_dir(&dir)
-            .args(["--quiet", "-c", "SHA256SUMS"]),
-    )?;
+    let dir = unpack_and_verify(&release.tarball, &scratch)?;
     // The bash completion completes a subcommand.
     let script = "source completions/conntrack-trace.bash; COMP_WORDS=(conntrack-trace st); \
                   COMP_CWORD=1; _conntrack__trace conntrack-trace st conntrack-trace; \
@@ -268,6 +257,59 @@ pub fn test(release: &Release) -> Result<()> {
         .with_context(|| format!("`stats --json` from the tarball is not JSON: {stats}"))?;
     let _ = fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// The aarch64 tarball as far as this host can take it: unpacked elsewhere, every file the
+/// x86_64 one has, its sums, and a static aarch64 binary (running it is the arm64 VM's part).
+pub fn test_aarch64(release: &Release) -> Result<()> {
+    let scratch = out_dir().join("test-unpack-aarch64");
+    let dir = unpack_and_verify(&release.aarch64_tarball, &scratch)?;
+    guest_build::ensure_static(&dir.join("conntrack-trace"), Arch::Aarch64)?;
+    let _ = fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+/// Unpacks `tarball` into a fresh `scratch` and checks that it holds the release's files and
+/// that they match its SHA256SUMS; returns the release directory.
+fn unpack_and_verify(tarball: &Path, scratch: &Path) -> Result<PathBuf> {
+    let _ = fs::remove_dir_all(scratch);
+    fs::create_dir_all(scratch)?;
+    run_cmd(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(tarball)
+            .arg("-C")
+            .arg(scratch),
+    )?;
+    let name = tarball
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".tar.gz"))
+        .with_context(|| format!("{} is not a .tar.gz", tarball.display()))?;
+    let dir = scratch.join(name);
+    for want in [
+        "conntrack-trace",
+        "README.md",
+        "THIRD-PARTY-LICENSES.txt",
+        "SHA256SUMS",
+        "man/conntrack-trace.1",
+        "man/conntrack-trace-check.1",
+        "man/conntrack-trace-stats.1",
+        "man/conntrack-trace-replay.1",
+        "completions/conntrack-trace.bash",
+        "completions/_conntrack-trace",
+        "completions/conntrack-trace.fish",
+    ] {
+        if !dir.join(want).is_file() {
+            bail!("{} has no {want}", tarball.display());
+        }
+    }
+    run_cmd(
+        Command::new("sha256sum")
+            .current_dir(&dir)
+            .args(["--quiet", "-c", "SHA256SUMS"]),
+    )?;
+    Ok(dir)
 }
 
 /// A dynamic executable names its loader in a PT_INTERP program header; a static (or

@@ -13,12 +13,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::{run_output, setup, workspace_root};
+use crate::{arch::Arch, run_output, setup, workspace_root};
 
-/// (root package, platform its dependencies are resolved for)
-const ROOTS: &[(&str, &str)] = &[
-    ("conntrack-trace", "x86_64-unknown-linux-gnu"),
-    ("conntrack-trace-ebpf", "bpfel-unknown-none"),
+/// (root package, platform its dependencies are resolved for: None for the release's own)
+const ROOTS: &[(&str, Option<&str>)] = &[
+    ("conntrack-trace", None),
+    ("conntrack-trace-ebpf", Some("bpfel-unknown-none")),
 ];
 
 const APACHE: &str = "/usr/share/common-licenses/Apache-2.0";
@@ -51,9 +51,10 @@ pub struct Crate {
     pub license_file: Option<PathBuf>,
 }
 
-pub fn render() -> Result<String> {
+pub fn render(arch: Arch) -> Result<String> {
     let mut crates: BTreeMap<(String, String), Crate> = BTreeMap::new();
     for (root, platform) in ROOTS {
+        let platform = platform.unwrap_or(arch.rust_target());
         let out = run_output(
             setup::cargo()
                 .current_dir(workspace_root())
@@ -135,7 +136,7 @@ pub fn render() -> Result<String> {
             rule = "-".repeat(78)
         ));
     }
-    out.push_str(&c_runtime()?);
+    out.push_str(&c_runtime(arch)?);
     Ok(out)
 }
 
@@ -274,8 +275,9 @@ fn license_texts(c: &Crate) -> Result<Vec<(String, String)>> {
 
 /// glibc and libgcc are linked statically into the release binary; their terms (LGPL-2.1+
 /// with its exceptions, GPL-3+ with the GCC Runtime Library Exception) come from Debian's
-/// copyright files of the packages that shipped the archives.
-fn c_runtime() -> Result<String> {
+/// copyright files of the packages that shipped the archives (the cross toolchain's for
+/// another architecture).
+fn c_runtime(arch: Arch) -> Result<String> {
     let mut out = format!(
         "\n{rule}\nC runtime linked statically: GNU C Library and GCC's libgcc\n{rule}\n\
          The GNU C Library is under the LGPL-2.1-or-later (with exceptions); its sources are at\n\
@@ -284,7 +286,7 @@ fn c_runtime() -> Result<String> {
         rule = "-".repeat(78)
     );
     for archive in ["libc.a", "libgcc.a"] {
-        let path = run_output(Command::new("gcc").arg(format!("-print-file-name={archive}")))?;
+        let path = run_output(Command::new(arch.gcc()).arg(format!("-print-file-name={archive}")))?;
         let path = fs::canonicalize(path.trim())
             .with_context(|| format!("gcc does not know {archive}"))?;
         let owner = run_output(Command::new("dpkg").arg("-S").arg(&path))?;

@@ -2,6 +2,7 @@
 //! test command the README gives.
 
 mod apt;
+mod arch;
 mod bench;
 mod cpio;
 #[cfg(test)]
@@ -181,6 +182,7 @@ fn release_test() -> bool {
     match dist::build() {
         Ok(release) => {
             results.push(("release::tarball", dist::test(&release)));
+            results.push(("release::tarball-aarch64", dist::test_aarch64(&release)));
             let image = image::build(&release).and_then(|i| image::test(&release, &i));
             results.push(("release::image", image));
             let tracer = release.dir.join("conntrack-trace");

@@ -20,6 +20,11 @@ const LLVM_MAJOR: &str = "22";
 /// release tests' tools (the last three).
 const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
+    // `vm-test --arch arm64`.
+    "qemu-system-arm",
+    // `dist` cross-builds the static aarch64 binary with Debian's cross toolchain and glibc.
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
     "busybox-static",
     "iproute2",
     "iptables",
@@ -85,6 +90,7 @@ pub fn is_root() -> bool {
 
 pub fn run() -> Result<()> {
     rust_src()?;
+    cross_target()?;
     bpf_linker()?;
     apt_packages()?;
     cargo_fuzz()?;
@@ -175,6 +181,25 @@ fn rust_src() -> Result<()> {
     }
     println!("setup: rust-src for nightly: installing");
     run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// The aarch64 Rust target `dist` cross-builds the release for (the stable toolchain's).
+pub const AARCH64_TARGET: &str = "aarch64-unknown-linux-gnu";
+
+fn cross_target() -> Result<()> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("cannot run rustup (is it installed and on PATH?)")?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l == AARCH64_TARGET)
+    {
+        println!("setup: Rust target {AARCH64_TARGET}: already installed, skipped");
+        return Ok(());
+    }
+    println!("setup: Rust target {AARCH64_TARGET}: installing");
+    run_cmd(Command::new("rustup").args(["target", "add", AARCH64_TARGET]))
 }
 
 fn bpf_linker() -> Result<()> {
@@ -289,7 +314,7 @@ fn apt_packages() -> Result<()> {
     // The emulator comes from where the machine's qemu-utils came from, in a transaction of
     // its own so that nothing else is taken from there.
     let (qemu, rest): (Vec<&str>, Vec<&str>) =
-        missing.iter().partition(|p| **p == "qemu-system-x86");
+        missing.iter().partition(|p| p.starts_with("qemu-system-"));
     let release = if qemu.is_empty() {
         None
     } else {
@@ -365,7 +390,7 @@ fn qemu_release() -> Result<Option<String>> {
     if fs::read_to_string(list).ok().as_deref() != Some(line.as_str()) {
         println!(
             "setup: qemu-utils {version} is from {release}: adding that source ({}) for \
-             qemu-system-x86 of the same version",
+             the emulators of the same version",
             list.display()
         );
         fs::write(list, &line).with_context(|| format!("cannot write {}", list.display()))?;
