@@ -16,7 +16,7 @@ use conntrack_trace_common::{
 
 use crate::{
     filter,
-    frame::{frames, mode, pending_add},
+    frame::{frames, mode},
     ring::emit_packet,
     skb,
 };
@@ -49,11 +49,8 @@ pub fn early_drop_ret(ctx: RetProbeContext) -> u32 {
     let Some(frames) = frames() else { return 0 };
     let mode = mode();
     if mode != conntrack_trace_common::mode::COLD {
-        // Only fexit reads the pending count (the kprobe pair's return takes the reason
-        // without it).
-        if mode == conntrack_trace_common::mode::FEXIT && frames.drop_reason == 0 {
-            pending_add(1);
-        }
+        // The verdict probe's return takes it: the call ends in NF_DROP, which fexit too
+        // sees.
         frames.drop_reason = reason::TABLE_FULL;
         return 0;
     }

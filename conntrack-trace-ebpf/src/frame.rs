@@ -4,9 +4,9 @@
 //! idle task shares pid 0 across CPUs, so neither a slot nor a pid-keyed hash would be safe.
 //!
 //! With the kprobe pair, the entry probe pushes every call. With fexit there is no entry
-//! probe: a reason hook pushes a frame for its packet and the fexit program pops it.
-
-use core::sync::atomic::AtomicU64;
+//! probe: a reason hook reports its packet itself, as in cold mode, and notes the skb so
+//! that the fexit program, which sees only the packets that lost their entry or were
+//! dropped, does not report it again.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use conntrack_trace_common::{MAX_NEST, mode, stat, verdict::PacketEvent};
@@ -38,45 +38,39 @@ pub struct Frames {
     /// The skb `nf_tcp_log_invalid` last logged for on this CPU (kept after it returns): the
     /// timeout note `nf_tcp_handle_invalid` logs next for that packet is not a second event.
     pub window_logged_skb: u64,
+    /// fexit mode: skbs a reason hook reported that may still reach the fexit program's slow
+    /// path (not those the kernel said it ignores), most recent last.
+    pub logged: [u64; LOGGED],
+    pub logged_next: u64,
     pub frame: [Frame; MAX_NEST],
 }
+
+/// Reported skbs remembered per CPU: more than the calls that can be in flight at once.
+const LOGGED: usize = 4;
 
 #[map]
 static FRAMES: PerCpuArray<Frames> = PerCpuArray::with_max_entries(1, 0);
 
-/// Frames and drop reasons waiting for an fexit, summed over all CPUs. While it is 0 the
-/// fexit program decides an accepted, tracked packet without looking up its CPU's frames:
-/// that lookup was most of its time on the per-packet path. Only the rare paths write it.
-/// A frame whose fexit never runs (a call already in flight at attach) keeps it above 0:
-/// every packet then takes the full path, slower but still right.
-static PENDING: AtomicU64 = AtomicU64::new(0);
-
+/// Remembers that a reason hook reported `skb`.
 #[inline(always)]
-pub fn nothing_pending() -> bool {
-    // SAFETY: a plain load of a live global (this target cannot select an atomic load); a
-    // stale 0 can only be read before this CPU's own add, which comes first on this CPU.
-    unsafe { core::ptr::read_volatile(PENDING.as_ptr()) == 0 }
-}
-
-/// `PENDING += n`, n possibly negative (as its two's complement). The BPF target has an
-/// atomic add but no compare-and-swap, so Rust offers no `fetch_add` there: the instruction
-/// is written out.
-#[inline(always)]
-pub fn pending_add(n: u64) {
-    // SAFETY: an atomic add to a live global; it touches nothing else.
-    unsafe {
-        core::arch::asm!(
-            "lock *(u64 *)({p} + 0) += {n}",
-            p = in(reg) PENDING.as_ptr(),
-            n = in(reg) n,
-        )
+pub fn note_logged(frames: &mut Frames, skb: u64) {
+    let i = frames.logged_next as usize & (LOGGED - 1);
+    frames.logged_next = frames.logged_next.wrapping_add(1);
+    if let Some(slot) = frames.logged.get_mut(i) {
+        *slot = skb;
     }
 }
 
-/// What a CPU contributes to PENDING.
+/// Whether a reason hook reported `skb`; forgets it if so.
 #[inline(always)]
-pub fn pending_of(frames: &Frames) -> u64 {
-    frames.depth as u64 + u64::from(frames.drop_reason != 0)
+pub fn take_logged(frames: &mut Frames, skb: u64) -> bool {
+    for slot in frames.logged.iter_mut() {
+        if *slot == skb {
+            *slot = 0;
+            return true;
+        }
+    }
+    false
 }
 
 /// `conntrack_trace_common::mode`, set by userspace from the attach plan.
@@ -123,8 +117,8 @@ pub fn pop(frames: &mut Frames) -> Option<&mut Frame> {
     frames.frame.get_mut(d - 1)
 }
 
-/// The frame a reason for `skb` belongs in: the innermost call if it is this packet's; with
-/// fexit a new frame for it; in cold mode the scratch frame, which the hook emits itself.
+/// The frame a reason for `skb` belongs in: the innermost call if it is this packet's (the
+/// kprobe pair); with fexit and in cold mode the scratch frame, which the hook emits itself.
 #[inline(always)]
 pub fn for_reason(skb: u64, state: u64) -> Option<&'static mut Frame> {
     let frames = frames()?;
@@ -138,11 +132,7 @@ pub fn for_reason(skb: u64, state: u64) -> Option<&'static mut Frame> {
         }
     }
     match mode() {
-        mode::FEXIT => {
-            pending_add(1);
-            push(frames, skb, state)
-        }
-        mode::COLD => {
+        mode::FEXIT | mode::COLD => {
             let f = &mut frames.cold;
             f.skb = skb;
             f.state = state;

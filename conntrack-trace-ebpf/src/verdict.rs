@@ -8,13 +8,14 @@ use aya_ebpf::{
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
 use conntrack_trace_common::{
-    MAX_NEST,
+    reason::{Reason, source},
     verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, verdict},
+    window::{action, log_type},
 };
 
 use crate::{
     filter,
-    frame::{Frame, Frames, frames, mode, nothing_pending, pending_add, pending_of, pop, push},
+    frame::{Frame, Frames, frames, mode, note_logged, pop, push, take_logged},
     read::{field, offsets},
     ring::emit_packet,
     skb,
@@ -55,45 +56,45 @@ fn take_drop_reason(frames: &mut Frames) -> u8 {
     r
 }
 
-/// One program instead of the pair, where fexit can attach. Frames are pushed only by reason
-/// hooks, so the innermost one is this call's only if it holds this skb.
+/// One program instead of the pair, where fexit can attach. Reason hooks report logged
+/// packets themselves in this mode, so this program only has to find the packets no reason
+/// was logged for: those that lost their entry (INVALID) or were dropped.
 #[fexit(function = "nf_conntrack_in")]
 pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
     let skb: u64 = ctx.arg(0);
     let ret = ctx.arg::<u64>(2) as i32;
-    // Nearly every packet: accepted, still tracked, nothing logged or dropped anywhere.
-    if ret == NF_ACCEPT && nothing_pending() && nfct_direct(skb) != 0 {
+    // Nearly every packet: accepted and still tracked. This test touches only the context
+    // and the skb, no map: under TCG each map page costs more than the rest of the program.
+    if ret == NF_ACCEPT && nfct_direct(skb) != 0 {
         return 0;
     }
     let Some(frames) = frames() else { return 0 };
-    let before = pending_of(frames);
-    let state: u64 = ctx.arg(1);
     let drop_reason = take_drop_reason(frames);
-    // Bounds-checked and masked in one index, so the verifier tracks it (MAX_NEST is 2^n).
-    let top = (frames.depth as usize).wrapping_sub(1);
-    let mine = top < MAX_NEST
-        && frames
-            .frame
-            .get(top & (MAX_NEST - 1))
-            .is_some_and(|f| f.skb == skb);
-    if !mine {
-        // No reason was logged for this call: decide on a fresh frame.
-        push(frames, skb, state);
+    if take_logged(frames, skb) {
+        return 0;
     }
-    let f = pop(frames);
-    if let Some(f) = f {
-        f.state = state;
+    let depth = frames.depth;
+    if let Some(f) = push(frames, skb, ctx.arg(1)) {
         decide(f, ret, drop_reason);
     }
-    pending_add(pending_of(frames).wrapping_sub(before));
+    frames.depth = depth;
     0
 }
 
-/// `skb->_nfct` by a plain load: fexit's `skb` is a typed kernel pointer the verifier lets a
-/// program read at a constant offset (the frozen `OFFSETS`), with no helper call.
+/// The placeholder userspace replaces, in the loaded instructions, with
+/// `offsetof(struct sk_buff, _nfct)` (ASCII "nfct_off").
+const NFCT_OFFSET_MARK: u64 = 0x6e66_6374_5f6f_6666;
+
+/// `skb->_nfct` by a plain load at an immediate offset: fexit's `skb` is a typed kernel
+/// pointer the verifier lets a program read at a constant offset, and an immediate needs no
+/// map read (the frozen `OFFSETS` would be one).
 #[inline(always)]
 fn nfct_direct(skb: u64) -> u64 {
-    let off = offsets().skb_nfct as u64;
+    let off: u64;
+    // SAFETY: loads a 64-bit immediate into a register; nothing else.
+    unsafe {
+        core::arch::asm!("{off} = {mark} ll", off = out(reg) off, mark = const NFCT_OFFSET_MARK)
+    };
     // SAFETY: a BTF-typed pointer; the verifier checks the field and the JIT guards the load.
     unsafe { core::ptr::read_volatile((skb + off) as *const u64) }
 }
@@ -121,14 +122,37 @@ fn decide(f: &mut Frame, ret: i32, drop_reason: u8) {
     }
 }
 
-/// Called by a reason hook once its frame is filled: in cold mode nobody else will emit it.
+/// Called by a reason hook once its frame is filled: in cold and fexit mode nobody else will
+/// emit it. fexit still sees the packet if it lost its entry, so it is noted for fexit to
+/// skip, unless the kernel's own action says the packet keeps its entry.
 #[inline(always)]
 pub fn reason_logged(f: &mut Frame) {
-    if mode() == conntrack_trace_common::mode::COLD {
-        fill(f, verdict::LOGGED);
-        if filter::matches(&f.event.headers, f.event.netns) {
-            emit_packet(&f.event);
-        }
+    let m = mode();
+    if m == conntrack_trace_common::mode::EXACT {
+        return;
+    }
+    fill(f, verdict::LOGGED);
+    if filter::matches(&f.event.headers, f.event.netns) {
+        emit_packet(&f.event);
+    }
+    if m == conntrack_trace_common::mode::FEXIT
+        && !kept_entry(&f.event.reason)
+        && let Some(frames) = frames()
+    {
+        note_logged(frames, f.skb);
+    }
+}
+
+/// The window logs that say the packet keeps its entry (IGNORE since 6.1).
+#[inline(always)]
+fn kept_entry(r: &Reason) -> bool {
+    match r.source {
+        source::TCP_LOG_VARIADIC => r.action == action::IGNORE,
+        source::TCP_LOG_STRUCT => matches!(
+            r.log_type,
+            log_type::SEQ_UNDER | log_type::ACK_UNDER | log_type::OVERSHOT
+        ),
+        _ => false,
     }
 }
 

@@ -144,13 +144,12 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
 
     writeln!(
         out,
-        "\nattach plan for this kernel, default mode {} (window reasons from {:?}); --exact \
-         adds {}",
+        "\nattach plan for this kernel, default mode {} (window reasons from {:?}); {}",
         plan.mode.name(),
         plan.window,
         match plan.fexit {
-            FexitProbe::Loads(_) => "fexit on nf_conntrack_in",
-            _ => "a kprobe pair on nf_conntrack_in",
+            FexitProbe::Loads(_) => "--verdict-probe none drops the per-packet probe",
+            _ => "--exact adds a kprobe pair on nf_conntrack_in",
         }
     )?;
     for a in &plan.attach {

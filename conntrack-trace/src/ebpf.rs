@@ -20,8 +20,95 @@ pub const FEXIT_PROGRAM: &str = "nf_conntrack_in_fexit";
 pub static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrack-trace"));
 
+/// The embedded object with this kernel's `offsetof(struct sk_buff, _nfct)` written into the
+/// instructions that carry its placeholder: the fexit program's per-packet load takes it as
+/// an immediate, so that its fast path reads no map (see `nfct_direct` in the eBPF crate).
+pub struct Object(Vec<u64>);
+
+/// `NFCT_OFFSET_MARK` in the eBPF crate, as the two halves of an `ld_imm64`.
+const NFCT_MARK: [u32; 2] = [0x5f6f_6666, 0x6e66_6374];
+
+impl Object {
+    pub fn new(offsets: &Offsets) -> Result<Object> {
+        // u64 storage: the ELF parser wants the object 8-byte aligned.
+        let mut words = vec![0u64; OBJECT.len().div_ceil(8)];
+        let bytes = as_bytes_mut(&mut words);
+        bytes[..OBJECT.len()].copy_from_slice(OBJECT);
+        let code = code_ranges(OBJECT)?;
+        let patched = patch_ld_imm64(
+            &mut bytes[..OBJECT.len()],
+            &code,
+            NFCT_MARK,
+            offsets.skb_nfct,
+        );
+        anyhow::ensure!(
+            patched > 0,
+            "the eBPF object has no skb->_nfct placeholder: it was not built from this source"
+        );
+        Ok(Object(words))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: plain integers viewed as bytes; the length is the object's.
+        let all =
+            unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 8) };
+        &all[..OBJECT.len()]
+    }
+}
+
+fn as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: plain integers viewed as bytes, same memory and lifetime.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) }
+}
+
+/// File ranges of the object's executable sections (the programs).
+fn code_ranges(elf: &[u8]) -> Result<Vec<std::ops::Range<usize>>> {
+    use object::{Object as _, ObjectSection as _, SectionFlags};
+    let file = object::File::parse(elf).context("parsing the embedded eBPF object")?;
+    Ok(file
+        .sections()
+        .filter(|s| {
+            matches!(s.flags(), SectionFlags::Elf { sh_flags }
+                if sh_flags & u64::from(object::elf::SHF_EXECINSTR) != 0)
+        })
+        .filter_map(|s| {
+            let (start, len) = s.file_range()?;
+            Some(start as usize..(start + len) as usize)
+        })
+        .collect())
+}
+
+/// Rewrites every `dst = MARK ll` in `code` to `dst = value ll`; returns how many.
+fn patch_ld_imm64(
+    elf: &mut [u8],
+    code: &[std::ops::Range<usize>],
+    mark: [u32; 2],
+    value: u32,
+) -> usize {
+    const LD_IMM64: u8 = 0x18;
+    let mut patched = 0;
+    for range in code {
+        let insns = &mut elf[range.clone()];
+        for i in (0..insns.len().saturating_sub(15)).step_by(8) {
+            let imm = |at: usize| u32::from_le_bytes(insns[at..at + 4].try_into().unwrap());
+            // src_reg 0: a plain constant, not a map or BTF reference.
+            if insns[i] == LD_IMM64
+                && insns[i + 1] >> 4 == 0
+                && imm(i + 4) == mark[0]
+                && imm(i + 12) == mark[1]
+            {
+                insns[i + 4..i + 8].copy_from_slice(&value.to_le_bytes());
+                insns[i + 12..i + 16].copy_from_slice(&[0; 4]);
+                patched += 1;
+            }
+        }
+    }
+    patched
+}
+
 /// Creates the maps and relocates the programs; nothing is loaded into the verifier yet.
 pub fn open(plan: &Plan, ring_bytes: u32, filter: &Filter) -> Result<Ebpf> {
+    let object = Object::new(&plan.offsets)?;
     EbpfLoader::new()
         // No CO-RE relocations to apply (offsets come in as globals): skip aya's own parse of
         // the kernel BTF, which would double start-up time and memory.
@@ -32,7 +119,7 @@ pub fn open(plan: &Plan, ring_bytes: u32, filter: &Filter) -> Result<Ebpf> {
         .override_global("FILTER", filter, true)
         .override_global("RESET_TP", &plan.reset_tp, true)
         .map_max_entries("EVENTS", ring_bytes)
-        .load(OBJECT)
+        .load(object.bytes())
         .context("creating the eBPF maps")
 }
 
@@ -51,11 +138,15 @@ pub fn load_fexit(prog: &mut FExit, func: BtfFunc) -> Result<(), ProgramError> {
 /// Whether the fexit program loads here against `func`, before anything is planned (so with
 /// the object's own globals but this kernel's offsets).
 pub fn probe_fexit(func: BtfFunc, offsets: &Offsets) -> FexitProbe {
+    let object = match Object::new(offsets) {
+        Ok(o) => o,
+        Err(e) => return FexitProbe::Rejected(format!("{e:#}")),
+    };
     let mut bpf = match EbpfLoader::new()
         .btf(None)
         .override_global("OFFSETS", offsets, true)
         .map_max_entries("EVENTS", 1 << 12)
-        .load(OBJECT)
+        .load(object.bytes())
     {
         Ok(bpf) => bpf,
         Err(e) => return FexitProbe::Unavailable(format!("creating the eBPF maps: {e}")),
@@ -89,6 +180,26 @@ pub fn probe_fexit(func: BtfFunc, offsets: &Offsets) -> FexitProbe {
 #[cfg(test)]
 mod tests {
     use aya::programs::KProbe;
+
+    use super::{NFCT_MARK, OBJECT, Object, code_ranges, patch_ld_imm64};
+
+    #[test]
+    fn the_nfct_placeholder_is_patched_in_the_fexit_program_only() {
+        let mut offsets = conntrack_trace_common::offsets::Offsets::unknown();
+        offsets.skb_nfct = 0x68;
+        let object = Object::new(&offsets).unwrap();
+        let code = code_ranges(OBJECT).unwrap();
+        // Nothing left to patch, and the object otherwise unchanged.
+        let mut copy = object.bytes().to_vec();
+        assert_eq!(patch_ld_imm64(&mut copy, &code, NFCT_MARK, 0), 0);
+        let changed: Vec<usize> = (0..OBJECT.len())
+            .filter(|&i| OBJECT[i] != object.bytes()[i])
+            .collect();
+        assert!(!changed.is_empty() && changed.len() <= 8, "{changed:?}");
+        // aya still parses it, and the fexit program is there.
+        let obj = aya_obj::Object::parse(object.bytes()).unwrap();
+        assert!(obj.programs.contains_key(super::FEXIT_PROGRAM));
+    }
     use conntrack_trace_common::filter::Filter;
 
     use crate::{

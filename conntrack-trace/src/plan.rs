@@ -102,9 +102,9 @@ impl Mode {
 /// The mode the user asked for on the command line.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Want {
-    /// No per-packet probe. fexit does not meet the bar for the default: under TCG its
-    /// program time per packet is 0.31-0.39 of the kprobe pair's, not under a tenth
-    /// (BENCHMARKS.md); this is the one place that would change if it did.
+    /// fexit where it loads, else no per-packet probe. fexit's per-packet path reads the
+    /// skb and nothing else, and costs what an empty program at that hook costs
+    /// (BENCHMARKS.md); the kprobe pair is never the default.
     #[default]
     Default,
     /// Every verdict (`--exact`): fexit where it loads, else the kprobe pair.
@@ -236,8 +236,8 @@ impl Plan {
                 target: target.to_string(),
             })
         };
-        // nf_conntrack_in runs for every packet: a probe there is used only when asked for,
-        // fexit where it loads (the cheaper by far), else the kprobe pair.
+        // nf_conntrack_in runs for every packet: fexit there by default where it loads (as
+        // cheap as an empty program); the kprobe pair only when asked for.
         let why_not = fexit.why_not().unwrap_or_default();
         let mode = match (want, &fexit) {
             (Want::Force(Mode::Fexit), FexitProbe::Unavailable(_) | FexitProbe::Rejected(_)) => {
@@ -246,6 +246,7 @@ impl Plan {
             (Want::Force(mode), _) => mode,
             (Want::Exact, FexitProbe::Loads(_)) => Mode::Fexit,
             (Want::Exact, _) => Mode::KprobePair,
+            (Want::Default, FexitProbe::Loads(_)) => Mode::Fexit,
             (Want::Default, _) => Mode::Cold,
         };
         match (mode, &fexit) {
@@ -264,10 +265,10 @@ impl Plan {
                 add("nf_conntrack_in_ret", Flavor::KRetProbe, ct_in);
             }
             (Mode::Cold, FexitProbe::Loads(_)) => notes.push(
-                "no per-packet probe: packets are reported when the kernel logs a reason; \
-                 INVALIDs it does not log (ICMP errors matching nothing, an RST with no entry \
-                 before 6.8) need --exact, which adds fexit on nf_conntrack_in here; table-full \
-                 drops name only their namespace"
+                "no per-packet probe (--verdict-probe none): packets are reported when the \
+                 kernel logs a reason; INVALIDs it does not log (ICMP errors matching nothing, \
+                 an RST with no entry before 6.8) are missed, which the default, fexit on \
+                 nf_conntrack_in, sees here; table-full drops name only their namespace"
                     .into(),
             ),
             (Mode::Cold, _) => notes.push(format!(
@@ -531,7 +532,7 @@ mod tests {
         };
         let refused = FexitProbe::Unavailable("EPERM".into());
         let cases = [
-            (FexitProbe::Loads(f), Want::Default, Mode::Cold),
+            (FexitProbe::Loads(f), Want::Default, Mode::Fexit),
             (FexitProbe::Loads(f), Want::Exact, Mode::Fexit),
             (FexitProbe::Loads(f), Want::Force(Mode::Fexit), Mode::Fexit),
             (refused.clone(), Want::Default, Mode::Cold),

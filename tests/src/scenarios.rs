@@ -30,28 +30,31 @@ pub struct Ctx {
 }
 
 /// The tracer's modes the suite runs every scenario in: the default (what a user gets with
-/// no flag: no per-packet probe), `--exact` (fexit where it loads, else the kprobe pair),
-/// and the kprobe pair forced where `--exact` picks fexit, so every verdict probe is tested.
+/// no flag: fexit where it loads, else no per-packet probe), and every other verdict probe
+/// the kernel supports, forced: cold and the kprobe pair where the default is fexit,
+/// `--exact` (the kprobe pair) where it is cold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Default,
     Exact,
+    Cold,
     KprobePair,
 }
 
 impl Mode {
     pub fn all(kernel: &Kernel) -> Vec<Mode> {
-        let mut modes = vec![Mode::Default, Mode::Exact];
         if kernel.fexit_attaches() {
-            modes.push(Mode::KprobePair);
+            vec![Mode::Default, Mode::Cold, Mode::KprobePair]
+        } else {
+            vec![Mode::Default, Mode::Exact]
         }
-        modes
     }
 
     fn args(self) -> &'static [&'static str] {
         match self {
             Mode::Default => &[],
             Mode::Exact => &["--exact"],
+            Mode::Cold => &["--verdict-probe", "none"],
             Mode::KprobePair => &["--verdict-probe", "kprobe-pair"],
         }
     }
@@ -61,6 +64,7 @@ impl Mode {
         match self {
             Mode::Default => "",
             Mode::Exact => "+exact",
+            Mode::Cold => "+cold",
             Mode::KprobePair => "+kprobe-pair",
         }
     }
@@ -78,15 +82,15 @@ impl Ctx {
 
     /// Whether the tracer sees every verdict in this pass (a verdict probe runs).
     pub fn complete(&self) -> bool {
-        self.mode != Mode::Default
+        self.expected_mode() != "cold"
     }
 
-    /// The summary's `mode` this pass must produce: `--exact` takes fexit wherever the
-    /// kernel has nf_conntrack's BTF.
+    /// The summary's `mode` this pass must produce: fexit by default wherever the kernel
+    /// has nf_conntrack's BTF, the kprobe pair for `--exact` where it has not.
     pub fn expected_mode(&self) -> &'static str {
         match self.mode {
-            Mode::Default => "cold",
-            Mode::Exact if self.kernel.fexit_attaches() => "fexit",
+            Mode::Default if self.kernel.fexit_attaches() => "fexit",
+            Mode::Default | Mode::Cold => "cold",
             Mode::Exact | Mode::KprobePair => "kprobe pair",
         }
     }
