@@ -342,3 +342,30 @@ mod tests {
         let _ = fs::remove_dir_all(&base);
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use super::*;
+
+    /// README's table of tested kernels names exactly the matrix, each at its pinned version.
+    #[test]
+    fn readme_table_is_the_matrix() {
+        let readme = fs::read_to_string(crate::workspace_root().join("README.md")).unwrap();
+        let rows: Vec<Vec<String>> = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| `--kernel` |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.split('|').map(|c| c.trim().to_string()).collect())
+            .collect();
+        let listed: Vec<(String, String)> = rows
+            .iter()
+            .map(|r| (r[1].trim_matches('`').to_string(), r[3].clone()))
+            .collect();
+        let matrix: Vec<(String, String)> = KERNELS
+            .iter()
+            .map(|k| (k.name.to_string(), k.version.to_string()))
+            .collect();
+        assert_eq!(listed, matrix);
+    }
+}
