@@ -35,6 +35,8 @@ pub struct Offsets {
     pub ct_tuple_reply: u32,
     /// `proto.tcp.state`
     pub ct_tcp_state: u32,
+    /// `ct_net.net`: the entry's namespace, for loggers with neither hook state nor device.
+    pub ct_net: u32,
     /// `proto.tcp.seen[0]`; `seen[1]` follows at `+ tcp_seen_size`
     pub ct_tcp_seen: u32,
     pub tcp_seen_size: u32,
@@ -72,6 +74,7 @@ impl Offsets {
             ct_tuple_orig: UNKNOWN,
             ct_tuple_reply: UNKNOWN,
             ct_tcp_state: UNKNOWN,
+            ct_net: UNKNOWN,
             ct_tcp_seen: UNKNOWN,
             tcp_seen_size: UNKNOWN,
             tcp_td_end: UNKNOWN,

@@ -69,3 +69,13 @@ pub fn of_skb(skb: u64) -> (u64, u64) {
     let nfct = field::<u64>(skb, offsets().skb_nfct).unwrap_or(0);
     (nfct, nfct & !NFCT_INFOMASK)
 }
+
+/// The namespace of the entry `skb` is attached to, if any.
+#[inline(always)]
+pub fn netns_of_skb(skb: u64) -> Option<u32> {
+    let ct = of_skb(skb).1;
+    if ct == 0 {
+        return None;
+    }
+    crate::skb::net_inum(field::<u64>(ct, offsets().ct_net)?)
+}

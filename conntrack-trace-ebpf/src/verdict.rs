@@ -3,6 +3,7 @@
 //! only for INVALID / IGNORED / dropped packets, fills in the packet and emits one event.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::{fexit, kprobe, kretprobe},
     programs::{FExitContext, ProbeContext, RetProbeContext},
@@ -14,7 +15,7 @@ use conntrack_trace_common::{
 };
 
 use crate::{
-    filter,
+    ct, filter,
     frame::{Frame, Frames, frames, mode, note_logged, pop, push, take_logged},
     read::{field, offsets},
     ring::emit_packet,
@@ -62,7 +63,10 @@ fn take_drop_reason(frames: &mut Frames) -> u8 {
 #[fexit(function = "nf_conntrack_in")]
 pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
     let skb: u64 = ctx.arg(0);
-    let ret = ctx.arg::<u64>(2) as i32;
+    // The return value's slot holds an `unsigned int`: its low half, loaded as such, needs no
+    // truncation on the per-packet path (the target is little-endian).
+    // SAFETY: slot 2 of the context is the return value, after the two arguments.
+    let ret = unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u32).add(4)) } as i32;
     // Nearly every packet: accepted and still tracked. This test touches only the context
     // and the skb, no map: under TCG each map page costs more than the rest of the program.
     if ret == NF_ACCEPT && nfct_direct(skb) != 0 {
@@ -173,11 +177,14 @@ fn fill(f: &mut Frame, verdict: u8) {
         e.flags |= HAS_IFINDEX;
     }
     let net = field::<u64>(f.state, off.state_net).unwrap_or(0);
-    // Loggers before 5.14 get no hook state: the device's namespace stands in.
+    // Loggers before 5.14 get no hook state: the device's namespace stands in, or for a
+    // locally sent packet, which has no device yet, its entry's.
     let netns = if f.state != 0 {
         skb::net_inum(net)
     } else {
-        skb::dev_and_netns(f.skb).1
+        skb::dev_and_netns(f.skb)
+            .1
+            .or_else(|| ct::netns_of_skb(f.skb))
     };
     if let Some(inum) = netns {
         e.netns = inum;

@@ -407,6 +407,11 @@ impl KernelBtf {
                     "TCP state",
                     self.field("nf_conn", "proto.tcp.state", 1),
                 );
+                o.ct_net = optional(
+                    &mut notes,
+                    "entry's namespace",
+                    self.field("nf_conn", "ct_net.net", 8),
+                );
                 o.ct_tcp_seen = optional(
                     &mut notes,
                     "TCP window",
