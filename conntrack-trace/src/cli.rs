@@ -67,13 +67,14 @@ pub struct Cli {
     #[arg(long, default_value_t = conntrack_trace_common::SNAP_LEN as u16, value_parser = clap::value_parser!(u16).range(20..=conntrack_trace_common::SNAP_LEN as i64))]
     pub snaplen: u16,
     /// See every verdict, including INVALIDs the kernel does not log and the packet of each
-    /// table-full drop, with a probe on nf_conntrack_in for every packet: fexit where it
-    /// loads (module BTF, Linux 5.11+), else a kprobe pair (measured cost: BENCHMARKS.md).
-    /// Without it no probe runs per packet: only what the kernel logs is reported.
+    /// table-full drop, also where fexit cannot load (no module BTF, e.g. Debian 5.10): there
+    /// it adds a kprobe pair on nf_conntrack_in, which runs for every packet. Elsewhere the
+    /// default already does, with fexit.
     #[arg(long)]
     pub exact: bool,
-    /// Which probe decides each packet's verdict, failing where it cannot attach: fexit,
-    /// kprobe-pair, or none (the default). For comparing their cost and output on one kernel.
+    /// Which probe decides each packet's verdict, failing where it cannot attach: fexit (the
+    /// default where it loads), kprobe-pair, or none (no per-packet cost: only what the kernel
+    /// logs is reported; the default where fexit cannot load).
     #[arg(long, value_name = "PROBE", conflicts_with = "exact")]
     pub verdict_probe: Option<VerdictProbe>,
     /// Also save the raw events to this file, for `conntrack-trace replay`.
