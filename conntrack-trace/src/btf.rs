@@ -108,8 +108,10 @@ struct BtfInfo {
     kernel_btf: u32,
 }
 
-/// `attr` is mutable: the kernel writes results into it (`next_id`).
-fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> std::io::Result<i32> {
+/// bpf(2) with `attr` as the command's prefix of `union bpf_attr` (a `#[repr(C)]` struct
+/// with no padding, since the kernel rejects non-zero bytes it does not know). `attr` is
+/// mutable: the kernel writes results into it (`next_id`).
+pub fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> std::io::Result<i32> {
     // SAFETY: attr is a live, fully initialised prefix of `union bpf_attr` of the given size.
     let r = unsafe {
         libc::syscall(

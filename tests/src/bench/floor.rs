@@ -211,21 +211,11 @@ struct RawTpAttr {
     pad: u32,
 }
 
+/// A bpf(2) command that returns a new file descriptor.
 fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> std::io::Result<OwnedFd> {
-    // SAFETY: attr is a fully initialised prefix of `union bpf_attr` of the size passed.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = btf::bpf(cmd, attr)?;
     // SAFETY: the kernel returned a new fd that nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `struct perf_event_attr` up to `config2` (PERF_ATTR_SIZE_VER1).
