@@ -51,6 +51,24 @@ pub struct Reason {
     pub arg: [u8; TEXT_LEN],
 }
 
+impl Reason {
+    /// The 6.1+ TCP window logger says the packet keeps its entry (IGNORE), by its action
+    /// argument (variadic form) or its log type (struct form). Shared by the kernel programs,
+    /// which then expect no verdict for the packet, and the decoder, which infers it.
+    #[inline(always)]
+    pub fn window_ignored(&self) -> bool {
+        use crate::window::{action, log_type};
+        match self.source {
+            source::TCP_LOG_VARIADIC => self.action == action::IGNORE,
+            source::TCP_LOG_STRUCT => matches!(
+                self.log_type,
+                log_type::SEQ_UNDER | log_type::ACK_UNDER | log_type::OVERSHOT
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl Default for Reason {
     fn default() -> Self {
         Self {

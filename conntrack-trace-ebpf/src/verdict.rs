@@ -8,11 +8,7 @@ use aya_ebpf::{
     macros::{fexit, kprobe, kretprobe},
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
-use conntrack_trace_common::{
-    reason::{Reason, source},
-    verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, verdict},
-    window::{action, log_type},
-};
+use conntrack_trace_common::verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, verdict};
 
 use crate::{
     ct, filter,
@@ -140,23 +136,10 @@ pub fn reason_logged(f: &mut Frame) {
         emit_packet(&f.event);
     }
     if m == conntrack_trace_common::mode::FEXIT
-        && !kept_entry(&f.event.reason)
+        && !f.event.reason.window_ignored()
         && let Some(frames) = frames()
     {
         note_logged(frames, f.skb);
-    }
-}
-
-/// The window logs that say the packet keeps its entry (IGNORE since 6.1).
-#[inline(always)]
-fn kept_entry(r: &Reason) -> bool {
-    match r.source {
-        source::TCP_LOG_VARIADIC => r.action == action::IGNORE,
-        source::TCP_LOG_STRUCT => matches!(
-            r.log_type,
-            log_type::SEQ_UNDER | log_type::ACK_UNDER | log_type::OVERSHOT
-        ),
-        _ => false,
     }
 }
 

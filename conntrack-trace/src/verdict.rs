@@ -344,16 +344,9 @@ impl std::fmt::Debug for Flags {
 /// TCP logger says INVALID or IGNORE outright (or by log type); the generic loggers mark
 /// INVALID except for the "ignored" reasons.
 fn inferred(r: &conntrack_trace_common::reason::Reason) -> Verdict {
-    use conntrack_trace_common::{
-        reason::source,
-        window::{action, log_type},
-    };
+    use conntrack_trace_common::reason::source;
     let ignored = match r.source {
-        source::TCP_LOG_VARIADIC => r.action == action::IGNORE,
-        source::TCP_LOG_STRUCT => matches!(
-            r.log_type,
-            log_type::SEQ_UNDER | log_type::ACK_UNDER | log_type::OVERSHOT
-        ),
+        source::TCP_LOG_VARIADIC | source::TCP_LOG_STRUCT => r.window_ignored(),
         _ => reason::explain(r, None)
             .is_some_and(|e| matches!(e.code, "ignored_state" | "challenge_ack")),
     };
