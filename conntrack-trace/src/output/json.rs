@@ -2,6 +2,7 @@
 //! are stable and documented in README.md; a field the kernel did not provide is omitted,
 //! never invented. Per-packet lines (event, reset, incident) are written by hand for speed
 //! and checked against their records in the tests; the once-per-session lines use serde.
+//! A reason's hint goes out in full with its first event; later ones name it by `hint_ref`.
 
 use std::{
     collections::BTreeMap,
@@ -10,13 +11,14 @@ use std::{
 };
 
 use conntrack_trace_common::window::TcpWindow;
-
+use foldhash::HashSet;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::{Loss, Output, Stamp, Stamps, ipv4};
 use crate::{
     ct::{Conntrack, Endpoints},
+    reason::ReasonCode,
     reset::{Incident, Reset},
     summary::Summary,
     verdict::{Record, Tcp},
@@ -30,6 +32,9 @@ pub struct Json<W: Write> {
     /// Whole lines not yet written to `out`.
     buf: Vec<u8>,
     stamps: Stamps,
+    /// Reason codes whose hint went out in full: a hint is about 800 bytes, a flood of one
+    /// reason needs it once.
+    hinted: HashSet<&'static str>,
 }
 
 /// `buf` goes to `out` when it holds this much, and on every flush.
@@ -41,6 +46,7 @@ impl<W: Write> Json<W> {
             out,
             buf: Vec::with_capacity(BUF_SIZE + 4096),
             stamps: Stamps::default(),
+            hinted: HashSet::default(),
         }
     }
 
@@ -64,6 +70,18 @@ impl<W: Write> Json<W> {
         written
     }
 
+    /// How `r`'s hint goes out in this line: in full the first time for its reason code.
+    fn hint_of<'r>(&mut self, r: &'r Record) -> Option<HintOut<'r>> {
+        let code = r.reason_code().as_str();
+        r.hint.as_ref().map(|h| {
+            if self.hinted.insert(code) {
+                HintOut::Full(h.json.get())
+            } else {
+                HintOut::Ref(code)
+            }
+        })
+    }
+
     /// A once-per-session line, serde-derived.
     fn line<T: Serialize>(&mut self, v: &T) -> io::Result<()> {
         self.put(|o| Ok(serde_json::to_writer(o, v)?))
@@ -75,6 +93,13 @@ impl<W: Write> Drop for Json<W> {
     fn drop(&mut self) {
         let _ = self.drain();
     }
+}
+
+/// An event's hint: the whole object, or the reason code of the line that carried it.
+#[derive(Clone, Copy)]
+enum HintOut<'a> {
+    Full(&'a str),
+    Ref(&'static str),
 }
 
 /// `,"k":` for a key of ours, as one constant: three appends per key were a quarter of
@@ -103,7 +128,7 @@ macro_rules! field {
 /// hand. serde_json spends about 140 instructions on every string token, keys included;
 /// here keys are constant bytes. Text that is not ours (the kernel's reason) still goes
 /// through serde_json's escaping. The tests check every field against the record.
-fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp) -> io::Result<()> {
+fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp, hint: Option<HintOut>) -> io::Result<()> {
     let p = &r.pkt;
     o.extend_from_slice(b"{\"event\":");
     plain(o, r.verdict.as_str());
@@ -116,8 +141,8 @@ fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp) -> io::Result<()> {
         // Copied from kernel memory: escaped.
         serde_json::to_writer(&mut *o, r.reason_text())?;
     }
-    field!(o, "reason_code", plain(r.reason_code()));
-    field!(o, "family"?, plain(p.family));
+    field!(o, "reason_code", plain(r.reason_code().as_str()));
+    field!(o, "family"?, plain(p.family.map(|f| f.as_str())));
     field!(
         o,
         "proto"?,
@@ -151,8 +176,12 @@ fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp) -> io::Result<()> {
     field!(o, "netns"?, num(r.netns));
     field!(o, "owner"?, raw(r.owner.as_ref().map(|w| w.json().get())));
     field!(o, "ifindex"?, num(r.ifindex));
-    field!(o, "hook"?, plain(r.hook));
-    field!(o, "hint"?, raw(r.hint.as_ref().map(|h| h.json.get())));
+    field!(o, "hook"?, plain(r.hook.map(|h| h.as_str())));
+    match hint {
+        Some(HintOut::Full(json)) => field!(o, "hint", raw(json)),
+        Some(HintOut::Ref(code)) => field!(o, "hint_ref", plain(code)),
+        None => {}
+    }
     o.push(b'}');
     Ok(())
 }
@@ -190,7 +219,12 @@ fn ip(o: &mut Vec<u8>, a: IpAddr) {
 }
 
 /// An INVALID packet and the RST that answered it; `times`: the RST's, the packet's.
-fn write_incident(o: &mut Vec<u8>, i: &Incident, times: (Stamp, Stamp)) -> io::Result<()> {
+fn write_incident(
+    o: &mut Vec<u8>,
+    i: &Incident,
+    times: (Stamp, Stamp),
+    hint: Option<HintOut>,
+) -> io::Result<()> {
     o.extend_from_slice(b"{\"event\":\"incident\"");
     field!(o, "time", plain(times.0.as_str()));
     field!(o, "ts_ns", num(i.reset.ts_ns));
@@ -201,7 +235,7 @@ fn write_incident(o: &mut Vec<u8>, i: &Incident, times: (Stamp, Stamp)) -> io::R
     }
     field!(o, "ct"?, ct(i.ct.as_ref()));
     key!(o, "invalid");
-    write_event(o, &i.invalid, times.1)?;
+    write_event(o, &i.invalid, times.1, hint)?;
     key!(o, "reset");
     write_reset(o, &i.reset, times.0);
     // `reset`, `challenge_ack`, `ignored` or `unknown`: what the RST does to the connection.
@@ -252,7 +286,7 @@ fn ct(o: &mut Vec<u8>, c: &Conntrack) {
     o.push(b'{');
     if let Some(state) = c.state {
         o.extend_from_slice(b"\"state\":");
-        plain(o, state);
+        plain(o, state.as_str());
         o.push(b',');
     }
     o.extend_from_slice(b"\"original\":");
@@ -292,7 +326,7 @@ struct Lost {
 #[derive(Serialize)]
 struct SummaryLine<'a> {
     event: &'static str,
-    /// The verdict probe: `fexit`, `kprobe pair` or `cold`.
+    /// The verdict probe: `fexit`, `kprobe_pair` or `cold`.
     #[serde(skip_serializing_if = "Option::is_none")]
     mode: Option<&'static str>,
     seconds: f64,
@@ -305,7 +339,7 @@ struct SummaryLine<'a> {
     orphan_reasons: u64,
     resets: u64,
     incidents: u64,
-    counts: &'a BTreeMap<&'static str, u64>,
+    counts: &'a BTreeMap<ReasonCode, u64>,
     top_flows: Vec<Flow>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     top_netns: Vec<NetnsRow<'a>>,
@@ -362,7 +396,8 @@ impl<W: Write> Output for Json<W> {
 
     fn event(&mut self, r: &Record) -> io::Result<()> {
         let time = self.stamps.format(r.time);
-        self.put(|o| write_event(o, r, time))
+        let hint = self.hint_of(r);
+        self.put(|o| write_event(o, r, time, hint))
     }
 
     fn reset(&mut self, r: &Reset) -> io::Result<()> {
@@ -378,7 +413,8 @@ impl<W: Write> Output for Json<W> {
             self.stamps.format(i.reset.time),
             self.stamps.format(i.invalid.time),
         );
-        self.put(|o| write_incident(o, i, times))
+        let hint = self.hint_of(&i.invalid);
+        self.put(|o| write_incident(o, i, times, hint))
     }
 
     fn lost(&mut self, n: u64, cause: Loss) -> io::Result<()> {
@@ -393,7 +429,7 @@ impl<W: Write> Output for Json<W> {
         let fill = |f: Option<(u64, u64)>| f.map(|(count, max)| Fill { count, max });
         self.line(&SummaryLine {
             event: "summary",
-            mode: s.mode.map(|m| m.name()),
+            mode: s.mode.map(|m| m.as_str()),
             seconds: s.seconds,
             invalid: s.invalid,
             ignored: s.ignored,
@@ -459,8 +495,9 @@ mod tests {
     };
 
     /// What an event line must hold, built field by field from the record with other code
-    /// than the writer's: humantime for the time, `Display` for addresses, serde for hints.
-    fn expected(r: &Record) -> Value {
+    /// than the writer's: humantime for the time, `Display` for addresses, serde for hints;
+    /// `hint_seen`: a line before it carried the hint of its reason code.
+    fn expected(r: &Record, hint_seen: bool) -> Value {
         let p = &r.pkt;
         let mut v = json!({
             "event": r.verdict.as_str(),
@@ -483,7 +520,7 @@ mod tests {
             json!({"end": w.end, "maxend": w.maxend, "maxwin": w.maxwin,
                    "maxack": w.maxack, "scale": w.scale})
         };
-        put("family", p.family.map(Value::from));
+        put("family", p.family.map(|f| f.as_str().into()));
         put("proto", p.proto.map(|_| p.proto_name().into()));
         put("saddr", p.saddr.map(|a| a.to_string().into()));
         put("sport", p.sport.map(Value::from));
@@ -517,7 +554,7 @@ mod tests {
                 let mut x = json!({"original": ends(&c.original), "reply": ends(&c.reply),
                                    "dnat": c.dnat()});
                 if let Some(s) = c.state {
-                    x["state"] = s.into();
+                    x["state"] = s.as_str().into();
                 }
                 x
             }),
@@ -525,13 +562,12 @@ mod tests {
         put("netns", r.netns.map(Value::from));
         put("owner", r.owner.as_deref().map(expected_owner));
         put("ifindex", r.ifindex.map(Value::from));
-        put("hook", r.hook.map(Value::from));
-        put(
-            "hint",
-            r.hint
-                .as_ref()
-                .map(|h| serde_json::to_value(&h.hint).unwrap()),
-        );
+        put("hook", r.hook.map(|h| h.as_str().into()));
+        match &r.hint {
+            Some(_) if hint_seen => put("hint_ref", Some(r.reason_code().as_str().into())),
+            Some(h) => put("hint", Some(serde_json::to_value(&h.hint).unwrap())),
+            None => {}
+        }
         v
     }
 
@@ -604,7 +640,7 @@ mod tests {
         put("ifindex", r.ifindex.map(Value::from));
         put(
             "trigger",
-            expected(&Record::bare(Verdict::Invalid, 0, r.time, t.clone()))
+            expected(&Record::bare(Verdict::Invalid, 0, r.time, t.clone()), false)
                 .get("tcp")
                 .cloned(),
         );
@@ -615,6 +651,8 @@ mod tests {
     #[derive(Default)]
     struct Check {
         json: Option<Json<Vec<u8>>>,
+        /// Reason codes of the hints rendered so far.
+        hinted: std::collections::HashSet<&'static str>,
         events: usize,
         resets: usize,
         incidents: usize,
@@ -635,13 +673,21 @@ mod tests {
     impl Output for Check {
         fn event(&mut self, r: &Record) -> io::Result<()> {
             let got = self.render(|j| j.event(r));
-            assert_eq!(got, expected(r));
+            let seen = r.hint.is_some() && !self.hinted.insert(r.reason_code().as_str());
+            assert_eq!(got, expected(r, seen));
             self.events += 1;
             Ok(())
         }
         fn incident(&mut self, i: &Incident) -> io::Result<()> {
             let got = self.render(|j| j.incident(i));
-            assert_eq!(got["invalid"], expected(&i.invalid));
+            // The packet's own event line came first, with the hint or its reference.
+            assert!(
+                self.hinted.contains(i.invalid.reason_code().as_str()) || i.invalid.hint.is_none()
+            );
+            assert_eq!(
+                got["invalid"],
+                expected(&i.invalid, i.invalid.hint.is_some())
+            );
             let (c, s, b) = i.roles().expect("the fixtures' incidents are DNAT'd");
             assert_eq!(
                 got["client"],
@@ -655,7 +701,7 @@ mod tests {
                 got["backend"],
                 json!({"addr": b.0.to_string(), "port": b.1})
             );
-            assert_eq!(got["ct"], expected(&i.invalid)["ct"]);
+            assert_eq!(got["ct"], got["invalid"]["ct"]);
             assert_eq!(got["effect"], i.effect().as_str());
             assert_eq!(got["explain"], super::super::incident_story(i));
             assert_eq!(got["reset"], expected_reset(&i.reset));
@@ -743,6 +789,64 @@ mod tests {
         );
     }
 
+    /// Over a whole run, each reason's hint is written out once, in full, with the first
+    /// event of its reason; every later event of that reason names it by `hint_ref` alone.
+    #[test]
+    fn each_hint_goes_out_once_then_by_reference() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let mut events = None;
+        let mut json = Json::new(Vec::new());
+        // Every recording through one run, twice: the second pass repeats every reason.
+        for _ in 0..2 {
+            for e in fs::read_dir(&dir).unwrap() {
+                let (clock, records) =
+                    record::read(fs::File::open(e.unwrap().path()).unwrap()).unwrap();
+                let events = events.get_or_insert_with(|| {
+                    Events::new(clock, Hints::new(Node::default()), true, None)
+                });
+                for r in &records {
+                    events.handle(r, &mut json).unwrap();
+                }
+            }
+        }
+        json.flush().unwrap();
+        let mut hints: std::collections::HashMap<String, Value> = Default::default();
+        let mut refs = 0;
+        for line in std::str::from_utf8(&json.out).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let ev = if v["event"] == "incident" {
+                &v["invalid"]
+            } else {
+                &v
+            };
+            let code = ev["reason_code"].as_str().unwrap().to_string();
+            assert!(
+                ev.get("hint").is_none() || ev.get("hint_ref").is_none(),
+                "{line}"
+            );
+            if let Some(h) = ev.get("hint") {
+                assert!(
+                    hints.insert(code.clone(), h.clone()).is_none(),
+                    "second {code} hint: {line}"
+                );
+                assert!(h["what"].is_string() && h["fixes"].is_array(), "{line}");
+            }
+            if let Some(r) = ev.get("hint_ref") {
+                assert_eq!(r, &Value::from(code.as_str()), "{line}");
+                assert!(
+                    hints.contains_key(&code),
+                    "{code} referenced before its hint: {line}"
+                );
+                refs += 1;
+            }
+        }
+        assert!(
+            hints.len() >= 3 && refs >= 30,
+            "{} hints, {refs} references",
+            hints.len()
+        );
+    }
+
     #[test]
     fn text_that_needs_escaping_addresses_and_times() {
         let tcp = Tcp {
@@ -751,6 +855,7 @@ mod tests {
             ack: 2,
             win: 3,
             len: 0,
+            sack: None,
         };
         let w = TcpWindow {
             end: 10,
@@ -775,7 +880,7 @@ mod tests {
             let time =
                 SystemTime::UNIX_EPOCH + Duration::new(1_790_000_000 + i as u64, 999_999_999);
             let pkt = Packet {
-                family: Some("ipv4"),
+                family: Some(crate::verdict::Family::Ipv4),
                 proto: Some(200),
                 saddr: Some(a),
                 sport: Some(0),
@@ -788,7 +893,7 @@ mod tests {
             let r = Record {
                 reason: Some(reason::Explained {
                     text: "a \"quoted\" \\ path\twith\u{1} control and ünïcode".into(),
-                    code: "unknown",
+                    code: reason::ReasonCode::Unknown,
                     value: None,
                     ours: false,
                 }),
