@@ -5,6 +5,19 @@
 //! this ABI; they vary per build and arrive as [`offsets::Offsets`] computed from BTF.
 #![no_std]
 
+#[cfg(feature = "user")]
+extern crate std;
+
+#[macro_use]
+mod closed_set;
+#[cfg(feature = "user")]
+#[doc(hidden)]
+pub mod __private {
+    pub use schemars;
+    pub use serde;
+    pub use serde_json;
+}
+
 pub mod ct;
 pub mod drops;
 pub mod filter;
@@ -21,17 +34,24 @@ pub const SNAP_LEN: usize = 128;
 /// softirq by hardirq-triggered tunnels) before the tracer stops tracking the inner calls.
 pub const MAX_NEST: usize = 4;
 
-/// How the verdict of `nf_conntrack_in` is observed (the `MODE` global).
-pub mod mode {
-    /// kprobe + kretprobe on `nf_conntrack_in`: every verdict, including INVALIDs the kernel
-    /// does not log; costs a kprobe pair on every packet.
-    pub const EXACT: u8 = 0;
-    /// fexit on `nf_conntrack_in`: every verdict, one cheap probe per packet.
-    pub const FEXIT: u8 = 1;
-    /// No per-packet probe: events come from the invalid-packet loggers alone and the verdict
-    /// is inferred from what was logged. Misses INVALIDs the kernel does not log.
-    pub const COLD: u8 = 2;
+closed_set! {
+    /// How the verdict of `nf_conntrack_in` is observed: the attach plan's choice, and the
+    /// eBPF side's `MODE` global (`Mode::X as u8`).
+    #[repr(u8)]
+    pub enum Mode {
+        /// kprobe + kretprobe on `nf_conntrack_in`: every verdict, including INVALIDs the
+        /// kernel does not log; costs a kprobe pair on every packet.
+        KprobePair = "kprobe_pair",
+        /// fexit on `nf_conntrack_in`: every verdict, one cheap probe per packet.
+        Fexit = "fexit",
+        /// No per-packet probe: events come from the invalid-packet loggers alone and the
+        /// verdict is inferred from what was logged. Misses INVALIDs the kernel does not log.
+        Cold = "cold",
+    }
 }
+
+#[cfg(feature = "user")]
+string_schema!(Mode);
 
 /// Every ring-buffer record starts with a `u32` saying what follows.
 pub mod kind {

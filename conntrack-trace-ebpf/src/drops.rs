@@ -47,7 +47,7 @@ pub fn early_drop_ret(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     let Some(frames) = frames() else { return 0 };
-    if mode() != conntrack_trace_common::mode::COLD {
+    if mode() != conntrack_trace_common::Mode::Cold as u8 {
         // The verdict probe's return takes it: the call ends in NF_DROP, which fexit too
         // sees.
         frames.drop_reason = reason::TABLE_FULL;

@@ -9,7 +9,7 @@
 //! dropped, does not report it again.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use conntrack_trace_common::{MAX_NEST, mode, stat, verdict::PacketEvent};
+use conntrack_trace_common::{MAX_NEST, Mode, stat, verdict::PacketEvent};
 
 use crate::ring::count;
 
@@ -73,9 +73,9 @@ pub fn take_logged(frames: &mut Frames, skb: u64) -> bool {
     false
 }
 
-/// `conntrack_trace_common::mode`, set by userspace from the attach plan.
+/// `conntrack_trace_common::Mode` as a `u8`, set by userspace from the attach plan.
 #[unsafe(no_mangle)]
-static MODE: u8 = mode::EXACT;
+static MODE: u8 = Mode::KprobePair as u8;
 
 #[inline(always)]
 pub fn mode() -> u8 {
@@ -132,7 +132,7 @@ pub fn for_reason(skb: u64, state: u64) -> Option<&'static mut Frame> {
         }
     }
     match mode() {
-        mode::FEXIT | mode::COLD => {
+        m if m == Mode::Fexit as u8 || m == Mode::Cold as u8 => {
             let f = &mut frames.cold;
             f.skb = skb;
             f.state = state;

@@ -128,14 +128,14 @@ fn decide(f: &mut Frame, ret: i32, drop_reason: u8) {
 #[inline(always)]
 pub fn reason_logged(f: &mut Frame) {
     let m = mode();
-    if m == conntrack_trace_common::mode::EXACT {
+    if m == conntrack_trace_common::Mode::KprobePair as u8 {
         return;
     }
     fill(f, verdict::LOGGED);
     if filter::matches(&f.event.headers, f.event.netns) {
         emit_packet(&f.event);
     }
-    if m == conntrack_trace_common::mode::FEXIT
+    if m == conntrack_trace_common::Mode::Fexit as u8
         && !f.event.reason.window_ignored()
         && let Some(frames) = frames()
     {

@@ -8,7 +8,7 @@ use aya::programs::{FExit, KProbe, ProgramError, TracePoint};
 
 use crate::{
     ebpf,
-    plan::{self, FexitProbe, Plan, Want},
+    plan::{self, FexitProbe, Plan, ProgramKind, Want},
     privs,
     symbols::Symbols,
 };
@@ -35,7 +35,8 @@ const ATTACH_POINTS: &[(&str, &str)] = &[
 
 pub struct ProgramReport {
     pub name: String,
-    pub kind: String,
+    /// None: a kind of program the tracer does not use.
+    pub kind: Option<ProgramKind>,
     pub outcome: Outcome,
 }
 
@@ -139,13 +140,14 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
             }
             Outcome::NotLoadable(why) => format!("not loadable here: {why}"),
         };
-        writeln!(out, "  {:<30} {:<10} {text}", r.name, r.kind)?;
+        let kind = r.kind.map_or("other", ProgramKind::as_str);
+        writeln!(out, "  {:<30} {kind:<10} {text}", r.name)?;
     }
 
     writeln!(
         out,
         "\nattach plan for this kernel, default mode {} (window reasons from {:?}); {}",
-        plan.mode.name(),
+        plan.mode.as_str(),
         plan.window,
         match plan.fexit {
             FexitProbe::Loads(_) => "--verdict-probe none drops the per-packet probe",
@@ -156,7 +158,7 @@ pub fn run(out: &mut impl Write) -> Result<bool> {
         writeln!(
             out,
             "  {:<10} {:<30} -> {}",
-            a.flavor.to_string(),
+            a.flavor.kind(),
             a.program,
             a.target
         )?;
@@ -207,27 +209,28 @@ fn load_all(bpf: &mut aya::Ebpf, plan: &Plan) -> Result<Vec<ProgramReport>> {
         let prog = bpf.program_mut(&name).expect("listed program");
         let (kind, result) = if let Ok(k) = <&mut KProbe>::try_from(&mut *prog) {
             let kind = match k.kind() {
-                aya::programs::ProbeKind::Entry => "kprobe",
-                _ => "kretprobe",
+                aya::programs::ProbeKind::Entry => ProgramKind::KProbe,
+                _ => ProgramKind::KRetProbe,
             };
-            (kind, Ok(k.load()))
+            (Some(kind), Ok(k.load()))
         } else if let Ok(t) = <&mut TracePoint>::try_from(&mut *prog) {
-            ("tracepoint", Ok(t.load()))
+            (Some(ProgramKind::TracePoint), Ok(t.load()))
         } else if let Ok(f) = <&mut FExit>::try_from(&mut *prog) {
+            let kind = Some(ProgramKind::FExit);
             match &plan.fexit {
-                FexitProbe::Loads(func) => ("fexit", Ok(ebpf::load_fexit(f, *func))),
-                FexitProbe::Unavailable(why) => ("fexit", Err(why.clone())),
+                FexitProbe::Loads(func) => (kind, Ok(ebpf::load_fexit(f, *func))),
+                FexitProbe::Unavailable(why) => (kind, Err(why.clone())),
                 FexitProbe::Rejected(log) => {
                     reports.push(ProgramReport {
                         name,
-                        kind: "fexit".into(),
+                        kind,
                         outcome: Outcome::Rejected(log.clone()),
                     });
                     continue;
                 }
             }
         } else {
-            ("other", Err("not a program kind the tracer uses".into()))
+            (None, Err("not a program kind the tracer uses".into()))
         };
         let outcome = match result {
             Err(why) => Outcome::NotLoadable(why),
@@ -245,7 +248,7 @@ fn load_all(bpf: &mut aya::Ebpf, plan: &Plan) -> Result<Vec<ProgramReport>> {
         };
         reports.push(ProgramReport {
             name,
-            kind: kind.into(),
+            kind,
             outcome,
         });
     }

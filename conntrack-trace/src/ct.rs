@@ -2,38 +2,50 @@
 
 use std::net::IpAddr;
 
-use conntrack_trace_common::ct::{CT_HAS_TCP, CT_VALID, CtSnapshot, Tuple};
+use conntrack_trace_common::{
+    closed_set,
+    ct::{CT_HAS_TCP, CT_VALID, CtSnapshot, Tuple},
+    string_schema,
+};
 
 use crate::verdict::addr;
 
 /// `IPS_CONFIRMED`: the entry is in the table (not one being created for this packet).
 const IPS_CONFIRMED: u32 = 1 << 3;
 
-/// `enum tcp_conntrack`, in kernel order.
-const TCP_STATES: [&str; 14] = [
-    "NONE",
-    "SYN_SENT",
-    "SYN_RECV",
-    "ESTABLISHED",
-    "FIN_WAIT",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "TIME_WAIT",
-    "CLOSE",
-    "SYN_SENT2",
-    "MAX",
-    "IGNORE",
-    "RETRANS",
-    "UNACK",
-];
-
-/// The static name for a state word read back from `/proc/net/nf_conntrack`.
-pub fn static_state(word: &str) -> Option<&'static str> {
-    TCP_STATES.iter().copied().find(|s| *s == word)
+closed_set! {
+    /// `enum tcp_conntrack`, in kernel order: a TCP entry's state, JSON `ct.state`.
+    #[repr(u8)]
+    pub enum TcpState {
+        None = "NONE",
+        SynSent = "SYN_SENT",
+        SynRecv = "SYN_RECV",
+        Established = "ESTABLISHED",
+        FinWait = "FIN_WAIT",
+        CloseWait = "CLOSE_WAIT",
+        LastAck = "LAST_ACK",
+        TimeWait = "TIME_WAIT",
+        Close = "CLOSE",
+        SynSent2 = "SYN_SENT2",
+        Max = "MAX",
+        Ignore = "IGNORE",
+        Retrans = "RETRANS",
+        Unack = "UNACK",
+    }
 }
 
-pub fn tcp_state_name(state: u8) -> &'static str {
-    TCP_STATES.get(state as usize).copied().unwrap_or("?")
+string_schema!(TcpState);
+
+impl TcpState {
+    /// From the state word of `/proc/net/nf_conntrack`.
+    pub fn from_name(word: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|s| s.as_str() == word)
+    }
+
+    /// From the kernel's number (None past the enum: a kernel newer than this table).
+    pub fn from_kernel(state: u8) -> Option<Self> {
+        Self::ALL.get(state as usize).copied()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,8 +77,8 @@ impl Endpoints {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conntrack {
-    /// TCP state name, for TCP entries.
-    pub state: Option<&'static str>,
+    /// The TCP state, for TCP entries.
+    pub state: Option<TcpState>,
     pub original: Endpoints,
     pub reply: Endpoints,
     /// The packet's direction: false = original, true = reply.
@@ -82,7 +94,9 @@ impl Conntrack {
             return None;
         }
         Some(Self {
-            state: (s.flags & CT_HAS_TCP != 0).then(|| tcp_state_name(s.tcp_state)),
+            state: (s.flags & CT_HAS_TCP != 0)
+                .then(|| TcpState::from_kernel(s.tcp_state))
+                .flatten(),
             original: Endpoints::from_tuple(&s.tuples[0])?,
             reply: Endpoints::from_tuple(&s.tuples[1])?,
             reply_dir: s.dir != 0,

@@ -2,12 +2,14 @@
 
 use conntrack_trace_common::drops::reason;
 
+use crate::reason::ReasonCode;
+
 /// Stable code for a DROP verdict's `drop_reason`.
-pub fn code(drop_reason: u8) -> &'static str {
+pub fn code(drop_reason: u8) -> ReasonCode {
     match drop_reason {
-        reason::TABLE_FULL => "table_full",
-        reason::INSERT_FAILED => "insert_failed",
-        _ => "conntrack_drop",
+        reason::TABLE_FULL => ReasonCode::TableFull,
+        reason::INSERT_FAILED => ReasonCode::InsertFailed,
+        _ => ReasonCode::ConntrackDrop,
     }
 }
 
@@ -29,9 +31,10 @@ pub fn text(drop_reason: u8, packet_known: bool) -> &'static str {
 mod tests {
     #[test]
     fn codes() {
-        assert_eq!(super::code(1), "table_full");
-        assert_eq!(super::code(2), "insert_failed");
-        assert_eq!(super::code(0), "conntrack_drop");
+        use super::ReasonCode::*;
+        assert_eq!(super::code(1), TableFull);
+        assert_eq!(super::code(2), InsertFailed);
+        assert_eq!(super::code(0), ConntrackDrop);
         assert!(super::text(1, true).contains("table full"));
         assert!(super::text(1, false).contains("which packet is unknown"));
     }

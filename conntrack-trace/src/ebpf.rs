@@ -115,7 +115,7 @@ pub fn open(plan: &Plan, ring_bytes: u32, filter: &Filter) -> Result<Ebpf> {
         .btf(None)
         .override_global("OFFSETS", &plan.offsets, true)
         .override_global("LOG_ARGS", &plan.log_args, true)
-        .override_global("MODE", &plan.mode.abi(), true)
+        .override_global("MODE", &(plan.mode as u8), true)
         .override_global("FILTER", filter, true)
         .override_global("RESET_TP", &plan.reset_tp, true)
         .map_max_entries("EVENTS", ring_bytes)

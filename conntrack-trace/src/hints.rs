@@ -8,7 +8,7 @@ use foldhash::HashMap;
 
 use serde::Serialize;
 
-use crate::counters::sysctl;
+use crate::{counters::sysctl, reason::ReasonCode};
 
 #[derive(Debug, Serialize)]
 pub struct Fix {
@@ -93,17 +93,18 @@ fn window_fixes(n: &Node) -> Vec<Fix> {
     ]
 }
 
-fn hint_for(code: &str, n: &Node) -> Option<Hint> {
+fn hint_for(code: ReasonCode, n: &Node) -> Option<Hint> {
+    use ReasonCode::*;
     Some(match code {
-        "seq_over" | "ack_over" | "seq_under" | "ack_under" | "overshot" => Hint {
+        SeqOver | AckOver | SeqUnder | AckUnder | Overshot => Hint {
             what: "outside the TCP window conntrack tracks: if INVALID, the packet lost its entry and skipped NAT; sent to a DNAT'd Service, the receiving stack answers RST and the real connection dies (if IGNORED, it kept its entry and is harmless for NAT)",
             fixes: window_fixes(n),
         },
-        "invalid_state" | "bad_flags" | "invalid_new" | "unknown" => Hint {
+        InvalidState | BadFlags | InvalidNew | Unknown => Hint {
             what: "not valid for the connection's state: INVALID, so not NATed",
             fixes: window_fixes(n).into_iter().take(1).collect(),
         },
-        "invalid_rst" => Hint {
+        InvalidRst => Hint {
             what: "an RST outside the window: INVALID, so not NATed",
             fixes: vec![Fix {
                 action: "`sysctl -w net.netfilter.nf_conntrack_tcp_ignore_invalid_rst=1`".into(),
@@ -111,11 +112,11 @@ fn hint_for(code: &str, n: &Node) -> Option<Hint> {
                 active: n.ignore_invalid_rst,
             }],
         },
-        "icmp_error_no_flow" => Hint {
+        IcmpErrorNoFlow => Hint {
             what: "an ICMP error about a connection conntrack does not know (often one that already ended, or an entry lost to an earlier INVALID): no entry, so not NATed back; `--ctstate INVALID` rules match it",
             fixes: window_fixes(n).into_iter().take(1).collect(),
         },
-        "bad_checksum" | "udp_bad_checksum" | "icmp_bad_checksum" => Hint {
+        BadChecksum | UdpBadChecksum | IcmpBadChecksum => Hint {
             what: "bad checksum at PRE_ROUTING (often checksum offload on a virtual NIC): INVALID",
             fixes: vec![Fix {
                 action: "`sysctl -w net.netfilter.nf_conntrack_checksum=0`, or fix offload on the interface (`ethtool -K IF tx off`)".into(),
@@ -123,7 +124,7 @@ fn hint_for(code: &str, n: &Node) -> Option<Hint> {
                 active: n.checksum.map(|on| !on),
             }],
         },
-        "table_full" => Hint {
+        TableFull => Hint {
             what: "the conntrack table is full and nothing could be evicted: new flows are dropped",
             fixes: vec![
                 Fix {
@@ -141,7 +142,7 @@ fn hint_for(code: &str, n: &Node) -> Option<Hint> {
                 },
             ],
         },
-        "insert_failed" => Hint {
+        InsertFailed => Hint {
             what: "two packets of one new flow raced to create its entry and the clash could not be resolved: the second is dropped (classic with parallel UDP DNS A/AAAA queries)",
             fixes: vec![Fix {
                 action: "`options single-request-reopen` in resolv.conf, or a node-local DNS cache".into(),
@@ -149,7 +150,8 @@ fn hint_for(code: &str, n: &Node) -> Option<Hint> {
                 active: None,
             }],
         },
-        _ => return None,
+        Truncated | IgnoredState | ChallengeAck | UdpShort | UdpTruncated | IcmpShort
+        | IcmpInvalidType | ConntrackDrop => return None,
     })
 }
 
@@ -163,7 +165,7 @@ pub struct Cached {
 /// Hints by reason_code, built once each.
 pub struct Hints {
     node: Node,
-    cache: HashMap<&'static str, Option<Arc<Cached>>>,
+    cache: HashMap<ReasonCode, Option<Arc<Cached>>>,
 }
 
 impl Hints {
@@ -174,7 +176,7 @@ impl Hints {
         }
     }
 
-    pub fn get(&mut self, code: &'static str) -> Option<Arc<Cached>> {
+    pub fn get(&mut self, code: ReasonCode) -> Option<Arc<Cached>> {
         let node = &self.node;
         self.cache
             .entry(code)
@@ -217,13 +219,13 @@ mod tests {
             ..Default::default()
         };
         let mut h = Hints::new(node);
-        let cached = h.get("seq_over").unwrap();
+        let cached = h.get(ReasonCode::SeqOver).unwrap();
         let w = &cached.hint;
         assert_eq!(w.fixes.len(), 2);
         assert_eq!(w.fixes[0].active, Some(false));
         assert_eq!(w.fixes[1].active, Some(true));
-        assert!(h.get("table_full").is_some());
-        assert!(h.get("ignored_state").is_none());
+        assert!(h.get(ReasonCode::TableFull).is_some());
+        assert!(h.get(ReasonCode::IgnoredState).is_none());
         let json: serde_json::Value = serde_json::from_str(cached.json.get()).unwrap();
         assert!(
             json["fixes"][0]["do"]

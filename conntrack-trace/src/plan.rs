@@ -1,10 +1,11 @@
 //! The attach plan: the one place that knows how kernel versions differ. Computed once at
 //! start-up from kallsyms and BTF; everything else just follows it.
 
-use std::{fmt, path::Path};
+use std::path::Path;
 
 use anyhow::{Result, bail};
-use conntrack_trace_common::{mode, offsets::Offsets, reason::LogArgs, reset::ResetTp};
+pub use conntrack_trace_common::Mode;
+use conntrack_trace_common::{closed_set, offsets::Offsets, reason::LogArgs, reset::ResetTp};
 
 use crate::{
     btf::{self, BtfFunc, ConntrackBtf, KernelBtf},
@@ -35,14 +36,24 @@ pub enum Flavor {
     TracePoint,
 }
 
-impl fmt::Display for Flavor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Flavor::KProbe => "kprobe",
-            Flavor::KRetProbe => "kretprobe",
-            Flavor::FExit(_) => "fexit",
-            Flavor::TracePoint => "tracepoint",
-        })
+closed_set! {
+    /// The kinds of eBPF program the tracer attaches.
+    pub enum ProgramKind {
+        KProbe = "kprobe",
+        KRetProbe = "kretprobe",
+        FExit = "fexit",
+        TracePoint = "tracepoint",
+    }
+}
+
+impl Flavor {
+    pub fn kind(self) -> ProgramKind {
+        match self {
+            Flavor::KProbe => ProgramKind::KProbe,
+            Flavor::KRetProbe => ProgramKind::KRetProbe,
+            Flavor::FExit(_) => ProgramKind::FExit,
+            Flavor::TracePoint => ProgramKind::TracePoint,
+        }
     }
 }
 
@@ -66,37 +77,6 @@ pub enum WindowSource {
     /// Before 6.1: the reason string goes through `nf_ct_l4proto_log_invalid("%s", ...)`; the
     /// bound is recomputed from the conntrack window snapshot.
     L4ProtoLog,
-}
-
-/// How the verdict of `nf_conntrack_in` is observed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// fexit on `nf_conntrack_in`: every verdict, one program run per packet.
-    Fexit,
-    /// kprobe + kretprobe on `nf_conntrack_in`: every verdict, a kprobe pair per packet.
-    KprobePair,
-    /// No per-packet probe: packets are reported when the kernel logs a reason (and table-full
-    /// drops by namespace); INVALIDs the kernel does not log are missed.
-    Cold,
-}
-
-impl Mode {
-    /// The eBPF side's `MODE` global.
-    pub fn abi(self) -> u8 {
-        match self {
-            Mode::Fexit => mode::FEXIT,
-            Mode::KprobePair => mode::EXACT,
-            Mode::Cold => mode::COLD,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Fexit => "fexit",
-            Mode::KprobePair => "kprobe pair",
-            Mode::Cold => "cold",
-        }
-    }
 }
 
 /// The mode the user asked for on the command line.

@@ -4,15 +4,75 @@
 use std::{borrow::Cow, sync::LazyLock};
 
 use conntrack_trace_common::{
+    closed_set,
     reason::{Reason, TEXT_LEN, source},
+    string_schema,
     window::log_type,
 };
 use memchr::memmem::Finder;
 
+closed_set! {
+    /// Why a packet was reported: the kernel's reason where it logged one, else what the
+    /// drop path or the headers say. JSON `reason_code`, the metrics' `reason_code` label.
+    pub enum ReasonCode {
+        /// TCP: the sequence number is past the receiver's window.
+        SeqOver = "seq_over",
+        /// TCP: the segment ends before the window's lower edge (data already acknowledged).
+        SeqUnder = "seq_under",
+        /// TCP: acknowledges data the other side has not sent.
+        AckOver = "ack_over",
+        /// TCP: acknowledges data older than the window of acceptable ACKs.
+        AckUnder = "ack_under",
+        /// TCP: the segment ends past the receiver's window end.
+        Overshot = "overshot",
+        /// TCP: an invalid flag combination.
+        BadFlags = "bad_flags",
+        /// TCP: bad checksum.
+        BadChecksum = "bad_checksum",
+        /// TCP: header truncated or too short.
+        Truncated = "truncated",
+        /// TCP: not valid in the connection's state.
+        InvalidState = "invalid_state",
+        /// TCP: ignored in the connection's state (the entry is kept).
+        IgnoredState = "ignored_state",
+        /// TCP: an RST outside the window.
+        InvalidRst = "invalid_rst",
+        /// TCP: a packet that cannot open a connection, with no entry.
+        InvalidNew = "invalid_new",
+        /// TCP: a challenge ACK the kernel ignored.
+        ChallengeAck = "challenge_ack",
+        /// UDP: shorter than its header.
+        UdpShort = "udp_short",
+        /// UDP: truncated (the length field says more than there is).
+        UdpTruncated = "udp_truncated",
+        /// UDP: bad checksum.
+        UdpBadChecksum = "udp_bad_checksum",
+        /// ICMP: shorter than its header.
+        IcmpShort = "icmp_short",
+        /// ICMP: bad checksum.
+        IcmpBadChecksum = "icmp_bad_checksum",
+        /// ICMP: a type conntrack does not accept.
+        IcmpInvalidType = "icmp_invalid_type",
+        /// An ICMP error quoting no tracked connection: INVALID to `--ctstate`, counted by
+        /// the kernel in `icmp_error`, not `invalid`; seen only with a verdict probe.
+        IcmpErrorNoFlow = "icmp_error_no_flow",
+        /// No reason logged and nothing else explains it.
+        Unknown = "unknown",
+        /// Dropped: the table is full and nothing could be evicted.
+        TableFull = "table_full",
+        /// Dropped: the entry could not be inserted at confirm (a clash not resolved).
+        InsertFailed = "insert_failed",
+        /// Dropped by `nf_conntrack_in` for another cause.
+        ConntrackDrop = "conntrack_drop",
+    }
+}
+
+string_schema!(ReasonCode);
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Explained {
     pub text: String,
-    pub code: &'static str,
+    pub code: ReasonCode,
     /// The numeric argument the kernel logged (the window bound for TCP window reasons).
     pub value: Option<u32>,
     /// The text is ours (struct-form table and digits): plain ASCII, no JSON escaping needed.
@@ -22,77 +82,90 @@ pub struct Explained {
 
 /// The struct-form logger's texts (Debian 6.1.187+, 6.12), the same as the variadic form's,
 /// and their codes: the kernel says which check failed, so no text matching is needed.
-fn struct_text(t: u8) -> Option<(&'static str, &'static str)> {
+fn struct_text(t: u8) -> Option<(&'static str, ReasonCode)> {
     Some(match t {
-        log_type::OVERSHOT => ("%u bytes more than expected", "overshot"),
+        log_type::OVERSHOT => ("%u bytes more than expected", ReasonCode::Overshot),
         log_type::SEQ_OVER => (
             "SEQ is over upper bound %u (over the window of the receiver)",
-            "seq_over",
+            ReasonCode::SeqOver,
         ),
         log_type::ACK_OVER => (
             "ACK is over upper bound %u (ACKed data not seen yet)",
-            "ack_over",
+            ReasonCode::AckOver,
         ),
         log_type::SEQ_UNDER => (
             "SEQ is under lower bound %u (already ACKed data retransmitted)",
-            "seq_under",
+            ReasonCode::SeqUnder,
         ),
         log_type::ACK_UNDER => (
             "ignored ACK under lower bound %u (possible overly delayed)",
-            "ack_under",
+            ReasonCode::AckUnder,
         ),
         _ => return None,
     })
 }
 
+/// What a fragment of the kernel's text says: a code, or a short packet, whose code depends
+/// on the protocol.
+#[derive(Clone, Copy)]
+enum Found {
+    Code(ReasonCode),
+    Short,
+}
+
 /// Text fragment (lowercase) -> code, checked in order. Covers 4.18 to 6.18 wording.
-const CODES: &[(&str, &str)] = &[
-    ("seq is over", "seq_over"),
-    ("seq is under", "seq_under"),
-    ("ack is over", "ack_over"),
-    ("ack is under", "ack_under"),
-    ("ack under lower bound", "ack_under"),
-    ("bytes more than expected", "overshot"),
-    ("invalid tcp flag", "bad_flags"),
-    ("truncated", "truncated"),
-    ("invalid rst", "invalid_rst"),
-    ("invalid new", "invalid_new"),
-    ("challenge-ack ignored", "challenge_ack"),
-    (") ignored, state", "ignored_state"),
-    ("invalid, state", "invalid_state"),
-    ("invalid state", "invalid_state"),
-    ("short packet", "short"),
-    ("checksum", "bad_checksum"),
-    ("invalid icmp type", "icmp_invalid_type"),
-    ("invalid icmpv6 type", "icmp_invalid_type"),
-];
+const CODES: &[(&str, Found)] = {
+    use Found::{Code, Short};
+    use ReasonCode::*;
+    &[
+        ("seq is over", Code(SeqOver)),
+        ("seq is under", Code(SeqUnder)),
+        ("ack is over", Code(AckOver)),
+        ("ack is under", Code(AckUnder)),
+        ("ack under lower bound", Code(AckUnder)),
+        ("bytes more than expected", Code(Overshot)),
+        ("invalid tcp flag", Code(BadFlags)),
+        ("truncated", Code(Truncated)),
+        ("invalid rst", Code(InvalidRst)),
+        ("invalid new", Code(InvalidNew)),
+        ("challenge-ack ignored", Code(ChallengeAck)),
+        (") ignored, state", Code(IgnoredState)),
+        ("invalid, state", Code(InvalidState)),
+        ("invalid state", Code(InvalidState)),
+        ("short packet", Short),
+        ("checksum", Code(BadChecksum)),
+        ("invalid icmp type", Code(IcmpInvalidType)),
+        ("invalid icmpv6 type", Code(IcmpInvalidType)),
+    ]
+};
 
 /// CODES' fragments as precompiled searchers: building one per call cost more than searching.
-static FINDERS: LazyLock<Vec<(Finder<'static>, &'static str)>> = LazyLock::new(|| {
+static FINDERS: LazyLock<Vec<(Finder<'static>, Found)>> = LazyLock::new(|| {
     CODES
         .iter()
-        .map(|&(frag, code)| (Finder::new(frag), code))
+        .map(|&(frag, found)| (Finder::new(frag), found))
         .collect()
 });
 
 /// The code for a kernel text of at most TEXT_LEN bytes (the rest is not looked at).
-fn code_for(text: &str, l4proto: u8) -> &'static str {
+fn code_for(text: &str, l4proto: u8) -> ReasonCode {
+    use ReasonCode::*;
     // Lowercased once, on the stack.
     let mut buf = [0u8; TEXT_LEN];
     let n = text.len().min(TEXT_LEN);
     buf[..n].copy_from_slice(&text.as_bytes()[..n]);
     buf[..n].make_ascii_lowercase();
-    let Some(&(_, code)) = FINDERS.iter().find(|(f, _)| f.find(&buf[..n]).is_some()) else {
-        return "unknown";
+    let Some(&(_, found)) = FINDERS.iter().find(|(f, _)| f.find(&buf[..n]).is_some()) else {
+        return Unknown;
     };
-    match (l4proto, code) {
-        (17 | 136, "short") => "udp_short",
-        (17 | 136, "truncated") => "udp_truncated",
-        (17 | 136, "bad_checksum") => "udp_bad_checksum",
-        (1 | 58, "short") => "icmp_short",
-        (1 | 58, "bad_checksum") => "icmp_bad_checksum",
-        (_, "short") => "truncated",
-        (_, c) => c,
+    match (l4proto, found) {
+        (17 | 136, Found::Short) => UdpShort,
+        (17 | 136, Found::Code(Truncated)) => UdpTruncated,
+        (17 | 136, Found::Code(BadChecksum)) => UdpBadChecksum,
+        (1 | 58, Found::Short) => IcmpShort,
+        (1 | 58, Found::Code(BadChecksum)) => IcmpBadChecksum,
+        (_, Found::Short) => Truncated,
+        (_, Found::Code(c)) => c,
     }
 }
 
@@ -220,17 +293,17 @@ mod tests {
             e.text,
             "SEQ is over upper bound 2839577113 (over the window of the receiver)"
         );
-        assert_eq!((e.code, e.value), ("seq_over", Some(2839577113)));
+        assert_eq!((e.code, e.value), (ReasonCode::SeqOver, Some(2839577113)));
     }
 
     #[test]
     fn struct_form_uses_kernel_wording() {
         for (t, code) in [
-            (log_type::SEQ_OVER, "seq_over"),
-            (log_type::SEQ_UNDER, "seq_under"),
-            (log_type::ACK_OVER, "ack_over"),
-            (log_type::ACK_UNDER, "ack_under"),
-            (log_type::OVERSHOT, "overshot"),
+            (log_type::SEQ_OVER, ReasonCode::SeqOver),
+            (log_type::SEQ_UNDER, ReasonCode::SeqUnder),
+            (log_type::ACK_OVER, ReasonCode::AckOver),
+            (log_type::ACK_UNDER, ReasonCode::AckUnder),
+            (log_type::OVERSHOT, ReasonCode::Overshot),
         ] {
             let r = Reason {
                 source: source::TCP_LOG_STRUCT,
@@ -260,7 +333,7 @@ mod tests {
             ..Default::default()
         };
         let e = explain(&r, None).unwrap();
-        assert_eq!(e.code, "seq_under");
+        assert_eq!(e.code, ReasonCode::SeqUnder);
         assert_eq!(e.value, None);
     }
 
@@ -275,35 +348,35 @@ mod tests {
         };
         let e = explain(&state, Some("SYN_SENT")).unwrap();
         assert_eq!(e.text, "packet (index 4) in dir 1 invalid, state SYN_SENT");
-        assert_eq!(e.code, "invalid_state");
+        assert_eq!(e.code, ReasonCode::InvalidState);
         let udp = Reason {
             source: source::L4PROTO_LOG,
             l4proto: 17,
             fmt: text("short packet"),
             ..Default::default()
         };
-        assert_eq!(explain(&udp, None).unwrap().code, "udp_short");
+        assert_eq!(explain(&udp, None).unwrap().code, ReasonCode::UdpShort);
         let csum = Reason {
             source: source::L4PROTO_LOG,
             l4proto: 6,
             fmt: text("bad checksum"),
             ..Default::default()
         };
-        assert_eq!(explain(&csum, None).unwrap().code, "bad_checksum");
+        assert_eq!(explain(&csum, None).unwrap().code, ReasonCode::BadChecksum);
         let flags = Reason {
             source: source::L4PROTO_LOG,
             l4proto: 6,
             fmt: text("invalid tcp flag combination"),
             ..Default::default()
         };
-        assert_eq!(explain(&flags, None).unwrap().code, "bad_flags");
+        assert_eq!(explain(&flags, None).unwrap().code, ReasonCode::BadFlags);
         let odd = Reason {
             source: source::L4PROTO_LOG,
             l4proto: 6,
             fmt: text("something new in 7.3"),
             ..Default::default()
         };
-        assert_eq!(explain(&odd, None).unwrap().code, "unknown");
+        assert_eq!(explain(&odd, None).unwrap().code, ReasonCode::Unknown);
         assert!(explain(&Reason::default(), None).is_none());
     }
 }

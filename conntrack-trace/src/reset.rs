@@ -4,7 +4,11 @@
 use std::{collections::VecDeque, net::IpAddr, rc::Rc, sync::Arc, time::SystemTime};
 
 use anyhow::{Result, bail};
-use conntrack_trace_common::reset::{HAS_NETNS, ResetEvent};
+use conntrack_trace_common::{
+    closed_set,
+    reset::{HAS_NETNS, ResetEvent},
+    string_schema,
+};
 use foldhash::HashMap;
 
 use crate::{
@@ -45,29 +49,24 @@ pub fn decode(e: &ResetEvent, clock: &Clock) -> Reset {
     }
 }
 
-/// What an RST does to the connection it reaches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Effect {
-    /// Its sequence number is exactly what the peer expects: the connection is reset.
-    Reset,
-    /// In the peer's window but not exact: the peer answers with a challenge ACK.
-    ChallengeAck,
-    /// Outside the peer's window: dropped, the connection survives.
-    Ignored,
-    /// Not decidable without the window state (no conntrack BTF, or no ACK on the segment).
-    Unknown,
+closed_set! {
+    /// What an RST does to the connection it reaches: an incident's `effect`.
+    pub enum Effect {
+        /// Its sequence number is exactly what the peer expects: the connection is reset.
+        Reset = "reset",
+        /// In the peer's window but not exact: the peer answers with a challenge ACK.
+        ChallengeAck = "challenge_ack",
+        /// Outside the peer's window: dropped, the connection survives.
+        Ignored = "ignored",
+        /// Not decidable without the window state (no conntrack BTF, or no ACK on the
+        /// segment).
+        Unknown = "unknown",
+    }
 }
 
-impl Effect {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Effect::Reset => "reset",
-            Effect::ChallengeAck => "challenge_ack",
-            Effect::Ignored => "ignored",
-            Effect::Unknown => "unknown",
-        }
-    }
+string_schema!(Effect);
 
+impl Effect {
     pub fn sentence(self) -> &'static str {
         match self {
             Effect::Reset => {
@@ -227,7 +226,7 @@ pub fn parse_proc_entry(line: &str) -> Option<Conntrack> {
     let state = words
         .get(5)
         .filter(|w| !w.contains('='))
-        .map(|w| crate::ct::static_state(w));
+        .map(|w| crate::ct::TcpState::from_name(w));
     let vals =
         |key: &str| -> Vec<&str> { words.iter().filter_map(|w| w.strip_prefix(key)).collect() };
     let (src, dst, sport, dport) = (vals("src="), vals("dst="), vals("sport="), vals("dport="));
@@ -255,7 +254,7 @@ mod tests {
 
     fn pkt(s: &str, sp: u16, d: &str, dp: u16) -> Packet {
         Packet {
-            family: Some("ipv4"),
+            family: Some(crate::verdict::Family::Ipv4),
             proto: Some(6),
             saddr: Some(s.parse().unwrap()),
             daddr: Some(d.parse().unwrap()),
@@ -391,7 +390,7 @@ mod tests {
              src=10.0.2.2 dst=10.0.1.2 sport=8080 dport=40000 [ASSURED] mark=0 zone=0 use=2",
         )
         .unwrap();
-        assert_eq!(ct.state, Some("ESTABLISHED"));
+        assert_eq!(ct.state, Some(crate::ct::TcpState::Established));
         assert_eq!(ct.original.daddr.to_string(), "10.96.0.10");
         assert_eq!(
             (ct.reply.saddr.to_string(), ct.reply.sport),

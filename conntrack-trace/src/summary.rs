@@ -13,7 +13,8 @@ use crate::{
     counters::Stats,
     owner::{Owner, ScanStats},
     plan::Mode,
-    verdict::{ICMP_ERROR_NO_FLOW, Record, Verdict},
+    reason::ReasonCode,
+    verdict::{Record, Verdict},
 };
 
 /// (protocol, source, source port, destination, destination port).
@@ -29,7 +30,7 @@ const NETNS_MAX: usize = 4096;
 
 #[derive(Debug, Default)]
 pub struct Summary {
-    pub by_code: BTreeMap<&'static str, u64>,
+    pub by_code: BTreeMap<ReasonCode, u64>,
     pub invalid: u64,
     pub ignored: u64,
     pub drops: u64,
@@ -73,7 +74,11 @@ impl Summary {
     pub fn missed(&self) -> Option<String> {
         let counted = self.kernel.as_ref()?.get("invalid")?;
         // ICMP errors quoting no flow are INVALID to the ruleset but counted in icmp_error.
-        let icmp = self.by_code.get(ICMP_ERROR_NO_FLOW).copied().unwrap_or(0);
+        let icmp = self
+            .by_code
+            .get(&ReasonCode::IcmpErrorNoFlow)
+            .copied()
+            .unwrap_or(0);
         let missed = counted
             .checked_sub(self.invalid - icmp + self.lost)
             .filter(|&m| m > 0)?;
@@ -253,7 +258,7 @@ mod tests {
         let mut s = with_kernel(2);
         s.mode = Some(Mode::Fexit);
         s.invalid = 3;
-        s.by_code.insert(ICMP_ERROR_NO_FLOW, 1);
+        s.by_code.insert(ReasonCode::IcmpErrorNoFlow, 1);
         assert_eq!(s.missed(), None);
         s.invalid = 2;
         assert!(s.missed().unwrap().contains("counted 1 more"));

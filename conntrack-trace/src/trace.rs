@@ -59,7 +59,14 @@ fn attach(bpf: &mut Ebpf, plan: &Plan) -> Result<()> {
         let prog = bpf
             .program_mut(a.program)
             .with_context(|| format!("program {} missing from the eBPF object", a.program))?;
-        let what = || format!("attaching {} {} to {}", a.flavor, a.program, a.target);
+        let what = || {
+            format!(
+                "attaching {} {} to {}",
+                a.flavor.kind(),
+                a.program,
+                a.target
+            )
+        };
         match a.flavor {
             Flavor::KProbe | Flavor::KRetProbe => {
                 let p: &mut KProbe = prog.try_into()?;
@@ -250,7 +257,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         for a in &plan.attach {
             eprintln!(
                 "conntrack-trace: plan: {:<9} {:<30} -> {}",
-                a.flavor.to_string(),
+                a.flavor.kind(),
                 a.program,
                 a.target
             );
@@ -282,7 +289,7 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         plan.attach.len(),
         plan.release,
         startup.1.as_millis(),
-        plan.mode.name(),
+        plan.mode.as_str(),
         plan.window
     );
 

@@ -10,31 +10,44 @@ use std::{
 
 use anyhow::{Result, bail};
 use conntrack_trace_common::{
-    SNAP_LEN,
+    SNAP_LEN, closed_set, string_schema,
     verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, LostKey, PacketEvent, verdict},
 };
 use etherparse::{
     Ipv4HeaderSlice, Ipv6ExtensionsSlice, Ipv6HeaderSlice, TcpHeaderSlice, UdpHeaderSlice,
 };
 
-use crate::{ct::Conntrack, drops, hints, owner::Owner, reason, window};
+use crate::{
+    ct::{Conntrack, TcpState},
+    drops, hints,
+    owner::Owner,
+    reason::{self, ReasonCode},
+    window,
+};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Verdict {
-    Invalid,
-    Ignored,
-    Drop,
-}
-
-impl Verdict {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Invalid => "invalid",
-            Verdict::Ignored => "ignored",
-            Verdict::Drop => "drop",
-        }
+closed_set! {
+    /// What conntrack did with a reported packet: its event's `event`.
+    pub enum Verdict {
+        /// No entry: not NATed, counted in the kernel's `invalid`.
+        Invalid = "invalid",
+        /// A reason was logged and the packet kept its entry.
+        Ignored = "ignored",
+        /// Dropped by conntrack (`reason_code` says which drop path).
+        Drop = "drop",
     }
 }
+
+string_schema!(Verdict);
+
+closed_set! {
+    /// The packet's network protocol: JSON `family`.
+    pub enum Family {
+        Ipv4 = "ipv4",
+        Ipv6 = "ipv6",
+    }
+}
+
+string_schema!(Family);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tcp {
@@ -50,7 +63,7 @@ pub struct Tcp {
 /// What the captured headers say about a packet.
 #[derive(Clone, Debug, Default)]
 pub struct Packet {
-    pub family: Option<&'static str>,
+    pub family: Option<Family>,
     pub proto: Option<u8>,
     pub saddr: Option<IpAddr>,
     pub daddr: Option<IpAddr>,
@@ -76,7 +89,7 @@ pub struct Record {
     /// Who owns `netns` (processes, name, cgroup, container, pod), where the tracer knows.
     pub owner: Option<Arc<Owner>>,
     pub ifindex: Option<u32>,
-    pub hook: Option<&'static str>,
+    pub hook: Option<Hook>,
     /// For DROP verdicts: which drop path (`drops::code`).
     pub drop_reason: u8,
     /// What to do about it, attached by the tracer per reason_code.
@@ -106,7 +119,7 @@ impl Record {
 }
 
 impl Record {
-    pub fn reason_code(&self) -> &'static str {
+    pub fn reason_code(&self) -> ReasonCode {
         code(
             self.reason.as_ref(),
             self.verdict,
@@ -141,18 +154,18 @@ fn code(
     verdict: Verdict,
     drop_reason: u8,
     pkt: &Packet,
-) -> &'static str {
+) -> ReasonCode {
     match (reason, verdict) {
         (Some(r), _) => r.code,
         (None, Verdict::Drop) => drops::code(drop_reason),
-        (None, Verdict::Invalid) if pkt.is_icmp_error() => ICMP_ERROR_NO_FLOW,
-        (None, _) => "unknown",
+        (None, Verdict::Invalid) if pkt.is_icmp_error() => ReasonCode::IcmpErrorNoFlow,
+        (None, _) => ReasonCode::Unknown,
     }
 }
 
 /// The verdict and reason code of the packet events the kernel side counted under `k`
 /// because the ring buffer could not take them: what decoding each would have given.
-pub fn lost_kind(k: &LostKey) -> (Verdict, &'static str) {
+pub fn lost_kind(k: &LostKey) -> (Verdict, ReasonCode) {
     let verdict = verdict_of(k.verdict, &k.reason);
     let reason = if k.flags & HAS_REASON != 0 {
         reason::explain(&k.reason, None)
@@ -175,10 +188,6 @@ fn verdict_of(v: u8, r: &conntrack_trace_common::reason::Reason) -> Verdict {
         _ => Verdict::Invalid,
     }
 }
-
-/// An ICMP error that quotes a packet of no known connection: no entry, so INVALID to
-/// `--ctstate`, but the kernel counts it in `icmp_error` (since 5.7), not `invalid`.
-pub const ICMP_ERROR_NO_FLOW: &str = "icmp_error_no_flow";
 
 impl Packet {
     /// ICMP destination unreachable, source quench, redirect, time exceeded, parameter
@@ -251,25 +260,44 @@ pub fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
     }
 }
 
-const HOOKS_INET: [&str; 5] = [
-    "PRE_ROUTING",
-    "LOCAL_IN",
-    "FORWARD",
-    "LOCAL_OUT",
-    "POST_ROUTING",
-];
-const HOOKS_BRIDGE: [&str; 5] = [
-    "BR_PRE_ROUTING",
-    "BR_LOCAL_IN",
-    "BR_FORWARD",
-    "BR_LOCAL_OUT",
-    "BR_POST_ROUTING",
-];
+closed_set! {
+    /// The netfilter hook conntrack ran at: JSON `hook`.
+    pub enum Hook {
+        /// NF_INET_PRE_ROUTING: a packet arriving, before routing.
+        PreRouting = "PRE_ROUTING",
+        /// NF_INET_LOCAL_IN: arriving, for this host.
+        LocalIn = "LOCAL_IN",
+        /// NF_INET_FORWARD: being forwarded.
+        Forward = "FORWARD",
+        /// NF_INET_LOCAL_OUT: sent by this host.
+        LocalOut = "LOCAL_OUT",
+        /// NF_INET_POST_ROUTING: leaving, after routing.
+        PostRouting = "POST_ROUTING",
+        /// NF_BR_PRE_ROUTING: on a bridge, arriving.
+        BrPreRouting = "BR_PRE_ROUTING",
+        /// NF_BR_LOCAL_IN: on a bridge, for this host.
+        BrLocalIn = "BR_LOCAL_IN",
+        /// NF_BR_FORWARD: on a bridge, being forwarded.
+        BrForward = "BR_FORWARD",
+        /// NF_BR_LOCAL_OUT: on a bridge, sent by this host.
+        BrLocalOut = "BR_LOCAL_OUT",
+        /// NF_BR_POST_ROUTING: on a bridge, leaving.
+        BrPostRouting = "BR_POST_ROUTING",
+    }
+}
 
-fn hook_name(pf: u8, hook: u8) -> Option<&'static str> {
-    // NFPROTO_BRIDGE = 7; conntrack is also called from bridge, OVS and tc act_ct.
-    let names = if pf == 7 { &HOOKS_BRIDGE } else { &HOOKS_INET };
-    names.get(hook as usize).copied()
+string_schema!(Hook);
+
+impl Hook {
+    /// From `state->pf` and `state->hook`. NFPROTO_BRIDGE = 7: conntrack is also called
+    /// from bridge, OVS and tc act_ct.
+    fn from_state(pf: u8, hook: u8) -> Option<Self> {
+        let bridge = if pf == 7 { 5 } else { 0 };
+        Self::ALL
+            .get(bridge + hook as usize)
+            .filter(|_| hook < 5)
+            .copied()
+    }
 }
 
 /// TCP flag letters, inline (no allocation per packet).
@@ -348,7 +376,7 @@ fn inferred(r: &conntrack_trace_common::reason::Reason) -> Verdict {
     let ignored = match r.source {
         source::TCP_LOG_VARIADIC | source::TCP_LOG_STRUCT => r.window_ignored(),
         _ => reason::explain(r, None)
-            .is_some_and(|e| matches!(e.code, "ignored_state" | "challenge_ack")),
+            .is_some_and(|e| matches!(e.code, ReasonCode::IgnoredState | ReasonCode::ChallengeAck)),
     };
     if ignored {
         Verdict::Ignored
@@ -387,18 +415,24 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
         } else {
             e.ifindex_out
         }),
-        hook: hook_name(e.pf, e.hook),
+        hook: Hook::from_state(e.pf, e.hook),
         drop_reason: e.drop_reason,
         hint: None,
     };
     if e.flags & HAS_REASON != 0 {
-        let state = r.ct.as_ref().and_then(|c| c.state);
+        let state = r.ct.as_ref().and_then(|c| c.state).map(TcpState::as_str);
         r.reason = reason::explain(&e.reason, state);
     }
     if let (Some(reason), Some(tcp), Some(ct)) = (&r.reason, &r.pkt.tcp, &r.ct)
         && ct.state.is_some()
     {
-        r.window = window::explain(reason.code, reason.value, e.ct.seen, ct.reply_dir, tcp);
+        r.window = window::explain(
+            reason.code.as_str(),
+            reason.value,
+            e.ct.seen,
+            ct.reply_dir,
+            tcp,
+        );
     }
     r
 }
@@ -415,7 +449,7 @@ impl Packet {
         // (l4 protocol, l4 offset, l4 length from the IP header)
         let l4 = match h.first().map(|b| b >> 4) {
             Some(4) => Ipv4HeaderSlice::from_slice(h).ok().map(|ip| {
-                r.family = Some("ipv4");
+                r.family = Some(Family::Ipv4);
                 r.saddr = Some(IpAddr::V4(ip.source_addr()));
                 r.daddr = Some(IpAddr::V4(ip.destination_addr()));
                 let hl = ip.slice().len();
@@ -426,7 +460,7 @@ impl Packet {
                 )
             }),
             Some(6) => Ipv6HeaderSlice::from_slice(h).ok().map(|ip| {
-                r.family = Some("ipv6");
+                r.family = Some(Family::Ipv6);
                 r.saddr = Some(IpAddr::V6(ip.source_addr()));
                 r.daddr = Some(IpAddr::V6(ip.destination_addr()));
                 let payload = ip.payload_length() as usize;
@@ -560,11 +594,20 @@ mod tests {
         let pkt = Packet::parse(&captured(&p), p.len() as u32);
         assert_eq!(pkt.icmp, Some((3, 3)));
         let r = Record::bare(Verdict::Invalid, 1, now, pkt);
-        assert_eq!(r.reason_code(), "icmp_error_no_flow");
+        assert_eq!(r.reason_code(), ReasonCode::IcmpErrorNoFlow);
         assert!(r.reason_text().contains("icmp_error"));
         p[20] = 8; // echo request
         let echo = Record::bare(Verdict::Invalid, 1, now, Packet::parse(&captured(&p), 56));
-        assert_eq!(echo.reason_code(), "unknown");
+        assert_eq!(echo.reason_code(), ReasonCode::Unknown);
+    }
+
+    #[test]
+    fn hooks_by_family() {
+        assert_eq!(Hook::from_state(2, 0), Some(Hook::PreRouting));
+        assert_eq!(Hook::from_state(10, 4), Some(Hook::PostRouting));
+        assert_eq!(Hook::from_state(7, 2), Some(Hook::BrForward));
+        assert_eq!(Hook::from_state(2, 5), None);
+        assert_eq!(Hook::from_state(7, 5), None);
     }
 
     #[test]

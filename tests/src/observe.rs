@@ -24,7 +24,7 @@ pub struct Observer<'a> {
     tracer: Option<Tracer>,
     tracer_error: Option<String>,
     complete: bool,
-    expected_mode: &'static str,
+    expected_mode: conntrack_trace::plan::Mode,
     kmsg: Kmsg,
     before: Vec<Counters>,
     logs: Vec<CtLog>,
@@ -46,7 +46,7 @@ pub struct Observation {
     /// kernel does not log.
     pub complete: bool,
     /// The summary's `mode` this run must show.
-    pub expected_mode: &'static str,
+    pub expected_mode: conntrack_trace::plan::Mode,
 }
 
 impl<'a> Observer<'a> {

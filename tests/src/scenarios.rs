@@ -5,6 +5,7 @@ use std::net::SocketAddrV4;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use conntrack_trace::plan::Mode as Probe;
 
 use crate::connection::{Flow, Seqs};
 use crate::counters;
@@ -82,16 +83,16 @@ impl Ctx {
 
     /// Whether the tracer sees every verdict in this pass (a verdict probe runs).
     pub fn complete(&self) -> bool {
-        self.expected_mode() != "cold"
+        self.expected_mode() != Probe::Cold
     }
 
     /// The summary's `mode` this pass must produce: fexit by default wherever the kernel
     /// has nf_conntrack's BTF, the kprobe pair for `--exact` where it has not.
-    pub fn expected_mode(&self) -> &'static str {
+    pub fn expected_mode(&self) -> Probe {
         match self.mode {
-            Mode::Default if self.kernel.fexit_attaches() => "fexit",
-            Mode::Default | Mode::Cold => "cold",
-            Mode::Exact | Mode::KprobePair => "kprobe pair",
+            Mode::Default if self.kernel.fexit_attaches() => Probe::Fexit,
+            Mode::Default | Mode::Cold => Probe::Cold,
+            Mode::Exact | Mode::KprobePair => Probe::KprobePair,
         }
     }
 }

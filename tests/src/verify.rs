@@ -246,7 +246,7 @@ pub fn stream_is_complete(topo: &Topology, obs: &Observation, problems: &mut Pro
     let Some(s) = &trace.summary else {
         return problems.add("tracer printed no summary line on SIGINT".into());
     };
-    if s["mode"] != obs.expected_mode {
+    if s["mode"] != obs.expected_mode.as_str() {
         problems.add(format!(
             "summary.mode is {}, this run's mode is {}",
             s["mode"], obs.expected_mode

@@ -13,7 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{output::Loss, plan::Mode, verdict::Verdict};
+use crate::{output::Loss, plan::Mode, reason::ReasonCode, verdict::Verdict};
 
 pub use kernel::NETNS_MAX;
 
@@ -103,7 +103,8 @@ impl Metrics {
     }
 
     /// `n` reported packets of this verdict and reason.
-    pub fn event(&self, verdict: Verdict, reason_code: &'static str, n: u64) {
+    pub fn event(&self, verdict: Verdict, reason_code: ReasonCode, n: u64) {
+        let reason_code = reason_code.as_str();
         self.events
             .get_or_create(&EventLabels {
                 event: verdict.as_str(),
@@ -133,11 +134,7 @@ impl Metrics {
         self.attached.clear();
         self.attached
             .get_or_create(&AttachLabels {
-                mode: match mode {
-                    Mode::Fexit => "fexit",
-                    Mode::KprobePair => "kprobe_pair",
-                    Mode::Cold => "cold",
-                },
+                mode: mode.as_str(),
                 reason: String::new(),
             })
             .set(1);
@@ -216,11 +213,11 @@ mod tests {
         };
         assert_eq!(
             lost_kind(&logged(log_type::SEQ_OVER)),
-            (Verdict::Invalid, "seq_over")
+            (Verdict::Invalid, ReasonCode::SeqOver)
         );
         assert_eq!(
             lost_kind(&logged(log_type::SEQ_UNDER)),
-            (Verdict::Ignored, "seq_under")
+            (Verdict::Ignored, ReasonCode::SeqUnder)
         );
         let mut flags = Reason {
             source: source::L4PROTO_LOG,
@@ -230,18 +227,18 @@ mod tests {
         flags.fmt[..28].copy_from_slice(b"invalid tcp flag combination");
         assert_eq!(
             lost_kind(&key(verdict::INVALID, Some(flags), 0, 0)),
-            (Verdict::Invalid, "bad_flags")
+            (Verdict::Invalid, ReasonCode::BadFlags)
         );
         let mut full = key(verdict::DROP, None, 0, 0);
         full.drop_reason = drops::reason::TABLE_FULL;
-        assert_eq!(lost_kind(&full), (Verdict::Drop, "table_full"));
+        assert_eq!(lost_kind(&full), (Verdict::Drop, ReasonCode::TableFull));
         assert_eq!(
             lost_kind(&key(verdict::INVALID, None, 1, 3)),
-            (Verdict::Invalid, "icmp_error_no_flow")
+            (Verdict::Invalid, ReasonCode::IcmpErrorNoFlow)
         );
         assert_eq!(
             lost_kind(&key(verdict::INVALID, None, 1, 8)),
-            (Verdict::Invalid, "unknown")
+            (Verdict::Invalid, ReasonCode::Unknown)
         );
     }
 
@@ -258,8 +255,8 @@ mod tests {
     #[test]
     fn counts_and_attach_state_are_exposed_in_both_formats() {
         let m = Metrics::new();
-        m.event(Verdict::Invalid, "seq_over", 2);
-        m.event(Verdict::Drop, "table_full", 1);
+        m.event(Verdict::Invalid, ReasonCode::SeqOver, 2);
+        m.event(Verdict::Drop, ReasonCode::TableFull, 1);
         m.incident();
         m.lost(Loss::RingFull, 5);
         let (om, ct) = m.encode(true);

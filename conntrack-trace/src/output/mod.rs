@@ -11,6 +11,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use conntrack_trace_common::{closed_set, string_schema};
+
 use crate::{
     owner::Owner,
     reset::{Incident, Reset},
@@ -33,25 +35,19 @@ pub trait Output {
     fn flush(&mut self) -> io::Result<()>;
 }
 
-/// Why events are missing from the stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Loss {
-    /// The ring buffer had no room: counted by our programs.
-    RingFull,
-    /// The kernel skipped a run of one of our programs because a BPF program was already
-    /// running on that CPU (its `recursion_misses`): that packet's verdict or reason was
-    /// not seen.
-    Recursion,
-}
-
-impl Loss {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Loss::RingFull => "ring_full",
-            Loss::Recursion => "recursion",
-        }
+closed_set! {
+    /// Why events are missing from the stream: a `lost` line's `cause`.
+    pub enum Loss {
+        /// The ring buffer had no room: counted by our programs.
+        RingFull = "ring_full",
+        /// The kernel skipped a run of one of our programs because a BPF program was already
+        /// running on that CPU (its `recursion_misses`): that packet's verdict or reason was
+        /// not seen.
+        Recursion = "recursion",
     }
 }
+
+string_schema!(Loss);
 
 /// One sentence a reader can act on: what happened to the connection, with the roles.
 pub fn incident_story(i: &Incident) -> String {

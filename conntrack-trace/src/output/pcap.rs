@@ -111,7 +111,7 @@ fn comment(r: &Record) -> String {
     if let Some(ct) = &r.ct {
         c += &format!(
             "; ct {} {}:{} > {}:{} reply {}:{} > {}:{}",
-            ct.state.unwrap_or("-"),
+            ct.state.map_or("-", |s| s.as_str()),
             ct.original.saddr,
             ct.original.sport,
             ct.original.daddr,
@@ -200,7 +200,7 @@ mod tests {
         };
         let r = Record {
             netns: Some(4026531840),
-            hook: Some("PRE_ROUTING"),
+            hook: Some(crate::verdict::Hook::PreRouting),
             ..Record::bare(Verdict::Invalid, 1, time, pkt)
         };
         let mut buf = Vec::new();

@@ -8,7 +8,9 @@ use std::{
 
 use super::{Loss, Output, Stamp, Stamps};
 use crate::{
+    ct::TcpState,
     plan::Mode,
+    reason::ReasonCode,
     reset::{Incident, Reset},
     summary::Summary,
     verdict::{Record, Verdict},
@@ -18,7 +20,7 @@ pub struct Text<W: Write> {
     out: W,
     colour: bool,
     /// Reason codes whose hint was already printed: once per code keeps the stream readable.
-    hinted: HashSet<&'static str>,
+    hinted: HashSet<ReasonCode>,
     stamps: Stamps,
 }
 
@@ -99,7 +101,7 @@ impl<W: Write> Output for Text<W> {
             let _ = write!(
                 line,
                 " {dim}| ct {} {} > {}",
-                ct.state.unwrap_or("-"),
+                ct.state.map_or("-", TcpState::as_str),
                 endpoint(Some(o.saddr), Some(o.sport)),
                 endpoint(Some(o.daddr), Some(o.dport))
             );
@@ -186,7 +188,7 @@ impl<W: Write> Output for Text<W> {
             writeln!(
                 self.out,
                 "  conntrack entry: {} {} > {} (reply {} > {})",
-                ct.state.unwrap_or("-"),
+                ct.state.map_or("-", TcpState::as_str),
                 endpoint(Some(o.saddr), Some(o.sport)),
                 endpoint(Some(o.daddr), Some(o.dport)),
                 endpoint(Some(r.saddr), Some(r.sport)),
@@ -256,7 +258,7 @@ impl<W: Write> Output for Text<W> {
         if s.untracked > 0 {
             writeln!(
                 o,
-                "WARNING: {} nf_conntrack_in calls nested too deep to track",
+                "WARNING: {} nf_conntrack_in verdicts not seen (an entry probe without its return probe or the reverse)",
                 s.untracked
             )?;
         }
