@@ -115,6 +115,9 @@ pub enum Command {
     Check,
     /// Decode a file saved with --record and print it like the live tracer would.
     Replay { file: std::path::PathBuf },
+    /// Print the JSON Schema (2020-12) every --json line follows: every key, every line
+    /// type, each closed set's values with what they mean. Lines name it by schema_version.
+    Schema,
     /// The kernel's conntrack counters (per CPU and summed), table fill and the sysctls that
     /// decide what is INVALID. Needs no BPF and no root.
     Stats {

@@ -6,11 +6,12 @@ use std::{process::Command, sync::Arc};
 
 use foldhash::HashMap;
 
+use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::{counters::sysctl, reason::ReasonCode};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Fix {
     #[serde(rename = "do")]
     pub action: String,
@@ -20,7 +21,7 @@ pub struct Fix {
     pub active: Option<bool>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Hint {
     pub what: &'static str,
     pub fixes: Vec<Fix>,

@@ -19,6 +19,7 @@ pub mod privs;
 pub mod reason;
 pub mod record;
 pub mod reset;
+pub mod schema;
 pub mod stats;
 pub mod summary;
 pub mod symbols;

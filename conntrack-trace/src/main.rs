@@ -27,6 +27,16 @@ fn output(cli: &Cli) -> Box<dyn Output> {
     }
 }
 
+/// `schema`: the --json lines' JSON Schema on stdout; a closed stdout ends quietly.
+fn schema() -> Result<bool> {
+    use std::io::Write as _;
+    let text = serde_json::to_string_pretty(&conntrack_trace::schema::schema())?;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(true),
+        written => Ok(written.map(|()| true)?),
+    }
+}
+
 fn trace(cli: &Cli) -> Result<bool> {
     let filter = filter::build(&filter::Flags {
         host: cli.host.as_deref(),
@@ -120,6 +130,7 @@ fn main() -> ExitCode {
             let mut out = output(&cli);
             record::replay(file, out.as_mut(), cli.resets, cli.count)
         }
+        Some(Command::Schema) => schema(),
         Some(Command::Stats { watch }) => {
             stats::run(&mut std::io::stdout().lock(), cli.json, *watch)
         }

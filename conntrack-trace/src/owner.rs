@@ -38,7 +38,7 @@ const MISSED_MAX: usize = 4096;
 /// namespace and are not what owns it.
 const PF_KTHREAD: u64 = 0x0020_0000;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Process {
     pub pid: u32,
     /// The kernel's `comm` (at most 15 bytes, chosen by the process itself).
@@ -69,8 +69,8 @@ pub struct Owner {
 }
 
 /// The JSON object's keys (README's `owner`), absent when unknown.
-#[derive(Serialize)]
-struct OwnerJson<'a> {
+#[derive(Serialize, schemars::JsonSchema)]
+pub(crate) struct OwnerJson<'a> {
     processes: &'a [Process],
     process_count: usize,
     #[serde(skip_serializing_if = "Option::is_none")]

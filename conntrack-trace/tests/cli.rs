@@ -327,6 +327,43 @@ fn stats_reads_this_kernel() {
     assert!(v["table"]["max"].as_u64().unwrap() > 0, "{v}");
 }
 
+/// `schema` prints the JSON Schema of `--json`: every line of every recorded fixture's
+/// replay, resets included, follows it, and it rejects a line with a misspelt key.
+#[test]
+fn replayed_lines_follow_the_printed_schema() {
+    let o = run(&["schema"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let schema: Value = serde_json::from_slice(&o.stdout).expect("the schema is JSON");
+    let mut kinds = std::collections::BTreeSet::new();
+    for e in fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")).unwrap() {
+        let f = e.unwrap().path();
+        let o = run(&["replay", f.to_str().unwrap(), "--json", "--resets"]);
+        assert!(o.status.success(), "{}", text(&o));
+        for line in json_lines(&o) {
+            if let Err(why) = conntrack_trace::schema::validate(&schema, &line) {
+                panic!("{}: {why}: {line}", f.display());
+            }
+            assert_eq!(line["schema_version"], conntrack_trace::schema::VERSION);
+            kinds.insert(line["event"].as_str().unwrap().to_string());
+        }
+    }
+    for kind in ["invalid", "incident", "summary"] {
+        assert!(kinds.contains(kind), "no {kind} line among {kinds:?}");
+    }
+    let mut bad = json_lines(&run(&[
+        "replay",
+        fixture("6.12-tcp-window.ctrec").to_str().unwrap(),
+        "--json",
+    ]))
+    .remove(0);
+    let code = bad.as_object_mut().unwrap().remove("reason_code").unwrap();
+    bad["reason_cod"] = code;
+    assert!(
+        conntrack_trace::schema::validate(&schema, &bad).is_err(),
+        "{bad}"
+    );
+}
+
 /// The summary counts what was printed: one INVALID/IGNORED line per event, per reason.
 #[test]
 fn replay_prints_every_event_and_a_summary_that_counts_them() {

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -135,6 +135,7 @@ impl Tracer {
         );
         self.join_readers();
         let mut events = std::mem::take(&mut *self.events.lock().unwrap());
+        follows_the_schema(&events)?;
         let summary = match events.last() {
             Some(v) if v["event"] == "summary" => events.pop(),
             _ => None,
@@ -156,6 +157,49 @@ impl Tracer {
         {
             let _ = handle.join();
         }
+    }
+}
+
+/// The JSON Schema the tracer under test publishes (`conntrack-trace schema`), read once.
+fn schema() -> &'static Result<Value, String> {
+    static SCHEMA: OnceLock<Result<Value, String>> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let binary = tools::tracer();
+        let o = Command::new(&binary)
+            .arg("schema")
+            .output()
+            .map_err(|e| format!("{binary} schema: {e}"))?;
+        if !o.status.success() {
+            return Err(format!("{binary} schema exited with {}", o.status));
+        }
+        serde_json::from_slice(&o.stdout).map_err(|e| format!("{binary} schema: not JSON: {e}"))
+    })
+}
+
+/// Every line the tracer printed follows its published schema. Checked once it has exited,
+/// so that checking never slows the reading of its output.
+fn follows_the_schema(lines: &[Value]) -> Result<()> {
+    let schema = schema().as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let broken: Vec<String> = lines
+        .iter()
+        .filter_map(|l| {
+            conntrack_trace::schema::validate(schema, l)
+                .err()
+                .map(|why| format!("{why}: {l}"))
+        })
+        .collect();
+    println!(
+        "tracer: {} JSON lines checked against the published schema, {} broke it",
+        lines.len(),
+        broken.len()
+    );
+    match broken.first() {
+        Some(first) => bail!(
+            "{} of the tracer's {} JSON lines break its published schema; the first: {first}",
+            broken.len(),
+            lines.len()
+        ),
+        None => Ok(()),
     }
 }
 

@@ -5,7 +5,6 @@
 //! A reason's hint goes out in full with its first event; later ones name it by `hint_ref`.
 
 use std::{
-    collections::BTreeMap,
     io::{self, Write},
     net::IpAddr,
 };
@@ -13,13 +12,12 @@ use std::{
 use conntrack_trace_common::window::TcpWindow;
 use foldhash::HashSet;
 use serde::Serialize;
-use serde_json::value::RawValue;
 
 use super::{Loss, Output, Stamp, Stamps, ipv4};
 use crate::{
     ct::{Conntrack, Endpoints},
-    reason::ReasonCode,
     reset::{Incident, Reset},
+    schema::{self, Fill, FlowRow, LostLine, NetnsRow, OwnerScans, SummaryLine},
     summary::Summary,
     verdict::{Record, Tcp},
 };
@@ -132,6 +130,7 @@ fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp, hint: Option<HintOut>) 
     let p = &r.pkt;
     o.extend_from_slice(b"{\"event\":");
     plain(o, r.verdict.as_str());
+    field!(o, "schema_version", num(schema::VERSION));
     field!(o, "time", plain(time.as_str()));
     field!(o, "ts_ns", num(r.ts_ns));
     key!(o, "reason");
@@ -226,6 +225,7 @@ fn write_incident(
     hint: Option<HintOut>,
 ) -> io::Result<()> {
     o.extend_from_slice(b"{\"event\":\"incident\"");
+    field!(o, "schema_version", num(schema::VERSION));
     field!(o, "time", plain(times.0.as_str()));
     field!(o, "ts_ns", num(i.reset.ts_ns));
     if let Some((client, service, backend)) = i.roles() {
@@ -250,6 +250,7 @@ fn write_incident(
 fn write_reset(o: &mut Vec<u8>, r: &Reset, time: Stamp) {
     let t = &r.trigger;
     o.extend_from_slice(b"{\"event\":\"reset\"");
+    field!(o, "schema_version", num(schema::VERSION));
     field!(o, "time", plain(time.as_str()));
     field!(o, "ts_ns", num(r.ts_ns));
     // The RST's own addresses: from the answered packet's destination to its source.
@@ -316,78 +317,6 @@ fn endpoints(o: &mut Vec<u8>, e: &Endpoints) {
     o.push(b'}');
 }
 
-#[derive(Serialize)]
-struct Lost {
-    event: &'static str,
-    cause: &'static str,
-    count: u64,
-}
-
-#[derive(Serialize)]
-struct SummaryLine<'a> {
-    event: &'static str,
-    /// The verdict probe: `fexit`, `kprobe_pair` or `cold`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mode: Option<&'static str>,
-    seconds: f64,
-    invalid: u64,
-    ignored: u64,
-    drop: u64,
-    lost: u64,
-    recursion_misses: u64,
-    untracked: u64,
-    orphan_reasons: u64,
-    resets: u64,
-    incidents: u64,
-    counts: &'a BTreeMap<ReasonCode, u64>,
-    top_flows: Vec<Flow>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    top_netns: Vec<NetnsRow<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    owner_scans: Option<OwnerScans>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    kernel: Option<&'a BTreeMap<String, u64>>,
-    namespaces: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    missed: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    table_start: Option<Fill>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    table_end: Option<Fill>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    startup_btf_ms: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    startup_attached_ms: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    peak_rss_kib: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct Flow {
-    flow: String,
-    events: u64,
-}
-
-#[derive(Serialize)]
-struct NetnsRow<'a> {
-    netns: u32,
-    events: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    owner: Option<&'a RawValue>,
-}
-
-#[derive(Serialize)]
-struct OwnerScans {
-    count: u64,
-    longest_ms: f64,
-}
-
-#[derive(Serialize)]
-struct Fill {
-    count: u64,
-    max: u64,
-}
-
 impl<W: Write> Output for Json<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.drain()?;
@@ -418,9 +347,10 @@ impl<W: Write> Output for Json<W> {
     }
 
     fn lost(&mut self, n: u64, cause: Loss) -> io::Result<()> {
-        self.line(&Lost {
-            event: "lost",
-            cause: cause.as_str(),
+        self.line(&LostLine {
+            event: schema::LostTag,
+            schema_version: schema::Version,
+            cause,
             count: n,
         })
     }
@@ -428,8 +358,9 @@ impl<W: Write> Output for Json<W> {
     fn summary(&mut self, s: &Summary) -> io::Result<()> {
         let fill = |f: Option<(u64, u64)>| f.map(|(count, max)| Fill { count, max });
         self.line(&SummaryLine {
-            event: "summary",
-            mode: s.mode.map(|m| m.as_str()),
+            event: schema::SummaryTag,
+            schema_version: schema::Version,
+            mode: s.mode,
             seconds: s.seconds,
             invalid: s.invalid,
             ignored: s.ignored,
@@ -444,7 +375,7 @@ impl<W: Write> Output for Json<W> {
             top_flows: s
                 .top_flows(10)
                 .into_iter()
-                .map(|(flow, events)| Flow { flow, events })
+                .map(|(flow, events)| FlowRow { flow, events })
                 .collect(),
             top_netns: s
                 .top_netns(10)
@@ -501,6 +432,7 @@ mod tests {
         let p = &r.pkt;
         let mut v = json!({
             "event": r.verdict.as_str(),
+            "schema_version": schema::VERSION,
             "time": humantime::format_rfc3339_micros(r.time).to_string(),
             "ts_ns": r.ts_ns,
             "reason": r.reason_text(),
@@ -622,6 +554,7 @@ mod tests {
         let t = &r.trigger;
         let mut v = json!({
             "event": "reset",
+            "schema_version": schema::VERSION,
             "time": humantime::format_rfc3339_micros(r.time).to_string(),
             "ts_ns": r.ts_ns,
         });
@@ -666,7 +599,29 @@ mod tests {
             json.flush().unwrap();
             let line = std::str::from_utf8(&json.out).unwrap();
             assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+            let v = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            if let Err(e) = schema::validate(&SCHEMA, &v) {
+                panic!("{e}: {line}");
+            }
+            v
+        }
+    }
+
+    static SCHEMA: std::sync::LazyLock<Value> = std::sync::LazyLock::new(schema::schema);
+
+    /// The hand-written line has the keys and values of the schema types' serialisation.
+    fn same_fields(got: &Value, derived: &Value, at: &str) {
+        match (got.as_object(), derived.as_object()) {
+            (Some(g), Some(d)) => {
+                let keys = |m: &serde_json::Map<String, Value>| {
+                    m.keys().cloned().collect::<std::collections::BTreeSet<_>>()
+                };
+                assert_eq!(keys(g), keys(d), "{at}: keys");
+                for (k, v) in g {
+                    same_fields(v, &d[k], &format!("{at}.{k}"));
+                }
+            }
+            _ => assert_eq!(got, derived, "{at}"),
         }
     }
 
@@ -675,6 +630,8 @@ mod tests {
             let got = self.render(|j| j.event(r));
             let seen = r.hint.is_some() && !self.hinted.insert(r.reason_code().as_str());
             assert_eq!(got, expected(r, seen));
+            let derived = serde_json::to_value(schema::EventLine::of(r, seen)).unwrap();
+            same_fields(&got, &derived, "event");
             self.events += 1;
             Ok(())
         }
@@ -705,6 +662,9 @@ mod tests {
             assert_eq!(got["effect"], i.effect().as_str());
             assert_eq!(got["explain"], super::super::incident_story(i));
             assert_eq!(got["reset"], expected_reset(&i.reset));
+            let hinted = i.invalid.hint.is_some();
+            let derived = serde_json::to_value(schema::IncidentLine::of(i, hinted)).unwrap();
+            same_fields(&got, &derived, "incident");
             assert_eq!(
                 got["time"],
                 humantime::format_rfc3339_micros(i.reset.time).to_string()
@@ -718,6 +678,11 @@ mod tests {
         fn reset(&mut self, r: &Reset) -> io::Result<()> {
             let got = self.render(|j| j.reset(r));
             assert_eq!(got, expected_reset(r));
+            same_fields(
+                &got,
+                &serde_json::to_value(schema::ResetLine::of(r)).unwrap(),
+                "reset",
+            );
             self.resets += 1;
             Ok(())
         }
