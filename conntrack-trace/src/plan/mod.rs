@@ -13,6 +13,12 @@ use crate::{
     symbols::Symbols,
 };
 
+mod drops;
+mod reason;
+mod reset;
+mod verdict;
+mod window;
+
 /// Every kernel function the plan may attach to or decide by.
 pub const KERNEL_FUNCTIONS: &[&str] = &[
     "nf_conntrack_in",
@@ -174,7 +180,8 @@ impl Plan {
     }
 
     /// `reset_format` is the `tcp:tcp_send_reset` tracepoint's format file, if it exists.
-    /// `offsets` are `btf.offsets()`, with their notes.
+    /// `offsets` are `btf.offsets()`, with their notes. Each hook family plans its own
+    /// attachments and notes from these facts.
     pub fn new(
         release: &str,
         syms: &Symbols,
@@ -184,7 +191,6 @@ impl Plan {
         fexit: FexitProbe,
         want: Want,
     ) -> Result<Self> {
-        let mut notes = Vec::new();
         let Some(ct_in) = syms.find("nf_conntrack_in") else {
             bail!("{}", not_loaded_message(release));
         };
@@ -196,9 +202,17 @@ impl Plan {
                 p.params.join(", ")
             );
         }
-        notes.extend(offset_notes);
+        let kernel = Kernel {
+            release,
+            syms,
+            btf,
+            offsets: &offsets,
+            reset_format,
+        };
+        let mut all = Part::default();
+        all.notes.extend(offset_notes);
         if !offsets.has_ct() {
-            notes.push(format!(
+            all.note(format!(
                 "no BTF for the conntrack structs ({}): events carry the packet, verdict and \
                  reason, but not the conntrack tuples, TCP state or window numbers",
                 match &btf.conntrack_source {
@@ -207,159 +221,15 @@ impl Plan {
                 }
             ));
         }
-
-        let mut attach = Vec::new();
-        let mut add = |program, flavor, target: &str| {
-            attach.push(Attach {
-                program,
-                flavor,
-                target: target.to_string(),
-            })
-        };
-        // nf_conntrack_in runs for every packet: fexit there by default where it loads (as
-        // cheap as an empty program); the kprobe pair only when asked for.
-        let why_not = fexit.why_not().unwrap_or_default();
-        let mode = match (want, &fexit) {
-            (Want::Force(Mode::Fexit), FexitProbe::Unavailable(_) | FexitProbe::Rejected(_)) => {
-                bail!("fexit on nf_conntrack_in does not load here: {why_not}")
-            }
-            (Want::Force(mode), _) => mode,
-            (Want::Exact, FexitProbe::Loads(_)) => Mode::Fexit,
-            (Want::Exact, _) => Mode::KprobePair,
-            (Want::Default, FexitProbe::Loads(_)) => Mode::Fexit,
-            (Want::Default, _) => Mode::Cold,
-        };
-        match (mode, &fexit) {
-            (Mode::Fexit, FexitProbe::Loads(f)) => {
-                add(ebpf::FEXIT_PROGRAM, Flavor::FExit(*f), ct_in)
-            }
-            (Mode::Fexit, _) => unreachable!("fexit is planned only where it loads"),
-            (Mode::KprobePair, _) => {
-                if want == Want::Exact {
-                    notes.push(format!(
-                        "fexit on nf_conntrack_in does not load here ({why_not}): --exact uses \
-                         a kprobe pair on every packet instead"
-                    ));
-                }
-                add("nf_conntrack_in", Flavor::KProbe, ct_in);
-                add("nf_conntrack_in_ret", Flavor::KRetProbe, ct_in);
-            }
-            (Mode::Cold, FexitProbe::Loads(_)) => notes.push(
-                "no per-packet probe (--verdict-probe none): packets are reported when the \
-                 kernel logs a reason; INVALIDs it does not log (ICMP errors matching nothing, \
-                 an RST with no entry before 6.8) are missed, which the default, fexit on \
-                 nf_conntrack_in, sees here; table-full drops name only their namespace"
-                    .into(),
-            ),
-            (Mode::Cold, _) => notes.push(format!(
-                "no per-packet probe (fexit on nf_conntrack_in does not load here: {why_not}): \
-                 packets are reported when the kernel logs a reason; INVALIDs it does not log \
-                 (ICMP errors matching nothing, an RST with no entry before 6.8) need --exact, \
-                 which adds a kprobe pair on nf_conntrack_in; table-full drops name only their \
-                 namespace"
-            )),
-        }
-
-        let window = match (
-            syms.find("nf_tcp_log_invalid"),
-            btf.func("nf_tcp_log_invalid"),
-        ) {
-            (Some(sym), Some(p)) if p.variadic => {
-                add("nf_tcp_log_invalid_ret", Flavor::KRetProbe, sym);
-                add("nf_tcp_log_invalid_variadic", Flavor::KProbe, sym);
-                WindowSource::LogVariadic
-            }
-            (Some(sym), Some(p)) if p.params.len() == 4 && offsets.log_type != u32::MAX => {
-                add("nf_tcp_log_invalid_ret", Flavor::KRetProbe, sym);
-                add("nf_tcp_log_invalid_struct", Flavor::KProbe, sym);
-                WindowSource::LogStruct
-            }
-            (Some(_), p) => {
-                notes.push(format!(
-                    "nf_tcp_log_invalid has an unknown prototype ({p:?}): TCP window reasons \
-                     come only from the generic logger, without the kernel's bound"
-                ));
-                WindowSource::L4ProtoLog
-            }
-            (None, _) => WindowSource::L4ProtoLog,
-        };
-        if syms.find("tcp_in_window").is_some() {
-            notes.push(
-                "tcp_in_window is a symbol here, but its verdict is read where it is logged, \
-                 which carries the same reason and bound"
-                    .into(),
-            );
-        }
-
-        // The generic loggers gained a `state` argument in 5.14, moving fmt one slot later.
-        let pre_5_14 = kernel_before(release, 5, 14);
-        let fmt_index = |name: &str, fallback_old: u8, fallback_new: u8| -> u8 {
-            match btf.func(name) {
-                Some(p) => p.params.len().saturating_sub(1) as u8,
-                None if pre_5_14 => fallback_old,
-                None => fallback_new,
-            }
-        };
-        let log_args = LogArgs {
-            ct_log_fmt: fmt_index("nf_ct_l4proto_log_invalid", 2, 3),
-            l4_log_fmt: fmt_index("nf_l4proto_log_invalid", 4, 3),
-            _pad: [0; 2],
-        };
-        for (program, base) in [
-            ("nf_ct_l4proto_log_invalid", "nf_ct_l4proto_log_invalid"),
-            ("nf_l4proto_log_invalid", "nf_l4proto_log_invalid"),
-        ] {
-            match syms.find(base) {
-                Some(sym) => add(program, Flavor::KProbe, sym),
-                None => notes.push(format!("{base} not found: its reasons are not reported")),
-            }
-        }
-
-        // A table-full drop is tagged on the nf_conntrack_in call in flight; with no probe
-        // there, early_drop's own argument names the namespace.
-        match syms.find("early_drop") {
-            Some(ed) => {
-                add("early_drop_ret", Flavor::KRetProbe, ed);
-                if mode == Mode::Cold {
-                    add("early_drop", Flavor::KProbe, ed);
-                }
-            }
-            None => notes.push(
-                "early_drop not found: table-full drops are reported as conntrack_drop".into(),
-            ),
-        }
-        match syms.find("nf_ct_resolve_clash") {
-            Some(rc) => {
-                add("nf_ct_resolve_clash_ret", Flavor::KRetProbe, rc);
-                add("nf_ct_resolve_clash", Flavor::KProbe, rc);
-            }
-            None => notes.push(
-                "nf_ct_resolve_clash not found (before 5.10): insert_failed drops are not reported"
-                    .into(),
-            ),
-        }
-
-        // 6.10+ traces socketless resets (and names a reason); before, the tracepoint fires
-        // only with a full socket, so the send functions are probed instead.
-        let mut reset_tp = ResetTp::default();
-        match reset_format.and_then(tracepoint_offsets) {
-            Some((tp, true)) => {
-                reset_tp = tp;
-                add(
-                    "tcp_send_reset_tp",
-                    Flavor::TracePoint,
-                    "tcp/tcp_send_reset",
-                );
-            }
-            _ => {
-                for f in ["tcp_v4_send_reset", "tcp_v6_send_reset"] {
-                    match syms.find(f) {
-                        Some(sym) => add("tcp_send_reset_kprobe", Flavor::KProbe, sym),
-                        None => notes.push(format!("{f} not found: those resets are not reported")),
-                    }
-                }
-            }
-        }
+        let (mode, part) = verdict::plan(ct_in, &fexit, want)?;
+        all.extend(part);
+        let (window, part) = window::plan(&kernel);
+        all.extend(part);
+        let (log_args, part) = reason::plan(&kernel);
+        all.extend(part);
+        all.extend(drops::plan(&kernel, mode));
+        let (reset_tp, part) = reset::plan(&kernel);
+        all.extend(part);
         Ok(Self {
             release: release.to_string(),
             offsets,
@@ -368,9 +238,45 @@ impl Plan {
             mode,
             fexit,
             window,
-            attach,
-            notes,
+            attach: all.attach,
+            notes: all.notes,
         })
+    }
+}
+
+/// What the plan is made from: the running kernel's symbols, BTF and tracepoint format.
+struct Kernel<'a> {
+    release: &'a str,
+    syms: &'a Symbols,
+    btf: &'a KernelBtf,
+    offsets: &'a Offsets,
+    /// The `tcp:tcp_send_reset` tracepoint's format file, if it exists.
+    reset_format: Option<&'a str>,
+}
+
+/// What one hook family attaches, and what is degraded about it on this kernel.
+#[derive(Default)]
+struct Part {
+    attach: Vec<Attach>,
+    notes: Vec<String>,
+}
+
+impl Part {
+    fn add(&mut self, program: &'static str, flavor: Flavor, target: &str) {
+        self.attach.push(Attach {
+            program,
+            flavor,
+            target: target.to_string(),
+        });
+    }
+
+    fn note(&mut self, note: impl Into<String>) {
+        self.notes.push(note.into());
+    }
+
+    fn extend(&mut self, other: Part) {
+        self.attach.extend(other.attach);
+        self.notes.extend(other.notes);
     }
 }
 
