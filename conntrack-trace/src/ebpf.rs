@@ -10,11 +10,11 @@ use conntrack_trace_common::{filter::Filter, offsets::Offsets};
 
 use crate::{
     btf::BtfFunc,
-    plan::{FexitProbe, Plan},
+    plan::{FexitProbe, Plan, Program},
 };
 
 /// The fexit program on `nf_conntrack_in`.
-pub const FEXIT_PROGRAM: &str = "nf_conntrack_in_fexit";
+pub const FEXIT_PROGRAM: &str = Program::NfConntrackInFexit.as_str();
 
 /// Built by build.rs (aya-build) from conntrack-trace-ebpf.
 pub static OBJECT: &[u8] =
@@ -204,7 +204,7 @@ mod tests {
 
     use crate::{
         filter,
-        plan::{Mode, Plan, Want},
+        plan::{Mode, Plan, Program, Want},
     };
 
     /// `check` loads with an empty filter, which the verifier prunes as dead code; this loads
@@ -226,7 +226,7 @@ mod tests {
         f.host.family = 4;
         let mut bpf = super::open(&plan, 1 << 16, &f).unwrap();
         let p: &mut KProbe = bpf
-            .program_mut("nf_conntrack_in_ret")
+            .program_mut(Program::NfConntrackInRet.as_str())
             .unwrap()
             .try_into()
             .unwrap();

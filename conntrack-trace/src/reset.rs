@@ -413,7 +413,7 @@ mod kernel_tests {
 
     use crate::{
         check, ebpf,
-        plan::{Flavor, Plan},
+        plan::{Flavor, Plan, Program},
         verdict::Clock,
     };
 
@@ -435,7 +435,12 @@ mod kernel_tests {
         let probes: Vec<_> = plan
             .attach
             .iter()
-            .filter(|a| a.program.starts_with("tcp_send_reset"))
+            .filter(|a| {
+                matches!(
+                    a.program,
+                    Program::TcpSendResetTp | Program::TcpSendResetKprobe
+                )
+            })
             .collect();
         assert!(
             !probes.is_empty(),
@@ -458,7 +463,7 @@ mod kernel_tests {
         }
         let mut bpf = ebpf::open(&plan, 1 << 16, &Filter::any()).unwrap();
         for a in &probes {
-            let prog = bpf.program_mut(a.program).unwrap();
+            let prog = bpf.program_mut(a.program.as_str()).unwrap();
             if a.flavor == Flavor::TracePoint {
                 let tp: &mut TracePoint = prog.try_into().unwrap();
                 tp.load().unwrap();

@@ -28,7 +28,7 @@ use crate::{
     metrics::Metrics,
     output::{Loss, Output},
     owner::OwnerCache,
-    plan::{Flavor, Plan, Want},
+    plan::{Flavor, Plan, Program, Want},
     privs,
     record::Recorder,
     verdict::{self, Clock},
@@ -54,10 +54,10 @@ pub struct Options {
 /// probe so that no entry is ever pushed without its return being watched.
 fn attach(bpf: &mut Ebpf, plan: &Plan) -> Result<()> {
     let mut order: Vec<_> = plan.attach.iter().collect();
-    order.sort_by_key(|a| a.program == "nf_conntrack_in");
+    order.sort_by_key(|a| a.program == Program::NfConntrackIn);
     for a in order {
         let prog = bpf
-            .program_mut(a.program)
+            .program_mut(a.program.as_str())
             .with_context(|| format!("program {} missing from the eBPF object", a.program))?;
         let what = || {
             format!(
@@ -412,7 +412,7 @@ mod tests {
 
     use crate::{
         ebpf,
-        plan::{Plan, Want},
+        plan::{Plan, Program, Want},
     };
 
     /// The kernel's skip counter is found in a loaded program's fdinfo (5.12+; this host).
@@ -420,7 +420,8 @@ mod tests {
     fn recursion_misses_are_read_from_fdinfo() {
         let (plan, _) = Plan::for_running_kernel(Want::Exact).unwrap();
         let mut bpf = ebpf::open(&plan, 1 << 16, &Filter::any()).unwrap();
-        let p: &mut KProbe = bpf.program_mut("early_drop").unwrap().try_into().unwrap();
+        let early_drop = Program::EarlyDrop.as_str();
+        let p: &mut KProbe = bpf.program_mut(early_drop).unwrap().try_into().unwrap();
         p.load().unwrap();
         assert_eq!(super::program_recursion_misses(p.fd().unwrap()), Some(0));
         assert_eq!(super::recursion_misses(&bpf), 0);

@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::{Loss, Output, Stamp, Stamps, ipv4};
 use crate::{
     ct::{Conntrack, Endpoints},
+    reason::ReasonCode,
     reset::{Incident, Reset},
     schema::{self, Fill, FlowRow, LostLine, NetnsRow, OwnerScans, SummaryLine},
     summary::Summary,
@@ -32,7 +33,7 @@ pub struct Json<W: Write> {
     stamps: Stamps,
     /// Reason codes whose hint went out in full: a hint is about 800 bytes, a flood of one
     /// reason needs it once.
-    hinted: HashSet<&'static str>,
+    hinted: HashSet<ReasonCode>,
 }
 
 /// `buf` goes to `out` when it holds this much, and on every flush.
@@ -70,7 +71,7 @@ impl<W: Write> Json<W> {
 
     /// How `r`'s hint goes out in this line: in full the first time for its reason code.
     fn hint_of<'r>(&mut self, r: &'r Record) -> Option<HintOut<'r>> {
-        let code = r.reason_code().as_str();
+        let code = r.reason_code();
         r.hint.as_ref().map(|h| {
             if self.hinted.insert(code) {
                 HintOut::Full(h.json.get())
@@ -97,7 +98,7 @@ impl<W: Write> Drop for Json<W> {
 #[derive(Clone, Copy)]
 enum HintOut<'a> {
     Full(&'a str),
-    Ref(&'static str),
+    Ref(ReasonCode),
 }
 
 /// `,"k":` for a key of ours, as one constant: three appends per key were a quarter of
@@ -178,7 +179,7 @@ fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp, hint: Option<HintOut>) 
     field!(o, "hook"?, plain(r.hook.map(|h| h.as_str())));
     match hint {
         Some(HintOut::Full(json)) => field!(o, "hint", raw(json)),
-        Some(HintOut::Ref(code)) => field!(o, "hint_ref", plain(code)),
+        Some(HintOut::Ref(code)) => field!(o, "hint_ref", plain(code.as_str())),
         None => {}
     }
     o.push(b'}');
@@ -585,7 +586,7 @@ mod tests {
     struct Check {
         json: Option<Json<Vec<u8>>>,
         /// Reason codes of the hints rendered so far.
-        hinted: std::collections::HashSet<&'static str>,
+        hinted: std::collections::HashSet<ReasonCode>,
         events: usize,
         resets: usize,
         incidents: usize,
@@ -628,7 +629,7 @@ mod tests {
     impl Output for Check {
         fn event(&mut self, r: &Record) -> io::Result<()> {
             let got = self.render(|j| j.event(r));
-            let seen = r.hint.is_some() && !self.hinted.insert(r.reason_code().as_str());
+            let seen = r.hint.is_some() && !self.hinted.insert(r.reason_code());
             assert_eq!(got, expected(r, seen));
             let derived = serde_json::to_value(schema::EventLine::of(r, seen)).unwrap();
             same_fields(&got, &derived, "event");
@@ -638,9 +639,7 @@ mod tests {
         fn incident(&mut self, i: &Incident) -> io::Result<()> {
             let got = self.render(|j| j.incident(i));
             // The packet's own event line came first, with the hint or its reference.
-            assert!(
-                self.hinted.contains(i.invalid.reason_code().as_str()) || i.invalid.hint.is_none()
-            );
+            assert!(self.hinted.contains(&i.invalid.reason_code()) || i.invalid.hint.is_none());
             assert_eq!(
                 got["invalid"],
                 expected(&i.invalid, i.invalid.hint.is_some())

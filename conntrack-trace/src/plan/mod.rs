@@ -63,11 +63,29 @@ impl Flavor {
     }
 }
 
+closed_set! {
+    /// The eBPF object's programs the plan may attach, by their names in the object.
+    pub enum Program {
+        NfConntrackIn = "nf_conntrack_in",
+        NfConntrackInRet = "nf_conntrack_in_ret",
+        NfConntrackInFexit = "nf_conntrack_in_fexit",
+        NfTcpLogInvalidVariadic = "nf_tcp_log_invalid_variadic",
+        NfTcpLogInvalidStruct = "nf_tcp_log_invalid_struct",
+        NfCtL4protoLogInvalid = "nf_ct_l4proto_log_invalid",
+        NfL4protoLogInvalid = "nf_l4proto_log_invalid",
+        EarlyDrop = "early_drop",
+        EarlyDropRet = "early_drop_ret",
+        NfCtResolveClash = "nf_ct_resolve_clash",
+        NfCtResolveClashRet = "nf_ct_resolve_clash_ret",
+        TcpSendResetTp = "tcp_send_reset_tp",
+        TcpSendResetKprobe = "tcp_send_reset_kprobe",
+    }
+}
+
 /// One program attached to one kernel function.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attach {
-    /// Program name in the eBPF object.
-    pub program: &'static str,
+    pub program: Program,
     pub flavor: Flavor,
     /// Kernel symbol (with any `.isra.N` suffix kallsyms shows).
     pub target: String,
@@ -262,7 +280,7 @@ struct Part {
 }
 
 impl Part {
-    fn add(&mut self, program: &'static str, flavor: Flavor, target: &str) {
+    fn add(&mut self, program: Program, flavor: Flavor, target: &str) {
         self.attach.push(Attach {
             program,
             flavor,
@@ -383,19 +401,25 @@ mod tests {
             Plan::for_running_kernel(Want::Exact).expect("plan for the test machine's kernel");
         let programs: Vec<_> = plan.attach.iter().map(|a| a.program).collect();
         assert!(
-            programs.iter().any(|p| p.starts_with("nf_conntrack_in")),
+            programs
+                .iter()
+                .any(|p| p.as_str().starts_with("nf_conntrack_in")),
             "{programs:?}"
         );
         assert!(
-            programs.contains(&"nf_ct_l4proto_log_invalid"),
+            programs.contains(&Program::NfCtL4protoLogInvalid),
             "{programs:?}"
         );
-        // Every named program must exist in the object the CLI embeds.
+    }
+
+    /// Every program a plan may name exists in the object the CLI embeds.
+    #[test]
+    fn every_program_is_in_the_object() {
         let obj = aya_obj::Object::parse(crate::ebpf::OBJECT).unwrap();
-        for p in programs {
+        for p in Program::ALL {
             assert!(
-                obj.programs.contains_key(p),
-                "plan names {p}, which the object lacks"
+                obj.programs.contains_key(p.as_str()),
+                "the plan may name {p}, which the object lacks"
             );
         }
     }

@@ -2,7 +2,7 @@
 
 use conntrack_trace_common::reason::LogArgs;
 
-use super::{Flavor, Kernel, Part, kernel_before};
+use super::{Flavor, Kernel, Part, Program, kernel_before};
 
 pub(super) fn plan(k: &Kernel) -> (LogArgs, Part) {
     let mut part = Part::default();
@@ -21,8 +21,8 @@ pub(super) fn plan(k: &Kernel) -> (LogArgs, Part) {
         _pad: [0; 2],
     };
     for (program, base) in [
-        ("nf_ct_l4proto_log_invalid", "nf_ct_l4proto_log_invalid"),
-        ("nf_l4proto_log_invalid", "nf_l4proto_log_invalid"),
+        (Program::NfCtL4protoLogInvalid, "nf_ct_l4proto_log_invalid"),
+        (Program::NfL4protoLogInvalid, "nf_l4proto_log_invalid"),
     ] {
         match k.syms.find(base) {
             Some(sym) => part.add(program, Flavor::KProbe, sym),

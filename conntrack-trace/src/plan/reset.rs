@@ -2,7 +2,7 @@
 
 use conntrack_trace_common::reset::ResetTp;
 
-use super::{Flavor, Kernel, Part, tracepoint_offsets};
+use super::{Flavor, Kernel, Part, Program, tracepoint_offsets};
 
 /// 6.10+ traces socketless resets (and names a reason); before, the tracepoint fires only
 /// with a full socket, so the send functions are probed instead.
@@ -11,7 +11,7 @@ pub(super) fn plan(k: &Kernel) -> (ResetTp, Part) {
     match k.reset_format.and_then(tracepoint_offsets) {
         Some((tp, true)) => {
             part.add(
-                "tcp_send_reset_tp",
+                Program::TcpSendResetTp,
                 Flavor::TracePoint,
                 "tcp/tcp_send_reset",
             );
@@ -20,7 +20,7 @@ pub(super) fn plan(k: &Kernel) -> (ResetTp, Part) {
         _ => {
             for f in ["tcp_v4_send_reset", "tcp_v6_send_reset"] {
                 match k.syms.find(f) {
-                    Some(sym) => part.add("tcp_send_reset_kprobe", Flavor::KProbe, sym),
+                    Some(sym) => part.add(Program::TcpSendResetKprobe, Flavor::KProbe, sym),
                     None => part.note(format!("{f} not found: those resets are not reported")),
                 }
             }

@@ -2,8 +2,7 @@
 
 use anyhow::{Result, bail};
 
-use super::{FexitProbe, Flavor, Mode, Part, Want};
-use crate::ebpf;
+use super::{FexitProbe, Flavor, Mode, Part, Program, Want};
 
 /// The mode for what the user asked and what fexit's probe gave, and the programs on
 /// `nf_conntrack_in` (symbol `ct_in`). nf_conntrack_in runs for every packet: fexit there
@@ -24,7 +23,7 @@ pub(super) fn plan(ct_in: &str, fexit: &FexitProbe, want: Want) -> Result<(Mode,
     };
     match (mode, fexit) {
         (Mode::Fexit, FexitProbe::Loads(f)) => {
-            part.add(ebpf::FEXIT_PROGRAM, Flavor::FExit(*f), ct_in)
+            part.add(Program::NfConntrackInFexit, Flavor::FExit(*f), ct_in)
         }
         (Mode::Fexit, _) => unreachable!("fexit is planned only where it loads"),
         (Mode::KprobePair, _) => {
@@ -34,8 +33,8 @@ pub(super) fn plan(ct_in: &str, fexit: &FexitProbe, want: Want) -> Result<(Mode,
                      a kprobe pair on every packet instead"
                 ));
             }
-            part.add("nf_conntrack_in", Flavor::KProbe, ct_in);
-            part.add("nf_conntrack_in_ret", Flavor::KRetProbe, ct_in);
+            part.add(Program::NfConntrackIn, Flavor::KProbe, ct_in);
+            part.add(Program::NfConntrackInRet, Flavor::KRetProbe, ct_in);
         }
         (Mode::Cold, FexitProbe::Loads(_)) => part.note(
             "no per-packet probe (--verdict-probe none): packets are reported when the \

@@ -1,6 +1,6 @@
 //! The TCP window reasons: `nf_tcp_log_invalid` in whichever form this kernel has.
 
-use super::{Flavor, Kernel, Part, WindowSource};
+use super::{Flavor, Kernel, Part, Program, WindowSource};
 
 pub(super) fn plan(k: &Kernel) -> (WindowSource, Part) {
     let mut part = Part::default();
@@ -9,13 +9,11 @@ pub(super) fn plan(k: &Kernel) -> (WindowSource, Part) {
         k.btf.func("nf_tcp_log_invalid"),
     ) {
         (Some(sym), Some(p)) if p.variadic => {
-            part.add("nf_tcp_log_invalid_ret", Flavor::KRetProbe, sym);
-            part.add("nf_tcp_log_invalid_variadic", Flavor::KProbe, sym);
+            part.add(Program::NfTcpLogInvalidVariadic, Flavor::KProbe, sym);
             WindowSource::LogVariadic
         }
         (Some(sym), Some(p)) if p.params.len() == 4 && k.offsets.log_type != u32::MAX => {
-            part.add("nf_tcp_log_invalid_ret", Flavor::KRetProbe, sym);
-            part.add("nf_tcp_log_invalid_struct", Flavor::KProbe, sym);
+            part.add(Program::NfTcpLogInvalidStruct, Flavor::KProbe, sym);
             WindowSource::LogStruct
         }
         (Some(_), p) => {
