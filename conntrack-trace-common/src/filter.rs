@@ -20,7 +20,10 @@ pub struct Filter {
     pub dst: Cidr,
     /// IPPROTO_*; 0 = any.
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Nonzero: only network namespaces whose inode is a key of the `NETNS_FILTER` map
+    /// (`--pod`, `--k8s-namespace`: several pods may match).
+    pub netns_set: u8,
+    pub _pad: [u8; 2],
     /// Either port (`--port`), source, destination; 0 = any.
     pub port: u16,
     pub sport: u16,
@@ -43,7 +46,8 @@ impl Filter {
             src: C,
             dst: C,
             proto: 0,
-            _pad: [0; 3],
+            netns_set: 0,
+            _pad: [0; 2],
             port: 0,
             sport: 0,
             dport: 0,
@@ -52,6 +56,9 @@ impl Filter {
         }
     }
 }
+
+/// Entries of the `NETNS_FILTER` map: namespaces one `--pod`/`--k8s-namespace` may select.
+pub const NETNS_FILTER_MAX: u32 = 1024;
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Filter {}

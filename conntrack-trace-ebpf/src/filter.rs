@@ -1,19 +1,30 @@
-//! `--host/--src/--dst/--port/--sport/--dport/--proto/--netns`, applied to the copied headers
-//! before the event goes to the ring buffer, so filtered-out packets cost no ring space.
+//! `--host/--src/--dst/--port/--sport/--dport/--proto/--netns/--pod/--k8s-namespace`, applied
+//! to the copied headers before the event goes to the ring buffer, so filtered-out packets
+//! cost no ring space.
 
+use aya_ebpf::{macros::map, maps::HashMap};
 use conntrack_trace_common::{
     SNAP_LEN,
-    filter::{Cidr, Filter},
+    filter::{Cidr, Filter, NETNS_FILTER_MAX},
 };
 
 #[unsafe(no_mangle)]
 static FILTER: Filter = Filter::any();
+
+/// The namespaces `--pod`/`--k8s-namespace` select (keys; the value is unused), read only
+/// when `FILTER.netns_set` says so: an unfiltered event never looks here.
+#[map]
+static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(NETNS_FILTER_MAX, 0);
 
 #[inline(always)]
 pub fn matches(h: &[u8; SNAP_LEN], netns: u32) -> bool {
     // SAFETY: .rodata global patched by userspace; volatile so it is not constant-folded.
     let f: &Filter = unsafe { &*core::ptr::read_volatile(&&raw const FILTER) };
     if f.netns != 0 && f.netns != netns {
+        return false;
+    }
+    // SAFETY: a lookup of a plain u32 key; the value is not read.
+    if f.netns_set != 0 && unsafe { NETNS_FILTER.get(&netns) }.is_none() {
         return false;
     }
     // (family, l4 protocol, offset of saddr, offset of daddr, address length, l4 offset)

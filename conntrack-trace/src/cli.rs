@@ -56,6 +56,20 @@ pub struct Cli {
     /// Only this network namespace (its inode, as `ls -L -i /proc/PID/ns/net` shows).
     #[arg(long, value_name = "INODE", value_parser = clap::value_parser!(u32).range(1..))]
     pub netns: Option<u32>,
+    /// Only the network namespaces of the pods of this name (in every Kubernetes namespace,
+    /// unless --k8s-namespace names one), as the container runtime at --cri-socket lists them
+    /// at start-up. Exits 1 when there is no such socket or no such pod.
+    #[arg(long, value_name = "NAME", conflicts_with = "netns")]
+    pub pod: Option<String>,
+    /// Only the network namespaces of this Kubernetes namespace's pods (with --pod: of that
+    /// pod), from the container runtime at --cri-socket at start-up.
+    #[arg(long, value_name = "NS", conflicts_with = "netns")]
+    pub k8s_namespace: Option<String>,
+    /// The container runtime's CRI socket, where the pod, Kubernetes namespace and container
+    /// names of each network namespace are read (e.g. /var/run/crio/crio.sock for CRI-O).
+    /// A node without it is normal: pods are then named from cgroups alone.
+    #[arg(long, value_name = "PATH", default_value = crate::cri::DEFAULT_SOCKET)]
+    pub cri_socket: std::path::PathBuf,
     /// Also print RSTs sent for packets with no socket that no INVALID packet explains
     /// (those that answer an INVALID packet are always shown, as incidents).
     #[arg(long, global = true)]
@@ -186,7 +200,14 @@ mod tests {
         generate_docs(&dir).unwrap();
         let read = |p: &str| fs::read_to_string(dir.join(p)).unwrap();
         let man = read("man/conntrack-trace.1");
-        for flag in ["verdict\\-probe", "exact", "ring\\-size", "metrics"] {
+        for flag in [
+            "verdict\\-probe",
+            "exact",
+            "ring\\-size",
+            "metrics",
+            "cri\\-socket",
+            "k8s\\-namespace",
+        ] {
             assert!(man.contains(flag), "man page lacks --{flag}");
         }
         for sub in ["check", "stats", "replay"] {

@@ -5,6 +5,7 @@ pub mod btf;
 pub mod check;
 pub mod cli;
 pub mod counters;
+pub mod cri;
 pub mod ct;
 pub mod drops;
 pub mod ebpf;

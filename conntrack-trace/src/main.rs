@@ -8,7 +8,7 @@ use clap::Parser as _;
 use conntrack_trace::{
     check,
     cli::{Cli, Command, VerdictProbe},
-    filter, metrics,
+    cri, filter, metrics,
     output::{Output, Tee, json::Json, pcap::Pcap, text::Text},
     plan::{Mode, Want},
     record, stats, trace,
@@ -38,7 +38,7 @@ fn schema() -> Result<bool> {
 }
 
 fn trace(cli: &Cli) -> Result<bool> {
-    let filter = filter::build(&filter::Flags {
+    let mut filter = filter::build(&filter::Flags {
         host: cli.host.as_deref(),
         src: cli.src.as_deref(),
         dst: cli.dst.as_deref(),
@@ -48,6 +48,10 @@ fn trace(cli: &Cli) -> Result<bool> {
         dport: cli.dport,
         netns: cli.netns,
     })?;
+    let netns_set = pod_netns(cli)?;
+    if !netns_set.is_empty() {
+        filter.netns_set = 1;
+    }
     let mut opts = trace::Options {
         count: cli.count,
         duration: cli.duration,
@@ -64,6 +68,8 @@ fn trace(cli: &Cli) -> Result<bool> {
             (None, false) => Want::Default,
         },
         metrics: None,
+        netns_set,
+        cri_socket: cli.cri_socket.clone(),
     };
     let mut out = output(cli);
     if let Some(addr) = cli.metrics {
@@ -92,6 +98,31 @@ fn trace(cli: &Cli) -> Result<bool> {
         None => rt.block_on(trace::run(opts, out.as_mut()))?,
     }
     Ok(true)
+}
+
+/// `--pod`/`--k8s-namespace`: the network namespaces the runtime's matching pods own now.
+fn pod_netns(cli: &Cli) -> Result<Vec<u32>> {
+    if cli.pod.is_none() && cli.k8s_namespace.is_none() {
+        return Ok(Vec::new());
+    }
+    let pods = cri::Pods::new(cli.cri_socket.clone())
+        .require()
+        .context("--pod/--k8s-namespace")?;
+    let inodes = cri::select(&pods, cli.pod.as_deref(), cli.k8s_namespace.as_deref())?;
+    let max = conntrack_trace_common::filter::NETNS_FILTER_MAX as usize;
+    if inodes.len() > max {
+        anyhow::bail!(
+            "--pod/--k8s-namespace select {} network namespaces, more than the {max} the kernel filter holds",
+            inodes.len()
+        );
+    }
+    let list: Vec<String> = inodes.iter().map(u32::to_string).collect();
+    eprintln!(
+        "conntrack-trace: tracing {} pod network namespace(s): {}",
+        inodes.len(),
+        list.join(" ")
+    );
+    Ok(inodes)
 }
 
 fn main() -> ExitCode {

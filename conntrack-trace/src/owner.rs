@@ -10,7 +10,7 @@
 use std::{
     fs,
     os::unix::fs::MetadataExt as _,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak},
     thread,
     time::{Duration, Instant},
@@ -19,6 +19,8 @@ use std::{
 use foldhash::HashMap;
 use serde::Serialize;
 use serde_json::value::RawValue;
+
+use crate::cri::{self, Pod};
 
 /// How many processes an owner names (lowest pids first); the rest are only counted.
 pub const PROCESSES_NAMED: usize = 3;
@@ -60,8 +62,10 @@ pub struct Owner {
     /// name says which.
     pub container_id: Option<String>,
     pub runtime: Option<&'static str>,
-    /// From the cgroup's name, when it lies in one Kubernetes pod's.
+    /// From the cgroup's name, when it lies in one Kubernetes pod's, else from the runtime.
     pub pod_uid: Option<String>,
+    /// From the container runtime's CRI API: the pod whose sandbox owns the namespace.
+    pub pod: Option<Pod>,
     /// The JSON object, serialized once: every event of the namespace copies it.
     json: Box<RawValue>,
     /// ` (ip netns a, pid 1 comm +2 more, pod uid)`, or empty when nothing is known.
@@ -83,6 +87,15 @@ pub(crate) struct OwnerJson<'a> {
     runtime: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pod_uid: Option<&'a str>,
+    /// The pod's name, from the container runtime's CRI API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<&'a str>,
+    /// The pod's Kubernetes namespace, from the CRI API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    k8s_namespace: Option<&'a str>,
+    /// The pod's running containers' names, sorted, from the CRI API.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    containers: &'a [String],
 }
 
 impl Owner {
@@ -94,7 +107,23 @@ impl Owner {
         ip_netns_name: Option<String>,
         cgroup: Option<String>,
     ) -> Owner {
+        Owner::in_pod(processes, process_count, ip_netns_name, cgroup, None)
+    }
+
+    /// Like `new`, with the pod the runtime says owns the namespace.
+    pub fn in_pod(
+        processes: Vec<Process>,
+        process_count: usize,
+        ip_netns_name: Option<String>,
+        cgroup: Option<String>,
+        pod: Option<Pod>,
+    ) -> Owner {
         let id = cgroup.as_deref().map(identify).unwrap_or_default();
+        let pod_uid = id.pod_uid.or_else(|| {
+            pod.as_ref()
+                .map(|p| p.uid.clone())
+                .filter(|u| !u.is_empty())
+        });
         let json = serde_json::value::to_raw_value(&OwnerJson {
             processes: &processes,
             process_count,
@@ -102,7 +131,10 @@ impl Owner {
             cgroup: cgroup.as_deref(),
             container_id: id.container_id.as_deref(),
             runtime: id.runtime,
-            pod_uid: id.pod_uid.as_deref(),
+            pod_uid: pod_uid.as_deref(),
+            pod: pod.as_ref().map(|p| p.name.as_str()),
+            k8s_namespace: pod.as_ref().map(|p| p.namespace.as_str()),
+            containers: pod.as_ref().map_or(&[], |p| &p.containers[..]),
         })
         .expect("strings and numbers serialize");
         let mut owner = Owner {
@@ -112,7 +144,8 @@ impl Owner {
             cgroup,
             container_id: id.container_id,
             runtime: id.runtime,
-            pod_uid: id.pod_uid,
+            pod_uid,
+            pod,
             json,
             text: String::new(),
         };
@@ -144,15 +177,24 @@ impl Owner {
             parts.push(s);
         }
         let short_id = |id: &str| id.get(..12).unwrap_or(id).to_string();
-        match (&self.pod_uid, &self.container_id) {
-            (Some(pod), Some(c)) => parts.push(format!("pod {pod} container {}", short_id(c))),
-            (Some(pod), None) => parts.push(format!("pod {pod}")),
-            (None, Some(c)) => parts.push(format!(
-                "{} {}",
-                self.runtime.unwrap_or("container"),
-                short_id(c)
-            )),
-            (None, None) => {}
+        if let Some(p) = &self.pod {
+            let mut s = format!("pod {}/{}", printable(&p.namespace), printable(&p.name));
+            if !p.containers.is_empty() {
+                let names: Vec<String> = p.containers.iter().map(|c| printable(c)).collect();
+                s.push_str(&format!(" [{}]", names.join(",")));
+            }
+            parts.push(s);
+        } else {
+            match (&self.pod_uid, &self.container_id) {
+                (Some(pod), Some(c)) => parts.push(format!("pod {pod} container {}", short_id(c))),
+                (Some(pod), None) => parts.push(format!("pod {pod}")),
+                (None, Some(c)) => parts.push(format!(
+                    "{} {}",
+                    self.runtime.unwrap_or("container"),
+                    short_id(c)
+                )),
+                (None, None) => {}
+            }
         }
         if parts.is_empty() {
             String::new()
@@ -333,8 +375,9 @@ fn parse_stat(stat: &[u8]) -> Option<(String, bool)> {
     Some((comm, flags & PF_KTHREAD != 0))
 }
 
-/// Every network namespace's owner, from /proc and /run/netns as they are now.
-pub fn scan() -> HashMap<u32, Arc<Owner>> {
+/// Every network namespace's owner, from /proc and /run/netns as they are now, with the
+/// pods the runtime named (by namespace inode).
+pub fn scan(mut pods: cri::ByNetns) -> HashMap<u32, Arc<Owner>> {
     let mut pids: Vec<u32> = fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -370,11 +413,25 @@ pub fn scan() -> HashMap<u32, Arc<Owner>> {
     let mut names = ip_netns_names();
     let mut owners: HashMap<u32, Arc<Owner>> = HashMap::default();
     for (ns, (all, named)) in by_ns {
-        let owner = Owner::new(named, all.len(), names.remove(&ns), common_cgroup(&all));
+        let owner = Owner::in_pod(
+            named,
+            all.len(),
+            names.remove(&ns),
+            common_cgroup(&all),
+            pods.remove(&ns),
+        );
         owners.insert(ns, Arc::new(owner));
     }
     for (ns, name) in names {
-        owners.insert(ns, Arc::new(Owner::new(Vec::new(), 0, Some(name), None)));
+        let owner = Owner::in_pod(Vec::new(), 0, Some(name), None, pods.remove(&ns));
+        owners.insert(ns, Arc::new(owner));
+    }
+    // A sandbox whose processes all exited between the runtime's answer and the scan.
+    for (ns, pod) in pods {
+        owners.insert(
+            ns,
+            Arc::new(Owner::in_pod(Vec::new(), 0, None, None, Some(pod))),
+        );
     }
     owners
 }
@@ -438,6 +495,12 @@ fn ip_netns_names() -> HashMap<u32, String> {
 #[derive(Clone)]
 pub struct OwnerCache {
     shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for OwnerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnerCache").finish_non_exhaustive()
+    }
 }
 
 struct Shared {
@@ -507,8 +570,9 @@ pub struct ScanStats {
 }
 
 impl OwnerCache {
-    /// Starts the scanner thread, which scans at once.
-    pub fn start() -> OwnerCache {
+    /// Starts the scanner thread, which scans at once; with `cri`, each scan also asks the
+    /// runtime at that socket for its pods.
+    pub fn start(cri: Option<PathBuf>) -> OwnerCache {
         let cache = OwnerCache {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
@@ -522,7 +586,7 @@ impl OwnerCache {
         let weak = Arc::downgrade(&cache.shared);
         match thread::Builder::new()
             .name("netns-owners".into())
-            .spawn(move || scanner(weak))
+            .spawn(move || scanner(weak, cri.map(cri::Pods::new)))
         {
             Ok(_) => cache.lock().scanning = true,
             Err(e) => log::warn!("no network namespace owners: {e}"),
@@ -615,7 +679,7 @@ impl FromIterator<(u32, Owner)> for OwnerCache {
 
 /// The scanner thread: one scan per request, paced by `MIN_GAP`; it ends once every
 /// `OwnerCache` handle is gone.
-fn scanner(shared: Weak<Shared>) {
+fn scanner(shared: Weak<Shared>, mut cri: Option<cri::Pods>) {
     let mut gap = Duration::ZERO;
     loop {
         thread::sleep(gap);
@@ -637,7 +701,8 @@ fn scanner(shared: Weak<Shared>) {
             s.running = true;
         }
         let started = Instant::now();
-        let owners = scan();
+        let pods = cri.as_mut().map(cri::Pods::refresh).unwrap_or_default();
+        let owners = scan(pods);
         let took = started.elapsed();
         log::debug!(
             "network namespace owners: {} namespaces in {took:?}",
@@ -1011,7 +1076,7 @@ mod tests {
     /// its first lookup asks for.
     #[test]
     fn owners_of_real_namespaces() {
-        let cache = OwnerCache::start();
+        let cache = OwnerCache::start(None);
         let layouts = [
             (
                 "systemd",

@@ -48,6 +48,10 @@ pub struct Options {
     pub record: Option<std::path::PathBuf>,
     /// `--metrics`: counted into as events arrive; also what is served when attaching fails.
     pub metrics: Option<Arc<Metrics>>,
+    /// The namespaces `--pod`/`--k8s-namespace` selected, for the kernel's `NETNS_FILTER`.
+    pub netns_set: Vec<u32>,
+    /// Where the container runtime's CRI API is (pod names in owners).
+    pub cri_socket: std::path::PathBuf,
 }
 
 /// Loads and attaches every program in the plan. The return probe goes on before the entry
@@ -201,6 +205,13 @@ fn start(opts: &Options, launched: Instant) -> Result<(Plan, KernelBtf, Ebpf, Du
     let (plan, btf) = Plan::for_running_kernel(opts.want)?;
     let planned = launched.elapsed();
     let mut bpf = ebpf::open(&plan, opts.ring_bytes, &opts.filter)?;
+    if !opts.netns_set.is_empty() {
+        let map = bpf.map_mut("NETNS_FILTER").context("NETNS_FILTER map")?;
+        let mut set: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(map)?;
+        for ino in &opts.netns_set {
+            set.insert(ino, 1, 0).context("filling NETNS_FILTER")?;
+        }
+    }
     attach(&mut bpf, &plan)?;
     Ok((plan, btf, bpf, planned))
 }
@@ -241,7 +252,10 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     // Started before BTF is read, so the first /proc scan is done by the first event.
-    let owners = OwnerCache::start();
+    let owners = OwnerCache::start(Some(opts.cri_socket.clone()));
+    if let Some(m) = &opts.metrics {
+        m.set_owners(owners.clone());
+    }
     let (plan, _btf, mut bpf, planned) = match (start(&opts, launched), &opts.metrics) {
         (Ok(started), _) => started,
         (Err(e), Some(m)) => {

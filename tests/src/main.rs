@@ -27,6 +27,7 @@ mod netns;
 mod observe;
 mod out_of_sync;
 mod owner;
+mod pods;
 mod scenarios;
 mod table_full;
 mod tools;

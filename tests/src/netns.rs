@@ -27,6 +27,13 @@ impl Netns {
         Self::from_file(name, file)
     }
 
+    /// An existing namespace by path (another process's /proc/PID/ns/net); the open file
+    /// keeps it alive.
+    pub fn open(name: &str, path: &str) -> Result<Netns> {
+        let file = File::open(path).with_context(|| format!("open {path}"))?;
+        Self::from_file(name, file)
+    }
+
     /// A fresh namespace. `unshare` runs on a throwaway thread so the caller's thread
     /// stays where it is; the returned fd keeps the namespace alive.
     pub fn create(name: &str) -> Result<Netns> {

@@ -212,7 +212,7 @@ fn processes_in(inode: u64) -> Result<Vec<u32>> {
 
 /// Where the cgroup2 hierarchy is mounted; the guest's init mounts none, so it is mounted on
 /// /sys/fs/cgroup then.
-fn cgroup2() -> Result<PathBuf> {
+pub fn cgroup2() -> Result<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts")?;
     if let Some(at) = mounts.lines().find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();

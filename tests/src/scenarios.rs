@@ -15,7 +15,7 @@ use crate::kernel::Kernel;
 use crate::observe::{Observation, Observer};
 use crate::tools;
 use crate::topology::{API, CLIENT_IP, Nat, SERVER_IP, Service, Topology, WEB, WIRE_TO_CLIENT_IF};
-use crate::{insert_failed, kube, out_of_sync, owner, table_full};
+use crate::{insert_failed, kube, out_of_sync, owner, pods, table_full};
 
 /// The suite's usual topology: Service DNAT in the client namespace, with kube-proxy's
 /// INVALID drop rule so that injected segments never reset the connection under test.
@@ -109,6 +109,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("out-of-sync-rst", out_of_sync::out_of_sync_rst),
     ("insert-failed", insert_failed::insert_failed),
     ("netns-owner", owner::netns_owner),
+    ("cri-pod", pods::cri_pod),
     // Last: it lowers the global nf_conntrack_max (restored when it ends).
     ("table-full", table_full::table_full),
 ];

@@ -137,8 +137,7 @@ mod tests {
         assert_eq!(spec["hostNetwork"], true);
         assert_eq!(spec["automountServiceAccountToken"], false);
         // The metrics port is declared, announced to annotation-based scraping, and the one
-        // the tracer is told to serve; nothing else is (no CRI socket: connect(2) ignores a
-        // read-only mount).
+        // the tracer is told to serve.
         let annotations = &pod["metadata"]["annotations"];
         assert_eq!(annotations["prometheus.io/scrape"], "true");
         assert_eq!(annotations["prometheus.io/port"], "9477");
@@ -188,9 +187,17 @@ mod tests {
             BTreeSet::from([
                 "/sys/kernel/btf",
                 "/sys/kernel/tracing",
-                "/sys/kernel/debug"
+                "/sys/kernel/debug",
+                // containerd's CRI socket, where the tracer looks by default (pod names).
+                "/run/containerd/containerd.sock",
             ])
         );
+        let cri = mounts
+            .iter()
+            .find(|m| m["name"] == "cri-socket")
+            .expect("the CRI socket is mounted");
+        // Where the tracer looks by default (conntrack-trace/src/cri.rs DEFAULT_SOCKET).
+        assert_eq!(cri["mountPath"], "/run/containerd/containerd.sock");
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod initramfs;
 mod kernels;
 mod licenses;
 mod modules;
+mod pods;
 mod prometheus;
 mod qemu;
 mod setup;
@@ -394,6 +395,9 @@ fn boot(
 ) -> Result<qemu::Outcome> {
     let unpacked = kernels::fetch(kernel)?;
     let initrd = initramfs::build(kernel, &unpacked, bins, tracer_args)?;
+    if matches!(mode, Mode::Test) && pods::wanted(scenarios) {
+        pods::append(&initrd, &unpacked.work)?;
+    }
     qemu::run(
         kernel,
         &unpacked.vmlinuz,

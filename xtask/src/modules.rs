@@ -21,6 +21,8 @@ const WANTED: &[&str] = &[
     "nf_log_syslog|nf_log_ipv4",
     "?nf_log_ipv6",
     "veth",
+    // The cri-pod scenario's CNI bridge plugin.
+    "bridge",
     "sch_netem",
     // iptables (legacy and nft flavours) as kube-proxy uses it.
     "ip_tables",

@@ -40,6 +40,10 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
     // The metrics test's scraper, and promtool for the exposition and the alert rules.
     "prometheus",
+    // The cri-pod VM scenario's container runtime (xtask/src/pods.rs copies them to the guest).
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
 ];
 
 /// Validates deploy/kubernetes against the Kubernetes OpenAPI schemas it ships (one per

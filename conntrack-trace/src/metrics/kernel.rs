@@ -8,8 +8,8 @@
 //! so every namespace may hold up to that many entries and `table_max` is the same for all.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Mutex,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use prometheus_client::{
@@ -18,7 +18,10 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
 };
 
-use crate::counters::{self, Stats};
+use crate::{
+    counters::{self, Stats},
+    owner::OwnerCache,
+};
 
 /// Namespaces with a label of their own; the rest are summed into `netns="other"`, so a node
 /// that churns through namespaces (a pod each) cannot grow the scrape without bound.
@@ -103,6 +106,34 @@ impl Labels {
 #[derive(Debug, Default)]
 pub struct Kernel {
     labels: Mutex<Labels>,
+    /// Who owns each namespace, once the tracer has started looking: a namespace a pod owns
+    /// gets its `pod` and `k8s_namespace` labels (one pod per namespace, so no more series).
+    pub owners: Arc<OnceLock<OwnerCache>>,
+}
+
+impl Kernel {
+    /// Each labelled namespace's labels: `netns`, and the pod's where one owns it.
+    fn labels<'a>(
+        &self,
+        rows: &'a [(String, Stats)],
+    ) -> HashMap<&'a str, Vec<(&'static str, String)>> {
+        let owners = self.owners.get();
+        rows.iter()
+            .map(|(netns, _)| {
+                let mut labels = vec![("netns", netns.clone())];
+                let pod = netns
+                    .parse::<u32>()
+                    .ok()
+                    .and_then(|ino| owners?.get(ino))
+                    .and_then(|o| o.pod.clone());
+                if let Some(p) = pod {
+                    labels.push(("pod", p.name));
+                    labels.push(("k8s_namespace", p.namespace));
+                }
+                (netns.as_str(), labels)
+            })
+            .collect()
+    }
 }
 
 /// Metric names are made from the kernel's column names: only ones that make a valid name.
@@ -120,6 +151,7 @@ impl Collector for Kernel {
             Ok(mut l) => l.rows(now, NETNS_MAX),
             Err(poisoned) => poisoned.into_inner().rows(now, NETNS_MAX),
         };
+        let labels = self.labels(&rows);
         let columns: BTreeSet<&str> = rows
             .iter()
             .flat_map(|(_, s)| s.0.keys().map(String::as_str))
@@ -131,8 +163,8 @@ impl Collector for Kernel {
                 encoder.encode_descriptor(&name, &help(column), None, MetricType::Counter)?;
             for (netns, stats) in &rows {
                 if let Some(v) = stats.get(column) {
-                    let labels = [("netns", netns.as_str())];
-                    ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+                    let labels = &labels[netns.as_str()];
+                    ConstCounter::new(v).encode(family.encode_family(labels)?)?;
                 }
             }
         }
@@ -144,8 +176,8 @@ impl Collector for Kernel {
         )?;
         for (netns, stats) in &rows {
             if let Some(v) = stats.get("entries") {
-                let labels = [("netns", netns.as_str())];
-                ConstGauge::new(v).encode(entries.encode_family(&labels)?)?;
+                let labels = &labels[netns.as_str()];
+                ConstGauge::new(v).encode(entries.encode_family(labels)?)?;
             }
         }
         if let Some(max) = counters::sysctl("nf_conntrack_max") {
@@ -157,8 +189,8 @@ impl Collector for Kernel {
                 MetricType::Gauge,
             )?;
             for (netns, _) in &rows {
-                let labels = [("netns", netns.as_str())];
-                ConstGauge::new(max).encode(family.encode_family(&labels)?)?;
+                let labels = &labels[netns.as_str()];
+                ConstGauge::new(max).encode(family.encode_family(labels)?)?;
             }
         }
         Ok(())
@@ -244,5 +276,44 @@ mod tests {
             );
         }
         assert!(!body.contains("kernel_entries"), "entries is a gauge");
+    }
+
+    /// A namespace a pod owns carries the pod's labels on every series; others only `netns`.
+    #[test]
+    fn pod_labels_where_a_pod_owns_the_namespace() {
+        use std::os::unix::fs::MetadataExt as _;
+        let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino() as u32;
+        let pod = crate::cri::Pod {
+            name: "web".into(),
+            namespace: "shop".into(),
+            uid: String::new(),
+            sandbox_id: String::new(),
+            containers: vec!["nginx".into()],
+        };
+        let owner = crate::owner::Owner::in_pod(Vec::new(), 0, None, None, Some(pod));
+        let kernel = Kernel::default();
+        kernel
+            .owners
+            .set([(own, owner)].into_iter().collect())
+            .unwrap();
+        let mut registry = prometheus_client::registry::Registry::with_prefix("conntrack_trace");
+        registry.register_collector(Box::new(kernel));
+        let mut body = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut body, &registry).unwrap();
+        let labelled = format!("{{netns=\"{own}\",pod=\"web\",k8s_namespace=\"shop\"}}");
+        for name in ["kernel_invalid_total", "table_entries", "table_max"] {
+            let series = format!("conntrack_trace_{name}{labelled}");
+            assert!(
+                body.lines().any(|l| l.starts_with(&series)),
+                "{series} missing:\n{body}"
+            );
+        }
+        let own_series = format!("netns=\"{own}\"");
+        assert!(
+            body.lines()
+                .filter(|l| l.contains(&own_series))
+                .all(|l| l.contains("pod=\"web\"")),
+            "{body}"
+        );
     }
 }

@@ -13,7 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{output::Loss, plan::Mode, reason::ReasonCode, verdict::Verdict};
+use crate::{output::Loss, owner::OwnerCache, plan::Mode, reason::ReasonCode, verdict::Verdict};
 
 pub use kernel::NETNS_MAX;
 
@@ -47,6 +47,8 @@ pub struct Metrics {
     incidents: Counter,
     lost: Family<CauseLabel, Counter>,
     attached: Family<AttachLabels, Gauge>,
+    /// The namespace owners the kernel counters' pod labels come from.
+    owners: Arc<std::sync::OnceLock<OwnerCache>>,
 }
 
 /// A label value stays readable in a dashboard: an error chain is cut at this many bytes.
@@ -89,7 +91,9 @@ impl Metrics {
              0 with the reason when they are not (kernel counters are served either way)",
             attached.clone(),
         );
-        registry.register_collector(Box::new(kernel::Kernel::default()));
+        let kernel = kernel::Kernel::default();
+        let owners = kernel.owners.clone();
+        registry.register_collector(Box::new(kernel));
         let m = Arc::new(Self {
             registry,
             events,
@@ -97,6 +101,7 @@ impl Metrics {
             incidents,
             lost,
             attached,
+            owners,
         });
         m.not_attached("starting");
         m
@@ -116,6 +121,11 @@ impl Metrics {
                 .get_or_create(&CodeLabel { reason_code })
                 .inc_by(n);
         }
+    }
+
+    /// Where the per-namespace series find their pods, once the tracer runs.
+    pub fn set_owners(&self, owners: OwnerCache) {
+        let _ = self.owners.set(owners);
     }
 
     pub fn incident(&self) {
