@@ -1,5 +1,6 @@
-//! A private apt configuration under our cache dir, so kernel packages from every suite the
-//! matrix uses can be downloaded without touching the system's apt sources or lists.
+//! A private apt configuration under our cache dir, one per architecture, so kernel packages
+//! from every suite the matrix uses (and, for arm64, the guest's tools) can be downloaded
+//! without touching the system's apt sources, lists or architectures.
 
 use std::{
     fs,
@@ -9,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{run_cmd, setup};
+use crate::{arch::Arch, run_cmd, setup};
 
 const SOURCES: &str = "\
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
@@ -23,11 +24,17 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 
 pub struct PrivateApt {
     dir: PathBuf,
+    arch: Arch,
 }
 
 impl PrivateApt {
-    pub fn new() -> Result<Self> {
-        let dir = setup::cache_dir().join("apt");
+    /// The configuration whose lists describe `arch`'s packages.
+    pub fn new(arch: Arch) -> Result<Self> {
+        // The host's keeps the directory it always had, so its lists stay valid.
+        let dir = match arch {
+            Arch::X86_64 => setup::cache_dir().join("apt"),
+            Arch::Aarch64 => setup::cache_dir().join(format!("apt-{}", arch.debian())),
+        };
         for sub in ["sources.list.d", "lists/partial", "cache/archives/partial"] {
             fs::create_dir_all(dir.join(sub))
                 .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
@@ -43,7 +50,7 @@ impl PrivateApt {
         if !status.exists() {
             fs::write(&status, "").with_context(|| format!("cannot write {}", status.display()))?;
         }
-        Ok(Self { dir })
+        Ok(Self { dir, arch })
     }
 
     fn command(&self, program: &str) -> Command {
@@ -59,6 +66,8 @@ impl PrivateApt {
             "APT::Sandbox::User=root".into(),
             "Acquire::Languages=none".into(),
             "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false".into(),
+            format!("APT::Architecture={}", self.arch.debian()),
+            format!("APT::Architectures::={}", self.arch.debian()),
         ] {
             cmd.arg("-o").arg(opt);
         }
@@ -78,13 +87,39 @@ impl PrivateApt {
 
     pub fn update(&self) -> Result<()> {
         println!(
-            "kernels: apt-get update (private lists in {})",
+            "apt: apt-get update for {} (private lists in {})",
+            self.arch.debian(),
             self.dir.display()
         );
         run_cmd(self.command("apt-get").arg("-qq").arg("update"))
     }
 
-    /// Downloads `package=version` into `dir` and returns the .deb's path.
+    /// Every version of `package` the lists know, each with the SHA256 of its .deb.
+    pub fn versions(&self, package: &str) -> Result<Vec<(String, String)>> {
+        let out = self
+            .command("apt-cache")
+            .arg("show")
+            .arg(package)
+            .stderr(Stdio::null())
+            .output()
+            .context("cannot run apt-cache")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .split("\n\n")
+            .filter_map(|record| {
+                let field = |name: &str| {
+                    record
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+                        .map(str::to_string)
+                };
+                Some((field("Version")?, field("SHA256")?))
+            })
+            .collect())
+    }
+
+    /// Downloads `package=version` into `dir` and returns the .deb's path (apt checks it
+    /// against the signed lists).
     pub fn download(&self, package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
         if !self.knows(package, version) {
             self.update()?;

@@ -3,9 +3,11 @@
 
 use std::process::Command;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arch {
+    #[value(name = "x86_64", alias = "amd64")]
     X86_64,
+    #[value(name = "arm64", alias = "aarch64")]
     Aarch64,
 }
 
@@ -22,6 +24,22 @@ impl Arch {
         match self {
             Arch::X86_64 => "x86_64",
             Arch::Aarch64 => "aarch64",
+        }
+    }
+
+    /// Debian's name for it, which its packages carry.
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+
+    /// The multiarch directory name of its libraries (`/usr/lib/<triplet>`).
+    pub fn triplet(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-linux-gnu",
+            Arch::Aarch64 => "aarch64-linux-gnu",
         }
     }
 

@@ -1,5 +1,6 @@
-//! The guest's initramfs: busybox, the static tracer and scenario runner, the host's
-//! iproute2/iptables/nft/conntrack with their libraries, the kernel modules, and `/init`.
+//! The guest's initramfs: busybox, the static tracer and scenario runner, iproute2/iptables/
+//! nft/conntrack with their libraries (the host's, or the same packages for the guest's
+//! architecture: `userland`), the kernel modules, and `/init`.
 
 use std::{
     collections::BTreeMap,
@@ -11,14 +12,21 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cpio, guest_build::GuestBins, kernels::Kernel, kernels::Unpacked, modules};
+use crate::{
+    cpio,
+    guest_build::GuestBins,
+    kernels::Kernel,
+    kernels::Unpacked,
+    modules,
+    userland::{HOST_BUSYBOX, Userland},
+};
 
 const INIT: &str = include_str!("init.sh");
 
-/// Dynamic tools from the host's Debian packages, installed at these guest paths. `ip` and
-/// `tc` must be the real iproute2 ones: busybox's applets of those names lack what the
-/// scenarios use (netns, netem), so no busybox link is made for them.
-const TOOLS: &[&str] = &[
+/// Dynamic tools, installed at these guest paths. `ip` and `tc` must be the real iproute2
+/// ones: busybox's applets of those names lack what the scenarios use (netns, netem), so no
+/// busybox link is made for them.
+pub const TOOLS: &[&str] = &[
     "/usr/sbin/ip",
     "/usr/sbin/tc",
     "/usr/bin/ss",
@@ -28,15 +36,7 @@ const TOOLS: &[&str] = &[
     "/usr/sbin/xtables-nft-multi",
 ];
 
-/// Plugin directories the tools dlopen (so `ldd` on the tools does not list them).
-const PLUGIN_DIRS: &[&str] = &[
-    "/usr/lib/x86_64-linux-gnu/xtables",
-    "/usr/lib/x86_64-linux-gnu/tc",
-];
-
 const CONFIG_FILES: &[&str] = &["/etc/protocols", "/etc/services", "/etc/ethertypes"];
-
-const BUSYBOX: &str = "/usr/bin/busybox";
 
 enum Node {
     Dir,
@@ -75,6 +75,7 @@ pub fn build(
     kernel: &Kernel,
     unpacked: &Unpacked,
     bins: &GuestBins,
+    userland: &Userland,
     tracer_args: &[String],
 ) -> Result<PathBuf> {
     let mut tree = Tree::default();
@@ -122,16 +123,15 @@ pub fn build(
             },
         );
     }
-    busybox(&mut tree)?;
+    busybox(&mut tree, userland)?;
     tree.copy(&bins.tracer, "/bin/conntrack-trace", 0o755)?;
     tree.copy(&bins.scenarios, "/bin/ct-scenarios", 0o755)?;
 
     let mut elves: Vec<PathBuf> = Vec::new();
     for tool in TOOLS {
-        let host = fs::canonicalize(tool)
-            .with_context(|| format!("{tool} is missing: run `cargo xtask setup`"))?;
-        tree.copy(&host, tool, 0o755)?;
-        elves.push(host);
+        let here = userland.tool(tool)?;
+        tree.copy(&here, tool, 0o755)?;
+        elves.push(here);
     }
     for (multi, names) in [
         (
@@ -154,19 +154,20 @@ pub fn build(
             }
         }
     }
-    for dir in PLUGIN_DIRS {
-        for entry in fs::read_dir(dir).with_context(|| format!("cannot list {dir}"))? {
+    for (guest, dir) in userland.plugin_dirs() {
+        for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
             let path = entry?.path();
             if path.is_file() {
-                tree.copy(&path, &path.display().to_string(), 0o644)?;
+                let name = path.file_name().expect("a listed file has a name");
+                tree.copy(&path, &format!("{guest}/{}", name.to_string_lossy()), 0o644)?;
                 if path.extension().is_some_and(|e| e == "so") {
                     elves.push(path);
                 }
             }
         }
     }
-    for lib in shared_libraries(&elves)? {
-        tree.copy(Path::new(&lib), &lib, 0o755)?;
+    for (lib, guest) in userland.libraries(&elves)? {
+        tree.copy(&lib, &guest, 0o755)?;
     }
     if Path::new("/etc/iproute2").is_dir() {
         for entry in fs::read_dir("/etc/iproute2")? {
@@ -205,16 +206,19 @@ pub fn build(
     Ok(path)
 }
 
-/// busybox-static with a link per applet, except where a real tool takes the name.
-fn busybox(tree: &mut Tree) -> Result<()> {
-    let out = Command::new(BUSYBOX)
+/// busybox-static with a link per applet, except where a real tool takes the name. The
+/// applets are the host's busybox's: another architecture's binary cannot run here, and
+/// `userland` fetched it at the host's version, which Debian builds with one configuration
+/// for every architecture.
+fn busybox(tree: &mut Tree, userland: &Userland) -> Result<()> {
+    let out = Command::new(HOST_BUSYBOX)
         .arg("--list")
         .output()
-        .with_context(|| format!("cannot run {BUSYBOX}"))?;
+        .with_context(|| format!("cannot run {HOST_BUSYBOX}"))?;
     if !out.status.success() {
-        bail!("{BUSYBOX} --list failed: is busybox-static installed? run `cargo xtask setup`");
+        bail!("{HOST_BUSYBOX} --list failed: is busybox-static installed? run `cargo xtask setup`");
     }
-    tree.copy(Path::new(BUSYBOX), "/bin/busybox", 0o755)?;
+    tree.copy(&userland.busybox()?, "/bin/busybox", 0o755)?;
     let real: Vec<&str> = TOOLS.iter().filter_map(|t| t.rsplit('/').next()).collect();
     for applet in String::from_utf8_lossy(&out.stdout).lines() {
         if !applet.is_empty() && applet != "busybox" && !real.contains(&applet) {
@@ -222,36 +226,6 @@ fn busybox(tree: &mut Tree) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Every library (and the dynamic loader) that `ldd` lists for these files, at the path
-/// it lists, which is where the guest's loader will look.
-fn shared_libraries(files: &[PathBuf]) -> Result<Vec<String>> {
-    let out = Command::new("ldd")
-        .args(files)
-        .output()
-        .context("cannot run ldd")?;
-    if !out.status.success() {
-        bail!(
-            "ldd failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let mut libs: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        // Per-file headers ("/usr/sbin/ip:") are not indented; library lines are.
-        .filter(|line| line.starts_with('\t'))
-        .filter_map(|line| {
-            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
-            // "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vdso has no path.
-            let before = line.split(" (").next()?.trim();
-            let path = before.rsplit("=> ").next()?;
-            path.starts_with('/').then(|| path.to_string())
-        })
-        .collect();
-    libs.sort();
-    libs.dedup();
-    Ok(libs)
 }
 
 fn write(tree: &Tree, path: &Path) -> Result<()> {

@@ -9,11 +9,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{apt::PrivateApt, run_cmd, setup};
+use crate::{apt::PrivateApt, arch::Arch, run_cmd, setup};
 
 pub struct Kernel {
-    /// Test name: `vm::<name>::<scenario>`.
+    /// Test name: `vm::<name>::<scenario>`; unique across architectures.
     pub name: &'static str,
+    /// What it runs on: the guest's QEMU, tracer build and tools follow it.
+    pub arch: Arch,
     /// The packages that together hold the kernel image and its modules, the image first:
     /// one `linux-image` up to 6.12; from 7.x Debian splits it into `linux-binary` (the
     /// image), `linux-modules` and `linux-base` (`modules.builtin`).
@@ -44,6 +46,7 @@ impl Kernel {
 pub const KERNELS: &[Kernel] = &[
     Kernel {
         name: "6.1-variadic",
+        arch: Arch::X86_64,
         debs: &[Deb {
             package: "linux-image-6.1.0-50-cloud-amd64-unsigned",
             sha256: "4f217f710203cdfedde21f836bc66a0a4d773752d7fe8e5e13f701f891788945",
@@ -53,6 +56,7 @@ pub const KERNELS: &[Kernel] = &[
     },
     Kernel {
         name: "6.1-struct",
+        arch: Arch::X86_64,
         debs: &[Deb {
             package: "linux-image-6.1.0-56-cloud-amd64-unsigned",
             sha256: "7ff7fc8da85d313242c20698c6b34542aea447673c7c1975b0d38bd6005100b5",
@@ -62,6 +66,7 @@ pub const KERNELS: &[Kernel] = &[
     },
     Kernel {
         name: "6.12",
+        arch: Arch::X86_64,
         debs: &[Deb {
             package: "linux-image-6.12.117+deb12-cloud-amd64-unsigned",
             sha256: "670b2688bcf94c24693f7c7e1fc9776ff2e202ff15553a2614f79415d48a6607",
@@ -71,6 +76,7 @@ pub const KERNELS: &[Kernel] = &[
     },
     Kernel {
         name: "6.12-trixie",
+        arch: Arch::X86_64,
         debs: &[Deb {
             package: "linux-image-6.12.118+deb13-cloud-amd64-unsigned",
             sha256: "6e5bf7a08ae170f62ab9da4f8ced023d243144583857a0e133e09a5164b2eb83",
@@ -80,6 +86,7 @@ pub const KERNELS: &[Kernel] = &[
     },
     Kernel {
         name: "7.3",
+        arch: Arch::X86_64,
         debs: &[
             Deb {
                 package: "linux-binary-7.3.4+deb13-cloud-amd64",
@@ -99,6 +106,7 @@ pub const KERNELS: &[Kernel] = &[
     },
     Kernel {
         name: "5.10",
+        arch: Arch::X86_64,
         debs: &[Deb {
             package: "linux-image-5.10.0-32-cloud-amd64-unsigned",
             sha256: "b1fb8d34c26105a2ba1271a3df868a9eea460657df98c77fd08822ef4908c9db",
@@ -106,30 +114,62 @@ pub const KERNELS: &[Kernel] = &[
         version: "5.10.223-1",
         why: "bullseye 5.10.223: variadic nf_ct_l4proto_log_invalid, no module BTF",
     },
+    // arm64 (qemu-system-aarch64): bookworm's and trixie's kernels, the newest build of each
+    // (2026-11), one image package each as on x86_64.
+    Kernel {
+        name: "6.1-struct-arm64",
+        arch: Arch::Aarch64,
+        debs: &[Deb {
+            package: "linux-image-6.1.0-57-cloud-arm64-unsigned",
+            sha256: "2e5f31fb28e0748e529a2cfad77a0352421571bbbfa7f902ec59a678ea02f377",
+        }],
+        version: "6.1.192-3",
+        why: "bookworm 6.1.192 on arm64: nf_tcp_log_invalid(skb, ct, state, log), kprobe arguments per AAPCS64",
+    },
+    Kernel {
+        name: "6.12-trixie-arm64",
+        arch: Arch::Aarch64,
+        debs: &[Deb {
+            package: "linux-image-6.12.118+deb13-cloud-arm64-unsigned",
+            sha256: "b67b3b110d20d72d07d47bb05a3772a08e9c88a658bb08b46ab91d16229d8ef4",
+        }],
+        version: "6.12.118-1",
+        why: "trixie-security 6.12.118 on arm64, the current stable's kernel",
+    },
 ];
 
 /// The kernel `demo` and `run` boot by default.
 pub const DEFAULT: &str = "6.12";
 
-/// Possible values of `--kernel`, for clap.
-pub fn names() -> impl Iterator<Item = &'static str> {
-    KERNELS.iter().map(|k| k.name)
+/// Possible values of `--kernel`, for clap: every architecture's, or one's.
+pub fn names(arch: Option<Arch>) -> impl Iterator<Item = &'static str> {
+    KERNELS
+        .iter()
+        .filter(move |k| arch.is_none_or(|a| k.arch == a))
+        .map(|k| k.name)
 }
 
-/// The named kernels in matrix order; all of them when `names` is empty.
-pub fn select(names: &[String]) -> Result<Vec<&'static Kernel>> {
-    if let Some(bad) = names
-        .iter()
-        .find(|n| !KERNELS.iter().any(|k| k.name == n.as_str()))
-    {
-        bail!(
-            "unknown kernel '{bad}'; known: {}",
-            self::names().collect::<Vec<_>>().join(", ")
-        );
+/// The named kernels of `arch` in matrix order; all of them when `names` is empty.
+pub fn select(arch: Arch, names: &[String]) -> Result<Vec<&'static Kernel>> {
+    for name in names {
+        match KERNELS.iter().find(|k| k.name == name.as_str()) {
+            None => bail!(
+                "unknown kernel '{name}'; known: {}",
+                self::names(None).collect::<Vec<_>>().join(", ")
+            ),
+            Some(k) if k.arch != arch => bail!(
+                "kernel '{name}' is a {} kernel: add --arch {}",
+                k.arch.name(),
+                clap::ValueEnum::to_possible_value(&k.arch)
+                    .expect("every Arch has a value")
+                    .get_name()
+            ),
+            Some(_) => {}
+        }
     }
     Ok(KERNELS
         .iter()
-        .filter(|k| names.is_empty() || names.iter().any(|n| n == k.name))
+        .filter(|k| k.arch == arch && (names.is_empty() || names.iter().any(|n| n == k.name)))
         .collect())
 }
 
@@ -181,8 +221,11 @@ pub fn fetch(kernel: &Kernel) -> Result<Unpacked> {
                 "kernels: {}: downloading {} {}",
                 kernel.name, d.package, kernel.version
             );
-            let downloaded =
-                PrivateApt::new()?.download(d.package, kernel.version, &dir.join("download"))?;
+            let downloaded = PrivateApt::new(kernel.arch)?.download(
+                d.package,
+                kernel.version,
+                &dir.join("download"),
+            )?;
             let got = sha256(&downloaded)?;
             if got != d.sha256 {
                 bail!(
@@ -270,7 +313,7 @@ fn locate(root: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((vmlinuz, modules_dir.clone()))
 }
 
-fn sha256(file: &Path) -> Result<String> {
+pub fn sha256(file: &Path) -> Result<String> {
     let out = Command::new("sha256sum")
         .arg(file)
         .output()
@@ -347,7 +390,8 @@ mod tests {
 mod readme {
     use super::*;
 
-    /// README's table of tested kernels names exactly the matrix, each at its pinned version.
+    /// README's table of tested kernels names exactly the matrix, each with its architecture
+    /// and at its pinned version.
     #[test]
     fn readme_table_is_the_matrix() {
         let readme = fs::read_to_string(crate::workspace_root().join("README.md")).unwrap();
@@ -358,13 +402,25 @@ mod readme {
             .take_while(|l| l.starts_with('|'))
             .map(|l| l.split('|').map(|c| c.trim().to_string()).collect())
             .collect();
-        let listed: Vec<(String, String)> = rows
+        let listed: Vec<(String, String, String)> = rows
             .iter()
-            .map(|r| (r[1].trim_matches('`').to_string(), r[3].clone()))
+            .map(|r| {
+                (
+                    r[1].trim_matches('`').to_string(),
+                    r[2].clone(),
+                    r[3].clone(),
+                )
+            })
             .collect();
-        let matrix: Vec<(String, String)> = KERNELS
+        let matrix: Vec<(String, String, String)> = KERNELS
             .iter()
-            .map(|k| (k.name.to_string(), k.version.to_string()))
+            .map(|k| {
+                (
+                    k.name.to_string(),
+                    k.arch.name().to_string(),
+                    k.version.to_string(),
+                )
+            })
             .collect();
         assert_eq!(listed, matrix);
     }

@@ -20,6 +20,7 @@ mod prometheus;
 mod qemu;
 mod setup;
 mod summary;
+mod userland;
 
 use std::{
     os::unix::process::CommandExt,
@@ -31,7 +32,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, builder::PossibleValuesParser};
 
-use crate::{qemu::Mode, summary::Tally};
+use crate::{arch::Arch, qemu::Mode, summary::Tally, userland::Userland};
 
 #[derive(Parser)]
 #[command(about = "Developer tasks for conntrack-trace")]
@@ -46,8 +47,13 @@ enum Task {
     Setup,
     /// Boot Debian kernels under QEMU and run the scenario suite against the real tracer.
     VmTest {
-        /// Kernels to test (repeatable); default: all.
-        #[arg(long = "kernel", value_parser = PossibleValuesParser::new(kernels::names()))]
+        /// The guests' architecture: x86_64 under qemu-system-x86_64, or arm64 under
+        /// qemu-system-aarch64 (its kernels, the tracer cross-built as `dist` builds it, the
+        /// same tools from Debian's arm64 packages).
+        #[arg(long, value_enum, default_value_t = Arch::X86_64)]
+        arch: Arch,
+        /// Kernels of that architecture to test (repeatable); default: all of them.
+        #[arg(long = "kernel", value_parser = PossibleValuesParser::new(kernels::names(None)))]
         kernels: Vec<String>,
         /// Scenarios to run (repeatable; `ct-scenarios --help` in the guest lists them);
         /// default: all.
@@ -59,7 +65,7 @@ enum Task {
     },
     /// Boot a kernel and reproduce a kube-proxy-style incident with the tracer's live output.
     Demo {
-        #[arg(long, value_parser = PossibleValuesParser::new(kernels::names()), default_value = kernels::DEFAULT)]
+        #[arg(long, value_parser = PossibleValuesParser::new(kernels::names(Some(Arch::X86_64))), default_value = kernels::DEFAULT)]
         kernel: String,
         #[arg(long, default_value_t = 600)]
         timeout: u64,
@@ -68,7 +74,7 @@ enum Task {
     /// of `test`: these are benchmarks, not timed tests).
     Bench {
         /// Kernels to benchmark (repeatable).
-        #[arg(long = "kernel", value_parser = PossibleValuesParser::new(kernels::names()), default_value = kernels::DEFAULT)]
+        #[arg(long = "kernel", value_parser = PossibleValuesParser::new(kernels::names(Some(Arch::X86_64))), default_value = kernels::DEFAULT)]
         kernels: Vec<String>,
         /// Seconds a guest may run; the flood may try several ring sizes, each slow under TCG.
         #[arg(long, default_value_t = 3600)]
@@ -111,12 +117,13 @@ fn run(task: Task) -> Result<bool> {
     match task {
         Task::Setup => setup::run().map(|()| true),
         Task::VmTest {
+            arch,
             kernels,
             scenarios,
             timeout,
         } => {
             setup::run()?;
-            vm_test(&kernels, &scenarios, timeout)
+            vm_test(arch, &kernels, &scenarios, timeout)
         }
         Task::Demo { kernel, timeout } => {
             setup::run()?;
@@ -144,7 +151,7 @@ fn run(task: Task) -> Result<bool> {
             if !host_ok {
                 println!("xtask test: host tests FAILED; running the VM tests anyway");
             }
-            let vm_ok = vm_test(&[], &[], timeout)?;
+            let vm_ok = vm_test(Arch::X86_64, &[], &[], timeout)?;
             if !host_ok {
                 println!(
                     "xtask test: FAILED because the host tests failed (see their output above)"
@@ -237,25 +244,35 @@ fn host_tests() -> Result<bool> {
     Ok(status.success() && bench.success() && fuzz)
 }
 
-fn vm_test(names: &[String], scenarios: &[String], timeout: u64) -> Result<bool> {
-    let selected = kernels::select(names)?;
+fn vm_test(arch: Arch, names: &[String], scenarios: &[String], timeout: u64) -> Result<bool> {
+    let selected = kernels::select(arch, names)?;
     kernels::prune_cache();
     let started = Instant::now();
-    let bins = guest_build::build()?;
+    let bins = guest_build::build_for(arch)?;
+    let userland = Userland::for_arch(arch, initramfs::TOOLS)?;
     let mut total = Tally::default();
     let mut rows = Vec::new();
     for kernel in selected {
         // A kernel that cannot be fetched or packed is that kernel's failure, not the run's.
-        let tally = boot(kernel, &bins, Mode::Test, timeout, &[], scenarios)
-            .map(|o| o.tally)
-            .unwrap_or_else(|e| {
-                let mut t = Tally::default();
-                t.fail(&format!("vm::{}::boot", kernel.name), &format!("{e:#}"));
-                t
-            });
+        let tally = boot(
+            kernel,
+            &bins,
+            &userland,
+            Mode::Test,
+            timeout,
+            &[],
+            scenarios,
+        )
+        .map(|o| o.tally)
+        .unwrap_or_else(|e| {
+            let mut t = Tally::default();
+            t.fail(&format!("vm::{}::boot", kernel.name), &format!("{e:#}"));
+            t
+        });
         rows.push(format!(
-            "  {:<14} {:<20} {:<28} {:>3} passed {:>2} failed  boot {:>6}  total {:>6.1}s",
+            "  {:<18} {:<8} {:<20} {:<28} {:>3} passed {:>2} failed  boot {:>6}  total {:>6.1}s",
             kernel.name,
+            kernel.arch.name(),
             kernel.version,
             tally.release.as_deref().unwrap_or("(never booted)"),
             tally.passed,
@@ -270,30 +287,38 @@ fn vm_test(names: &[String], scenarios: &[String], timeout: u64) -> Result<bool>
     }
     // The README's table of tested kernels is written from these lines.
     println!(
-        "\nvm-test per kernel (Debian version, guest uname -r, scenario results, boot to /init, \
-         whole guest run):"
+        "\nvm-test per kernel (architecture, Debian version, guest uname -r, scenario results, \
+         boot to /init, whole guest run):"
     );
     for row in &rows {
         println!("{row}");
     }
     total.wall = started.elapsed();
-    println!("\nvm-test total ({} kernels):", rows.len());
+    println!("\nvm-test total ({} {} kernels):", rows.len(), arch.name());
     total.print_result();
     Ok(total.ok())
 }
 
 /// The incident in a guest, traced by the tracer with `tracer_args`.
 fn demo(name: &str, timeout: u64, tracer_args: &[String]) -> Result<bool> {
-    let kernel = kernels::select(&[name.to_string()])?[0];
+    let kernel = kernels::select(Arch::X86_64, &[name.to_string()])?[0];
     let bins = guest_build::build()?;
-    let outcome = boot(kernel, &bins, Mode::Demo, timeout, tracer_args, &[])?;
+    let outcome = boot(
+        kernel,
+        &bins,
+        &Userland::Host,
+        Mode::Demo,
+        timeout,
+        tracer_args,
+        &[],
+    )?;
     Ok(outcome.tally.ok())
 }
 
 /// Boots each kernel in bench mode and rewrites its section of BENCHMARKS.md from what the
 /// guest measured (also when a phase failed: its numbers are real and the failure is shown).
 fn bench(names: &[String], timeout: u64) -> Result<bool> {
-    let selected = kernels::select(names)?;
+    let selected = kernels::select(Arch::X86_64, names)?;
     let bins = guest_build::build()?;
     let command = format!(
         "cargo xtask {}",
@@ -305,7 +330,15 @@ fn bench(names: &[String], timeout: u64) -> Result<bool> {
     let file = workspace_root().join(bench::FILE);
     let mut ok = true;
     for kernel in selected {
-        let outcome = boot(kernel, &bins, Mode::Bench, timeout, &[], &[])?;
+        let outcome = boot(
+            kernel,
+            &bins,
+            &Userland::Host,
+            Mode::Bench,
+            timeout,
+            &[],
+            &[],
+        )?;
         ok &= outcome.tally.ok();
         if outcome.bench.is_empty() {
             println!(
@@ -383,19 +416,21 @@ fn run_output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Fetches the kernel, builds its initramfs and runs one guest; `tracer_args` are for the
-/// demo's tracer, `scenarios` limit the test run.
+/// Fetches the kernel, builds its initramfs (`bins` and `userland` are of the kernel's
+/// architecture) and runs one guest; `tracer_args` are for the demo's tracer, `scenarios`
+/// limit the test run.
 fn boot(
     kernel: &kernels::Kernel,
     bins: &guest_build::GuestBins,
+    userland: &Userland,
     mode: Mode,
     timeout: u64,
     tracer_args: &[String],
     scenarios: &[String],
 ) -> Result<qemu::Outcome> {
     let unpacked = kernels::fetch(kernel)?;
-    let initrd = initramfs::build(kernel, &unpacked, bins, tracer_args)?;
-    if matches!(mode, Mode::Test) && pods::wanted(scenarios) {
+    let initrd = initramfs::build(kernel, &unpacked, bins, userland, tracer_args)?;
+    if matches!(mode, Mode::Test) && matches!(userland, Userland::Host) && pods::wanted(scenarios) {
         pods::append(&initrd, &unpacked.work)?;
     }
     qemu::run(

@@ -221,7 +221,7 @@ fn depends(elf: &[u8]) -> Result<Vec<String>> {
 }
 
 /// A section's bytes from a little-endian ELF64 file.
-fn section<'a>(elf: &'a [u8], wanted: &str) -> Result<&'a [u8]> {
+pub fn section<'a>(elf: &'a [u8], wanted: &str) -> Result<&'a [u8]> {
     let bytes = |off: usize, len: usize| {
         off.checked_add(len)
             .and_then(|end| elf.get(off..end))
