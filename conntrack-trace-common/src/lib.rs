@@ -30,8 +30,8 @@ pub mod window;
 /// Bytes of the packet, from its network header on, copied into each event.
 pub const SNAP_LEN: usize = 128;
 
-/// How deep `nf_conntrack_in` may nest on one CPU (process context interrupted by softirq,
-/// softirq by hardirq-triggered tunnels) before the tracer stops tracking the inner calls.
+/// `nf_conntrack_in` calls tracked per CPU at once: more than can nest (a locally sent
+/// packet's call interrupted by a softirq's), so a full stack means some lost their return.
 pub const MAX_NEST: usize = 4;
 
 closed_set! {
@@ -65,8 +65,9 @@ pub mod kind {
 pub mod stat {
     /// `bpf_ringbuf_output` failed: the event is lost, userspace reports it.
     pub const LOST: u32 = 0;
-    /// `nf_conntrack_in` nested deeper than [`crate::MAX_NEST`]: inner calls not traced.
-    pub const NEST_OVERFLOW: u32 = 1;
+    /// `nf_conntrack_in` calls whose verdict the kprobe pair did not see: an entry whose
+    /// return never came, or a return whose entry was not seen on that CPU.
+    pub const UNPAIRED: u32 = 1;
     /// A reason was logged for a packet whose `nf_conntrack_in` call we were not tracking.
     pub const ORPHAN_REASON: u32 = 2;
     pub const COUNT: u32 = 3;

@@ -50,6 +50,9 @@ pub struct Offsets {
     // struct nf_tcp_invalid_log (only kernels with the fixed-args nf_tcp_log_invalid)
     pub log_type: u32,
     pub log_value: u32,
+    /// `task_struct.se.nr_migrations`: how often a task changed CPU, so the kprobe pair can
+    /// tell a call that moved CPU between its entry and return.
+    pub task_nr_migrations: u32,
 }
 
 impl Offsets {
@@ -85,6 +88,7 @@ impl Offsets {
             tcp_flags: UNKNOWN,
             log_type: UNKNOWN,
             log_value: UNKNOWN,
+            task_nr_migrations: UNKNOWN,
         }
     }
 

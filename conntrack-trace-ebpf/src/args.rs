@@ -4,7 +4,7 @@
 //! constant offset and one is selected. The calling convention is the kernel's, chosen at
 //! build time: aya-build sets `bpf_target_arch` to the architecture the CLI is built for.
 
-use aya_ebpf::programs::ProbeContext;
+use aya_ebpf::programs::{ProbeContext, RetProbeContext};
 
 use crate::read::field;
 
@@ -51,6 +51,39 @@ pub fn arg(ctx: &ProbeContext, n: u64) -> u64 {
             _ => field::<u64>(r(&raw const (*regs).sp), (8 * (n - 8)) as u32).unwrap_or(0),
         }
     }
+}
+
+/// The stack pointer the probed call will have returned with, from its entry probe: past
+/// the return address `call` pushed.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+pub fn sp_after_return(ctx: &ProbeContext) -> u64 {
+    // SAFETY: a fixed-offset context load.
+    unsafe { core::ptr::read_volatile(&raw const (*ctx.regs).rsp) }.wrapping_add(8)
+}
+
+/// The stack pointer at a return probe: the caller's, as the return left it.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+pub fn sp_at_return(ctx: &RetProbeContext) -> u64 {
+    // SAFETY: a fixed-offset context load.
+    unsafe { core::ptr::read_volatile(&raw const (*ctx.regs).rsp) }
+}
+
+/// The stack pointer the probed call will have returned with: the return address is in x30,
+/// so the caller's stack pointer is already the one at entry.
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+pub fn sp_after_return(ctx: &ProbeContext) -> u64 {
+    // SAFETY: a fixed-offset context load.
+    unsafe { core::ptr::read_volatile(&raw const (*ctx.regs).sp) }
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+pub fn sp_at_return(ctx: &RetProbeContext) -> u64 {
+    // SAFETY: a fixed-offset context load.
+    unsafe { core::ptr::read_volatile(&raw const (*ctx.regs).sp) }
 }
 
 #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]

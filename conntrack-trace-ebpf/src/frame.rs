@@ -8,15 +8,23 @@
 //! that the fexit program, which sees only the packets that lost their entry or were
 //! dropped, does not report it again.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
 use conntrack_trace_common::{MAX_NEST, Mode, stat, verdict::PacketEvent};
 
-use crate::ring::count;
+use crate::ring::{count, count_by};
 
 #[repr(C)]
 pub struct Frame {
     pub skb: u64,
     pub state: u64,
+    /// kprobe pair: the stack pointer the call will return with, which its return probe
+    /// sees again (the return probe cannot read the skb argument any more), and how often
+    /// the task had changed CPU at entry.
+    pub sp: u64,
+    pub migrations: u64,
     pub event: PacketEvent,
 }
 
@@ -32,45 +40,68 @@ pub struct Frames {
     pub early_drop_net: u64,
     /// The skb `nf_ct_resolve_clash` is deciding about (confirm does not nest: BH is off).
     pub clash_skb: u64,
-    /// The skb `nf_tcp_log_invalid` is logging for, until it returns: the generic logger it
-    /// calls with the same text must not report the packet a second time.
-    pub tcp_log_skb: u64,
-    /// The skb `nf_tcp_log_invalid` last logged for on this CPU (kept after it returns): the
-    /// timeout note `nf_tcp_handle_invalid` logs next for that packet is not a second event.
-    pub window_logged_skb: u64,
-    /// fexit mode: skbs a reason hook reported that may still reach the fexit program's slow
-    /// path (not those the kernel said it ignores), most recent last.
-    pub logged: [u64; LOGGED],
-    pub logged_next: u64,
     pub frame: [Frame; MAX_NEST],
 }
-
-/// Reported skbs remembered per CPU: more than the calls that can be in flight at once.
-const LOGGED: usize = 4;
 
 #[map]
 static FRAMES: PerCpuArray<Frames> = PerCpuArray::with_max_entries(1, 0);
 
-/// Remembers that a reason hook reported `skb`.
-#[inline(always)]
-pub fn note_logged(frames: &mut Frames, skb: u64) {
-    let i = frames.logged_next as usize & (LOGGED - 1);
-    frames.logged_next = frames.logged_next.wrapping_add(1);
-    if let Some(slot) = frames.logged.get_mut(i) {
-        *slot = skb;
-    }
+/// What one `nf_conntrack_in` call's hooks tell each other about its packet, by skb. Not per
+/// CPU: on a preemptible kernel the call can move to another CPU between two of its hooks
+/// (measured: with per-CPU notes, a thread moved between CPUs got duplicate events). Only
+/// hooks that report something touch it, never the per-packet fast path. An LRU map, so a
+/// note nobody takes (a packet that never reached the hook that takes it) ages out.
+#[map]
+static SKB_NOTES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
+
+/// Flags in `SKB_NOTES`.
+pub mod note {
+    /// The fixed-args `nf_tcp_log_invalid` is logging the packet: the generic logger it calls
+    /// with the same text must not report it a second time.
+    pub const TCP_LOGGING: u8 = 1;
+    /// The window logger reported it: the timeout note `nf_tcp_handle_invalid` logs next for
+    /// that packet (6.1+) is not a second event.
+    pub const WINDOW_LOGGED: u8 = 2;
+    /// fexit mode: a reason hook reported it, and it may still reach the fexit program's
+    /// slow path (not when the kernel said it ignores the packet).
+    pub const REPORTED: u8 = 4;
 }
 
-/// Whether a reason hook reported `skb`; forgets it if so.
+/// Adds `flags` to the notes about `skb`.
 #[inline(always)]
-pub fn take_logged(frames: &mut Frames, skb: u64) -> bool {
-    for slot in frames.logged.iter_mut() {
-        if *slot == skb {
-            *slot = 0;
-            return true;
-        }
+pub fn add_note(skb: u64, flags: u8) {
+    let old = SKB_NOTES.get_ptr(&skb).map_or(0, |p| {
+        // SAFETY: a map value pointer, valid for this program run.
+        unsafe { *p }
+    });
+    let _ = SKB_NOTES.insert(&skb, &(old | flags), 0);
+}
+
+/// Whether `flag` is noted for `skb`; forgets it if so.
+#[inline(always)]
+pub fn take(skb: u64, flag: u8) -> bool {
+    let Some(p) = SKB_NOTES.get_ptr_mut(&skb) else {
+        return false;
+    };
+    // SAFETY: a map value pointer, valid for this program run; one task handles one skb.
+    let v = unsafe { &mut *p };
+    if *v & flag == 0 {
+        return false;
     }
-    false
+    *v &= !flag;
+    if *v == 0 {
+        let _ = SKB_NOTES.remove(&skb);
+    }
+    true
+}
+
+/// Whether `flag` is noted for `skb`.
+#[inline(always)]
+pub fn noted(skb: u64, flag: u8) -> bool {
+    SKB_NOTES.get_ptr(&skb).is_some_and(|p| {
+        // SAFETY: a map value pointer, valid for this program run.
+        unsafe { *p & flag != 0 }
+    })
 }
 
 /// `conntrack_trace_common::Mode` as a `u8`, set by userspace from the attach plan.
@@ -89,32 +120,63 @@ pub fn frames() -> Option<&'static mut Frames> {
     FRAMES.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// Pushes a frame for a new call. The depth always counts up, even past MAX_NEST, so the
-/// matching pop stays balanced.
+/// Pushes a frame for a new call. A full stack holds more calls than can be in flight on one
+/// CPU (a locally sent packet's call and a softirq's inside it), so some of them lost their
+/// return: all are dropped, counted, and tracking starts over rather than stay shifted.
 #[inline(always)]
-pub fn push(frames: &mut Frames, skb: u64, state: u64) -> Option<&mut Frame> {
-    let d = frames.depth as usize;
+pub fn push(frames: &mut Frames, skb: u64, state: u64, call: Call) -> Option<&mut Frame> {
+    let mut d = frames.depth as usize;
+    if d >= MAX_NEST {
+        count_by(stat::UNPAIRED, d as u64);
+        d = 0;
+    }
     frames.depth = d as u32 + 1;
-    let Some(f) = frames.frame.get_mut(d) else {
-        count(stat::NEST_OVERFLOW);
-        return None;
-    };
+    let f = frames.frame.get_mut(d)?;
     f.skb = skb;
     f.state = state;
+    f.sp = call.sp;
+    f.migrations = call.migrations;
     f.event.flags = 0;
     f.event.ct.flags = 0;
     Some(f)
 }
 
-/// Pops the innermost frame; None when the stack is empty or that call was not tracked.
+/// What identifies one `nf_conntrack_in` call to both probes of the pair.
+#[derive(Clone, Copy)]
+pub struct Call {
+    pub sp: u64,
+    /// The current task's CPU changes so far (0 where BTF does not say where to read them).
+    pub migrations: u64,
+}
+
+/// Pops the frame of the call returning now. Frames above it are calls whose return was
+/// never seen (a return probe the kernel skipped or could not run): dropped and counted. A
+/// frame at the same stack pointer whose task has changed CPU since is not this call's
+/// (that call or this one moved between its entry and return): dropped, counted, and this
+/// verdict is not attributed. A return whose entry is not on this CPU's stack (its entry
+/// probe was skipped, or the task moved here) is counted and leaves the stack as it is.
 #[inline(always)]
-pub fn pop(frames: &mut Frames) -> Option<&mut Frame> {
+pub fn pop(frames: &mut Frames, call: Call) -> Option<&mut Frame> {
     let d = frames.depth as usize;
-    if d == 0 {
-        return None;
+    for k in 1..=MAX_NEST {
+        if k > d {
+            break;
+        }
+        let i = (d - k) & (MAX_NEST - 1);
+        if frames.frame[i].sp == call.sp {
+            frames.depth = i as u32;
+            if frames.frame[i].migrations != call.migrations {
+                count_by(stat::UNPAIRED, k as u64 + 1);
+                return None;
+            }
+            if k > 1 {
+                count_by(stat::UNPAIRED, k as u64 - 1);
+            }
+            return frames.frame.get_mut(i);
+        }
     }
-    frames.depth = d as u32 - 1;
-    frames.frame.get_mut(d - 1)
+    count(stat::UNPAIRED);
+    None
 }
 
 /// The frame a reason for `skb` belongs in: the innermost call if it is this packet's (the

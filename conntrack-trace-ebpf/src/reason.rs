@@ -10,7 +10,13 @@ use conntrack_trace_common::{
     window::action,
 };
 
-use crate::{args::arg, ct, frame::for_reason, read::field, ring::count};
+use crate::{
+    args::arg,
+    ct,
+    frame::{for_reason, note, noted, take},
+    read::field,
+    ring::count,
+};
 
 #[unsafe(no_mangle)]
 static LOG_ARGS: LogArgs = LogArgs {
@@ -49,17 +55,12 @@ fn record(ctx: &ProbeContext, conn: u64, state: u64, proto: u8, fmt_idx: u64) ->
     // The TCP logger re-logs through here ("%pV" on 6.1, its own text on the struct form):
     // that packet is already reported. So is a packet whose window failure made
     // `nf_tcp_handle_invalid` (6.1+) shorten the entry's timeout: it logs "packet (index ..."
-    // (later "lowered timeout to UNACK") under the same ct lock, right after the window line
-    // for that skb on this CPU.
-    let (in_tcp_log, after_window_log) = match crate::frame::frames() {
-        Some(f) if skb != 0 => (f.tcp_log_skb == skb, f.window_logged_skb == skb),
-        _ => (false, false),
-    };
-    if in_tcp_log
-        || (after_window_log
-            && matches!(field::<u64>(fmt, 0).map(u64::to_le_bytes),
-                        Some(p) if p == *b"packet (" || p == *b"lowered "))
-        || field::<u32>(fmt, 0) == Some(u32::from_le_bytes(*b"%pV\0"))
+    // (later "lowered timeout to UNACK") under the same ct lock, right after the window line.
+    if field::<u32>(fmt, 0) == Some(u32::from_le_bytes(*b"%pV\0"))
+        || take(skb, note::TCP_LOGGING)
+        || (matches!(field::<u64>(fmt, 0).map(u64::to_le_bytes),
+                     Some(p) if p == *b"packet (" || p == *b"lowered ")
+            && noted(skb, note::WINDOW_LOGGED))
     {
         return 0;
     }

@@ -31,9 +31,14 @@ static LOST_KEY: PerCpuArray<LostKey> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn count(slot: u32) {
+    count_by(slot, 1);
+}
+
+#[inline(always)]
+pub fn count_by(slot: u32, n: u64) {
     if let Some(v) = STATS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU slot; kprobe programs do not nest on one CPU (bpf_prog_active).
-        unsafe { *v += 1 }
+        unsafe { *v += n }
     }
 }
 

@@ -4,15 +4,15 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::{fexit, kprobe, kretprobe},
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
 use conntrack_trace_common::verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, verdict};
 
 use crate::{
-    ct, filter,
-    frame::{Frame, Frames, frames, mode, note_logged, pop, push, take_logged},
+    args, ct, filter,
+    frame::{Call, Frame, Frames, add_note, frames, mode, note, pop, push, take},
     read::{field, offsets},
     ring::emit_packet,
     skb,
@@ -28,6 +28,10 @@ pub fn nf_conntrack_in(ctx: ProbeContext) -> u32 {
             frames,
             ctx.arg::<u64>(0).unwrap_or(0),
             ctx.arg::<u64>(1).unwrap_or(0),
+            Call {
+                sp: args::sp_after_return(&ctx),
+                migrations: migrations(),
+            },
         );
     }
     0
@@ -37,10 +41,23 @@ pub fn nf_conntrack_in(ctx: ProbeContext) -> u32 {
 pub fn nf_conntrack_in_ret(ctx: RetProbeContext) -> u32 {
     let Some(frames) = frames() else { return 0 };
     let drop_reason = take_drop_reason(frames);
-    if let Some(f) = pop(frames) {
+    let call = Call {
+        sp: args::sp_at_return(&ctx),
+        migrations: migrations(),
+    };
+    if let Some(f) = pop(frames, call) {
         decide(f, ctx.ret::<i32>(), drop_reason);
     }
     0
+}
+
+/// How often the current task has changed CPU: a kprobe pair call whose task moved between
+/// entry and return has its frame on another CPU's stack.
+#[inline(always)]
+fn migrations() -> u64 {
+    // SAFETY: the helper has no preconditions; it returns the current task's address.
+    let task = unsafe { bpf_get_current_task() };
+    field::<u64>(task, offsets().task_nr_migrations).unwrap_or(0)
 }
 
 /// The drop reason `early_drop` left for the call returning now (cleared for the next one).
@@ -70,11 +87,15 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
     }
     let Some(frames) = frames() else { return 0 };
     let drop_reason = take_drop_reason(frames);
-    if take_logged(frames, skb) {
+    if take(skb, note::REPORTED) {
         return 0;
     }
     let depth = frames.depth;
-    if let Some(f) = push(frames, skb, ctx.arg(1)) {
+    let call = Call {
+        sp: 0,
+        migrations: 0,
+    };
+    if let Some(f) = push(frames, skb, ctx.arg(1), call) {
         decide(f, ret, drop_reason);
     }
     frames.depth = depth;
@@ -135,11 +156,8 @@ pub fn reason_logged(f: &mut Frame) {
     if filter::matches(&f.event.headers, f.event.netns) {
         emit_packet(&f.event);
     }
-    if m == conntrack_trace_common::Mode::Fexit as u8
-        && !f.event.reason.window_ignored()
-        && let Some(frames) = frames()
-    {
-        note_logged(frames, f.skb);
+    if m == conntrack_trace_common::Mode::Fexit as u8 && !f.event.reason.window_ignored() {
+        add_note(f.skb, note::REPORTED);
     }
 }
 

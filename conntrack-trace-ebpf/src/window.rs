@@ -2,10 +2,7 @@
 //! its numbers come from `nf_tcp_log_invalid`, which it calls on every failure (the
 //! `nf_conntrack_log_invalid` sysctl is checked later, inside the logger).
 
-use aya_ebpf::{
-    macros::{kprobe, kretprobe},
-    programs::{ProbeContext, RetProbeContext},
-};
+use aya_ebpf::{macros::kprobe, programs::ProbeContext};
 use conntrack_trace_common::{
     reason::source,
     verdict::HAS_REASON,
@@ -15,7 +12,7 @@ use conntrack_trace_common::{
 use crate::{
     args::arg,
     ct,
-    frame::{Frame, for_reason, frames},
+    frame::{Frame, add_note, for_reason, note},
     read::{field, offsets},
     reason::{fmt_into, orphan},
     verdict,
@@ -24,30 +21,13 @@ use crate::{
 /// IP_CT_TCP_FLAG_BE_LIBERAL in `ip_ct_tcp_state.flags`.
 const BE_LIBERAL: u8 = 0x08;
 
-/// Marks the packet `nf_tcp_log_invalid` is logging, for the generic logger it calls.
-#[inline(always)]
-fn enter(skb: u64) {
-    if let Some(frames) = frames() {
-        frames.tcp_log_skb = skb;
-    }
-}
-
-/// Both forms: the TCP logger returned, the generic logger may report packets again.
-#[kretprobe]
-pub fn nf_tcp_log_invalid_ret(_ctx: RetProbeContext) -> u32 {
-    if let Some(frames) = frames() {
-        frames.window_logged_skb = frames.tcp_log_skb;
-        frames.tcp_log_skb = 0;
-    }
-    0
-}
-
 /// 6.1+ `nf_tcp_log_invalid(skb, ct, state, sender, ret, fmt, ...)`. It returns ACCEPT
 /// without logging when the connection or the netns is liberal, so that is checked here.
 #[kprobe]
 pub fn nf_tcp_log_invalid_variadic(ctx: ProbeContext) -> u32 {
     let skb = ctx.arg::<u64>(0).unwrap_or(0);
-    enter(skb);
+    // Its own line goes through the generic logger as "%pV", which that hook skips by itself.
+    add_note(skb, note::WINDOW_LOGGED);
     let Some(f) = for_reason(skb, ctx.arg::<u64>(2).unwrap_or(0)) else {
         return orphan();
     };
@@ -84,7 +64,8 @@ pub fn nf_tcp_log_invalid_variadic(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn nf_tcp_log_invalid_struct(ctx: ProbeContext) -> u32 {
     let skb = ctx.arg::<u64>(0).unwrap_or(0);
-    enter(skb);
+    // It logs its line through the generic logger, in its own words.
+    add_note(skb, note::TCP_LOGGING | note::WINDOW_LOGGED);
     let Some(f) = for_reason(skb, ctx.arg::<u64>(2).unwrap_or(0)) else {
         return orphan();
     };

@@ -468,6 +468,11 @@ impl KernelBtf {
                 self.field("nf_tcp_invalid_log", "value", 4),
             );
         }
+        o.task_nr_migrations = optional(
+            &mut notes,
+            "task migrations (the kprobe pair cannot tell a call that changed CPU)",
+            self.field("task_struct", "se.nr_migrations", 8),
+        );
         Ok((o, notes))
     }
 }

@@ -266,6 +266,7 @@ mod tests {
                 ack: 1,
                 win: 1,
                 len: 1,
+                sack: None,
             }),
             ..Default::default()
         }

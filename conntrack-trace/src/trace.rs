@@ -141,14 +141,15 @@ fn program_recursion_misses(fd: &aya::programs::ProgramFd) -> Option<u64> {
 fn report_losses(
     out: &mut dyn Output,
     metrics: Option<&Metrics>,
-    reported: &mut [u64; 2],
-    now: [u64; 2],
+    reported: &mut [u64; 3],
+    now: [u64; 3],
 ) -> io::Result<bool> {
     let mut wrote = false;
-    for ((told, now), cause) in reported
-        .iter_mut()
-        .zip(now)
-        .zip([Loss::RingFull, Loss::Recursion])
+    for ((told, now), cause) in
+        reported
+            .iter_mut()
+            .zip(now)
+            .zip([Loss::RingFull, Loss::Recursion, Loss::Unpaired])
     {
         if now > *told {
             if let Some(m) = metrics {
@@ -310,8 +311,9 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let clock = Clock::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    // What the stream has been told so far: ring-full losses, skipped program runs.
-    let mut reported = [0u64; 2];
+    // What the stream has been told so far: ring-full losses, skipped program runs,
+    // verdicts the kprobe pair could not pair.
+    let mut reported = [0u64; 3];
 
     let mut recorder = opts
         .record
@@ -350,7 +352,11 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                let now = [stat_total(&stats, stat::LOST), recursion_misses(&bpf)];
+                let now = [
+                    stat_total(&stats, stat::LOST),
+                    recursion_misses(&bpf),
+                    stat_total(&stats, stat::UNPAIRED),
+                ];
                 if let (Some(l), Some(m)) = (lost_by.as_mut(), &opts.metrics) {
                     l.count(m);
                 }
@@ -394,11 +400,17 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     if let (Some(l), Some(m)) = (lost_by.as_mut(), &opts.metrics) {
         l.count(m);
     }
-    let _ = report_losses(out, opts.metrics.as_deref(), &mut reported, [lost, skipped]);
+    let unpaired = stat_total(&stats, stat::UNPAIRED);
+    let _ = report_losses(
+        out,
+        opts.metrics.as_deref(),
+        &mut reported,
+        [lost, skipped, unpaired],
+    );
     summary.recursion_misses = skipped;
     let _ = flush(out, recorder.as_mut());
     summary.lost = lost;
-    summary.untracked = stat_total(&stats, stat::NEST_OVERFLOW);
+    summary.untracked = unpaired;
     summary.orphan_reasons = stat_total(&stats, stat::ORPHAN_REASON);
     summary.seconds = started.elapsed().as_secs_f64();
     summary.startup_ms = Some((startup.0.as_secs_f64() * 1e3, startup.1.as_secs_f64() * 1e3));

@@ -56,8 +56,13 @@ pub struct Tcp {
     pub seq: u32,
     pub ack: u32,
     pub win: u16,
-    /// Payload bytes (from the IP length, so right even when the snapshot is shorter).
-    pub len: u16,
+    /// Payload bytes, from the packet's length as the kernel had it (`skb->len`, as
+    /// conntrack counts them): right for GSO and BIG TCP packets, whose IP length field is
+    /// a fraction of the packet or 0, and when the snapshot is shorter.
+    pub len: u32,
+    /// The ACK moved up to the highest right edge of the SACK option's blocks, as
+    /// `tcp_sack` does; None without a SACK option.
+    pub sack: Option<u32>,
 }
 
 /// What the captured headers say about a packet.
@@ -446,38 +451,31 @@ impl Packet {
             ..Default::default()
         };
         let h = &r.headers[..];
-        // (l4 protocol, l4 offset, l4 length from the IP header)
+        // (l4 protocol, l4 offset)
         let l4 = match h.first().map(|b| b >> 4) {
             Some(4) => Ipv4HeaderSlice::from_slice(h).ok().map(|ip| {
                 r.family = Some(Family::Ipv4);
                 r.saddr = Some(IpAddr::V4(ip.source_addr()));
                 r.daddr = Some(IpAddr::V4(ip.destination_addr()));
-                let hl = ip.slice().len();
-                (
-                    ip.protocol().0,
-                    hl,
-                    (ip.total_len() as usize).checked_sub(hl),
-                )
+                (ip.protocol().0, ip.slice().len())
             }),
             Some(6) => Ipv6HeaderSlice::from_slice(h).ok().map(|ip| {
                 r.family = Some(Family::Ipv6);
                 r.saddr = Some(IpAddr::V6(ip.source_addr()));
                 r.daddr = Some(IpAddr::V6(ip.destination_addr()));
-                let payload = ip.payload_length() as usize;
                 // Past the extension headers when they are all captured; else stop at them.
                 match Ipv6ExtensionsSlice::from_slice(ip.next_header(), &h[40..]) {
-                    Ok((exts, next, _)) => {
-                        let el = exts.slice().len();
-                        (next.0, 40 + el, payload.checked_sub(el))
-                    }
-                    Err(_) => (ip.next_header().0, 40, Some(payload)),
+                    Ok((exts, next, _)) => (next.0, 40 + exts.slice().len()),
+                    Err(_) => (ip.next_header().0, 40),
                 }
             }),
             _ => None,
         };
-        let Some((proto, off, l4_len)) = l4 else {
+        let Some((proto, off)) = l4 else {
             return r;
         };
+        // Conntrack measures segments by `skb->len`, not by the IP header's length field.
+        let l4_len = (len as usize).checked_sub(off);
         r.proto = Some(proto);
         let l4 = &h[off.min(h.len())..];
         match proto {
@@ -493,7 +491,8 @@ impl Packet {
                         seq: t.sequence_number(),
                         ack: t.acknowledgment_number(),
                         win: t.window_size(),
-                        len: len as u16,
+                        len: len as u32,
+                        sack: sack(&t),
                     });
                 }
                 Err(_) => raw_transport(&mut r, off),
@@ -544,8 +543,45 @@ fn raw_transport(r: &mut Packet, off: usize) {
             ack,
             win,
             len: 0,
+            sack: None,
         });
     }
+}
+
+/// `tcp_sack`: the ACK moved up to each SACK block's right edge that lies after it (in
+/// sequence space), from the first well-formed SACK option; None when there is none. Walked
+/// by hand with the kernel's rules: etherparse's option iterator stops at a kind it does not
+/// know (MPTCP, TCP-AO), where the kernel skips it by its length and goes on.
+fn sack(t: &TcpHeaderSlice) -> Option<u32> {
+    const EOL: u8 = 0;
+    const NOP: u8 = 1;
+    const SACK: u8 = 5;
+    let mut opts = t.options();
+    while let [kind, rest @ ..] = opts {
+        match *kind {
+            EOL => return None,
+            NOP => opts = rest,
+            _ => {
+                let size = *rest.first()? as usize;
+                if size < 2 || size > opts.len() {
+                    return None;
+                }
+                let blocks = &opts[2..size];
+                if *kind == SACK && !blocks.is_empty() && blocks.len() % 8 == 0 {
+                    let mut sack = t.acknowledgment_number();
+                    for b in blocks.chunks_exact(8) {
+                        let right = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+                        if (right.wrapping_sub(sack) as i32) > 0 {
+                            sack = right;
+                        }
+                    }
+                    return Some(sack);
+                }
+                opts = &opts[size..];
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -575,6 +611,66 @@ mod tests {
         assert_eq!(
             (t.seq, t.ack, t.flags.as_str(), t.win),
             (2619359910, 2429437391, "A", 512)
+        );
+    }
+
+    /// IPv4 + TCP with `opts` as its options (ACK 1000), IP length field `tot_len`.
+    fn tcp_with_options(opts: &[u8], tot_len: u16) -> Vec<u8> {
+        let [l0, l1] = tot_len.to_be_bytes();
+        let mut p = vec![
+            0x45, 0, l0, l1, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 1, 2, 10, 0, 0, 1,
+        ];
+        p.extend_from_slice(&[0x1f, 0x90, 0xee, 0x02, 0, 0, 0, 1, 0, 0, 0x03, 0xe8]);
+        let doff = (20 + opts.len()) / 4;
+        p.extend_from_slice(&[(doff as u8) << 4, 0x10, 0x02, 0x00, 0, 0, 0, 0]);
+        p.extend_from_slice(opts);
+        p
+    }
+
+    /// The SACK edge as `tcp_sack` finds it: past an option kind etherparse does not know
+    /// (MPTCP, skipped by its length as the kernel does), the highest right edge after the
+    /// ACK in sequence space (a block wrapped below the ACK does not count).
+    #[test]
+    fn sack_edge_is_the_highest_right_edge_after_the_ack() {
+        let mut opts = vec![30, 4, 0, 0, 1, 1, 5, 18];
+        for (l, r) in [(1500u32, 2000u32), (u32::MAX - 10, 900)] {
+            opts.extend_from_slice(&l.to_be_bytes());
+            opts.extend_from_slice(&r.to_be_bytes());
+        }
+        opts.extend_from_slice(&[1, 1]);
+        let p = tcp_with_options(&opts, 0);
+        let t = Packet::parse(&captured(&p), p.len() as u32).tcp.unwrap();
+        assert_eq!((t.ack, t.sack), (1000, Some(2000)));
+        // Timestamps only: no SACK; a SACK option of a length that is no whole block: none.
+        let p = tcp_with_options(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2], 0);
+        assert_eq!(
+            Packet::parse(&captured(&p), p.len() as u32)
+                .tcp
+                .unwrap()
+                .sack,
+            None
+        );
+        let p = tcp_with_options(&[5, 6, 0, 0, 0, 9, 1, 1], 0);
+        assert_eq!(
+            Packet::parse(&captured(&p), p.len() as u32)
+                .tcp
+                .unwrap()
+                .sack,
+            None
+        );
+    }
+
+    /// A BIG TCP / GSO packet: the IP length field says 0 (or a fraction), the skb holds
+    /// 180 000 bytes; the payload is what conntrack counts, from the skb's length.
+    #[test]
+    fn payload_length_comes_from_the_skb_not_the_ip_length_field() {
+        let p = tcp_with_options(&[], 0);
+        let t = Packet::parse(&captured(&p), 180_000).tcp.unwrap();
+        assert_eq!(t.len, 180_000 - 40);
+        let p = tcp_with_options(&[], 1500);
+        assert_eq!(
+            Packet::parse(&captured(&p), 64_000).tcp.unwrap().len,
+            64_000 - 40
         );
     }
 

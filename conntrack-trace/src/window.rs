@@ -30,6 +30,8 @@ pub struct Explained {
     check: Check,
     /// The packet's number the check was about (seq, ack or segment end), and its window.
     value: u32,
+    /// For the ACK checks, the header's ACK when a SACK block moved the number compared.
+    header_ack: Option<u32>,
     win: u16,
     syn: bool,
 }
@@ -62,13 +64,18 @@ impl Explained {
         match self.check {
             Check::SeqOver => put!(out; "seq " v " is " excess
                 " bytes past the receiver's window end " above " (td_maxend of the sender)"),
-            Check::AckOver => put!(out; "ack " v " is " excess
-                " bytes past the highest sequence the other side sent (" above ")"),
+            Check::AckOver => {
+                self.write_ack(out);
+                put!(out; " is " excess
+                    " bytes past the highest sequence the other side sent (" above ")")
+            }
             Check::SeqUnder => put!(out; "segment ends at " v ", " excess
                 " bytes below the lower edge " below " of the window (sender end " end
                 " - receiver max window " maxwin "): data already acknowledged"),
-            Check::AckUnder => put!(out; "ack " v " is " excess
-                " bytes below the oldest acceptable ACK " below),
+            Check::AckUnder => {
+                self.write_ack(out);
+                put!(out; " is " excess " bytes below the oldest acceptable ACK " below)
+            }
             Check::Overshot => put!(out; "segment ends at " v ", " excess
                 " bytes past the receiver's window end " maxend),
         }
@@ -77,6 +84,17 @@ impl Explained {
         if scale > 0 && !self.syn {
             let (win, scaled) = (self.win, (self.win as u64) << scale.min(14));
             put!(out; "; advertised window " win " << scale " scale " = " scaled);
+        }
+    }
+}
+
+impl Explained {
+    /// The number the ACK checks compared: the header's ACK, or the SACK edge that replaced it.
+    fn write_ack(&self, out: &mut Vec<u8>) {
+        let v = self.value;
+        match self.header_ack {
+            Some(ack) => put!(out; "SACK right edge " v " (extending ack " ack ")"),
+            None => put!(out; "ack " v),
         }
     }
 }
@@ -97,10 +115,13 @@ fn max_ack_window(sender: &TcpWindow) -> u32 {
 /// `seg_end`: the sequence number after the segment (SYN and FIN count as one byte).
 fn seg_end(t: &Tcp) -> u32 {
     t.seq
-        .wrapping_add(t.len as u32)
+        .wrapping_add(t.len)
         .wrapping_add(u32::from(t.flags.contains(b'S')))
         .wrapping_add(u32::from(t.flags.contains(b'F')))
 }
+
+/// `IP_CT_TCP_FLAG_SACK_PERM`: the receiver agreed to SACK, so the kernel reads SACK blocks.
+const SACK_PERM: u8 = 0x02;
 
 pub fn explain(
     code: &str,
@@ -115,6 +136,12 @@ pub fn explain(
         (seen[0], seen[1])
     };
     let end = seg_end(tcp);
+    // `tcp_in_window` checks ACK bounds on `sack`: the ACK moved up to the highest SACK
+    // right edge, when the receiver permitted SACK.
+    let sack = tcp
+        .sack
+        .filter(|&s| receiver.flags & SACK_PERM != 0 && s != tcp.ack);
+    let ack = sack.unwrap_or(tcp.ack);
     let (check, bound, value) = match code {
         "seq_over" => (
             Check::SeqOver,
@@ -124,7 +151,7 @@ pub fn explain(
         "ack_over" => (
             Check::AckOver,
             kernel_bound.unwrap_or(receiver.end.wrapping_add(1)),
-            tcp.ack,
+            ack,
         ),
         "seq_under" => (
             Check::SeqUnder,
@@ -139,7 +166,7 @@ pub fn explain(
                     .wrapping_sub(max_ack_window(&sender))
                     .wrapping_sub(1),
             ),
-            tcp.ack,
+            ack,
         ),
         "overshot" => (Check::Overshot, sender.maxend, end),
         _ => return None,
@@ -147,8 +174,16 @@ pub fn explain(
     let excess = match check {
         Check::SeqOver | Check::AckOver => value.wrapping_sub(bound).wrapping_add(1),
         Check::SeqUnder | Check::AckUnder => bound.wrapping_sub(value).wrapping_add(1),
-        // The kernel logs the overshoot itself, as `end - td_maxend + 1`.
-        Check::Overshot => kernel_bound.unwrap_or(end.wrapping_sub(sender.maxend).wrapping_add(1)),
+        // The bytes from td_maxend (the first byte past the window) to the segment's end.
+        // The kernel's own number, "%u bytes more than expected", is one more than that
+        // (`end - td_maxend + 1`), so it is not taken as is.
+        Check::Overshot => kernel_bound
+            .map(|n| n.wrapping_sub(1))
+            .unwrap_or(end.wrapping_sub(sender.maxend)),
+    };
+    let header_ack = match check {
+        Check::AckOver | Check::AckUnder => sack.map(|_| tcp.ack),
+        _ => None,
     };
     Some(Explained {
         sender,
@@ -157,6 +192,7 @@ pub fn explain(
         excess: Some(excess),
         check,
         value,
+        header_ack,
         win: tcp.win,
         syn: tcp.flags.contains(b'S'),
     })
@@ -178,13 +214,14 @@ mod tests {
         }
     }
 
-    fn tcp(seq: u32, ack: u32, len: u16, flags: &str) -> Tcp {
+    fn tcp(seq: u32, ack: u32, len: u32, flags: &str) -> Tcp {
         Tcp {
             flags: flags.into(),
             seq,
             ack,
             win: 502,
             len,
+            sack: None,
         }
     }
 

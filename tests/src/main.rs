@@ -23,6 +23,7 @@ mod insert_failed;
 mod kernel;
 mod kmsg;
 mod kube;
+mod migrate;
 mod netns;
 mod observe;
 mod out_of_sync;

@@ -15,11 +15,11 @@ use crate::kernel::Kernel;
 use crate::observe::{Observation, Observer};
 use crate::tools;
 use crate::topology::{API, CLIENT_IP, Nat, SERVER_IP, Service, Topology, WEB, WIRE_TO_CLIENT_IF};
-use crate::{insert_failed, kube, out_of_sync, owner, pods, table_full};
+use crate::{insert_failed, kube, migrate, out_of_sync, owner, pods, table_full};
 
 /// The suite's usual topology: Service DNAT in the client namespace, with kube-proxy's
 /// INVALID drop rule so that injected segments never reset the connection under test.
-const DROP_INVALID: Nat = Nat::Client { drop_invalid: true };
+pub const DROP_INVALID: Nat = Nat::Client { drop_invalid: true };
 use crate::verify::{self, Expected, Problems, Verdict};
 
 pub struct Ctx {
@@ -107,6 +107,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("port-filter", port_filter),
     ("kube-proxy-incident", kube::kube_proxy_incident),
     ("out-of-sync-rst", out_of_sync::out_of_sync_rst),
+    ("migrating-calls", migrate::migrating_calls),
     ("insert-failed", insert_failed::insert_failed),
     ("netns-owner", owner::netns_owner),
     ("cri-pod", pods::cri_pod),
@@ -144,6 +145,33 @@ pub fn ack_over(flow: &Flow, now: Seqs) -> Packet {
     )
 }
 
+/// A pure ACK from the backend whose header ACK is right but whose SACK block reaches far
+/// past anything the client sent: conntrack checks the ACK bounds on the highest SACK edge
+/// (the client's SYN permitted SACK, as Linux's does by default). Returns the packet and
+/// that edge. The option goes in as the first 12 bytes after a header whose data offset
+/// says 8 words: NOP, NOP, SACK with one block.
+pub fn sack_over(flow: &Flow, now: Seqs) -> (Packet, u32) {
+    let edge = now.client_next.wrapping_add(FAR);
+    let mut options = vec![1, 1, 5, 10];
+    options.extend_from_slice(&now.client_next.wrapping_add(FAR - 100).to_be_bytes());
+    options.extend_from_slice(&edge.to_be_bytes());
+    let mut p = Packet::tcp(
+        flow.service.backend,
+        flow.client_addr,
+        now.server_next,
+        now.client_next,
+        ACK,
+        options,
+    );
+    p.transport = Transport::Tcp {
+        seq: now.server_next,
+        ack: now.client_next,
+        flags: ACK,
+        data_offset: 8,
+    };
+    (p, edge)
+}
+
 /// A retransmit of bytes the client received and acknowledged long ago (`old` was taken
 /// before a bulk transfer of several windows).
 pub fn old_retransmit(flow: &Flow, old: Seqs, now: Seqs) -> Packet {
@@ -158,7 +186,8 @@ pub fn old_retransmit(flow: &Flow, old: Seqs, now: Seqs) -> Packet {
 }
 
 /// Out-of-window segments on a live DNAT'd connection: SEQ over (INVALID), ACK over
-/// (INVALID), old retransmit below the window (IGNORE on 6.1+, INVALID before). With
+/// (INVALID), an in-window ACK whose SACK block is over (INVALID: the kernel checks the SACK
+/// edge), old retransmit below the window (IGNORE on 6.1+, INVALID before). With
 /// kube-proxy's INVALID drop rule the connection must survive all three. The tracer also
 /// writes `--pcap` and `--record` files, checked against the same expectations, and the
 /// recording goes to the host as a fixture.
@@ -170,6 +199,7 @@ fn tcp_window(ctx: &Ctx) -> Result<()> {
     let old = flow.seqs()?;
     flow.bulk_to_client(BULK)?;
     let now = flow.seqs()?;
+    let (sacked, sack_edge) = sack_over(&flow, now);
     let under = if ctx.kernel.window_under_is_ignored() {
         Verdict::Ignored
     } else {
@@ -186,6 +216,13 @@ fn tcp_window(ctx: &Ctx) -> Result<()> {
         window(
             "ACK over sent data",
             ack_over(&flow, now),
+            "ack_over",
+            "ACK is over",
+            Verdict::Invalid,
+        ),
+        window(
+            "SACK over sent data",
+            sacked,
             "ack_over",
             "ACK is over",
             Verdict::Invalid,
@@ -212,6 +249,26 @@ fn tcp_window(ctx: &Ctx) -> Result<()> {
         problems.add(format!("connection did not survive the injections: {e:#}"));
     }
     check_injections(ctx, &topo, &obs, &expected, &mut problems);
+    // The kernel called an ACK that is in the window "over": only the SACK edge can have
+    // been compared, and the explanation must say it was.
+    if let Some(trace) = &obs.trace
+        && ctx.kernel.conntrack_btf
+    {
+        let sack = trace
+            .events
+            .iter()
+            .find(|ev| verify::event_is_packet(ev, &expected[2].packet));
+        let explain = sack.and_then(|ev| ev["window"]["explain"].as_str());
+        let want = format!(
+            "SACK right edge {sack_edge} (extending ack {})",
+            now.client_next
+        );
+        if !explain.is_some_and(|x| x.starts_with(&want)) {
+            problems.add(format!(
+                "SACK over: explain should start with \"{want}\": {explain:?}"
+            ));
+        }
+    }
     if obs.trace.is_some() {
         evidence::check_pcap(&pcap, &obs, &expected, &mut problems);
         evidence::check_replay(&record, &obs, &mut problems);

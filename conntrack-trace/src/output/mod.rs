@@ -44,6 +44,10 @@ closed_set! {
         /// running on that CPU (its `recursion_misses`): that packet's verdict or reason was
         /// not seen.
         Recursion = "recursion",
+        /// The kprobe pair on `nf_conntrack_in` saw a call's entry without its return or its
+        /// return without its entry (a probe the kernel skipped or could not run): that
+        /// call's verdict was not seen.
+        Unpaired = "unpaired",
     }
 }
 

@@ -195,6 +195,7 @@ mod tests {
                 ack: 0,
                 win: 1,
                 len: 0,
+                sack: None,
             }),
             ..Default::default()
         };

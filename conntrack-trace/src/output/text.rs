@@ -220,6 +220,11 @@ impl<W: Write> Output for Text<W> {
                 "{c}WARNING: the kernel skipped {n} runs of the tracer's programs (another BPF \
                  program was running on that CPU): those packets may be missing{reset}"
             ),
+            Loss::Unpaired => writeln!(
+                self.out,
+                "{c}WARNING: {n} nf_conntrack_in verdicts not seen (the kernel ran the entry \
+                 probe without the return probe or the reverse): those packets may be missing{reset}"
+            ),
         }
     }
 
