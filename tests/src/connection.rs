@@ -105,24 +105,7 @@ impl Flow {
     /// Waits until neither end has unacknowledged data, then reads both ends' sequence
     /// numbers and cross-checks them (the client's next byte is what the server expects).
     pub fn seqs(&self) -> Result<Seqs> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while outq(&self.client)? + outq(&self.server)? > 0 {
-            ensure!(
-                Instant::now() < deadline,
-                "connection did not go quiet within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let (server_next, server_expects) = repair_seqs(&self.server)?;
-        let (client_next, client_expects) = repair_seqs(&self.client)?;
-        ensure!(
-            server_next == client_expects && client_next == server_expects,
-            "ends disagree: server snd {server_next} rcv {server_expects}, client snd {client_next} rcv {client_expects}"
-        );
-        Ok(Seqs {
-            server_next,
-            client_next,
-        })
+        quiet_seqs(&self.client, &self.server)
     }
 
     /// Segments the backend's stack retransmitted over the connection's life.
@@ -144,6 +127,28 @@ impl Flow {
         }
         Ok(info.tcpi_total_retrans)
     }
+}
+
+/// `Flow::seqs` for any connection, given both of its ends.
+pub fn quiet_seqs(client: &TcpStream, server: &TcpStream) -> Result<Seqs> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outq(client)? + outq(server)? > 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "connection did not go quiet within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (server_next, server_expects) = repair_seqs(server)?;
+    let (client_next, client_expects) = repair_seqs(client)?;
+    ensure!(
+        server_next == client_expects && client_next == server_expects,
+        "ends disagree: server snd {server_next} rcv {server_expects}, client snd {client_next} rcv {client_expects}"
+    );
+    Ok(Seqs {
+        server_next,
+        client_next,
+    })
 }
 
 /// A recognisable byte pattern, so corruption or misordering shows.
@@ -248,16 +253,52 @@ fn outq(stream: &TcpStream) -> Result<u32> {
     Ok(n as u32)
 }
 
+/// `struct tcp_repair_window` (linux/tcp.h), what TCP_REPAIR_WINDOW reads.
+#[repr(C)]
+#[derive(Default)]
+struct RepairWindow {
+    snd_wl1: u32,
+    snd_wnd: u32,
+    max_window: u32,
+    rcv_wnd: u32,
+    rcv_wup: u32,
+}
+
+impl Flow {
+    /// The right edge of the receive window the client last advertised: the ACK it sent
+    /// (`rcv_wup`) plus that window (`rcv_wnd`, already a multiple of the scale). Linux never
+    /// shrinks an advertised window, so on a quiet connection this is the furthest any
+    /// backend byte may reach.
+    pub fn client_window_end(&self) -> Result<u32> {
+        let w = in_repair(&self.client, |fd| {
+            let mut w = RepairWindow::default();
+            let mut len = std::mem::size_of::<RepairWindow>() as libc::socklen_t;
+            // SAFETY: w/len describe a valid writable tcp_repair_window.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_REPAIR_WINDOW,
+                    (&mut w as *mut RepairWindow).cast(),
+                    &mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(w)
+        })
+        .context("TCP_REPAIR_WINDOW")?;
+        Ok(w.rcv_wup.wrapping_add(w.rcv_wnd))
+    }
+}
+
 /// (write_seq, rcv_nxt) of a quiet socket. TCP_REPAIR is the only interface that exposes
-/// them; it is left again with TCP_REPAIR_OFF_NO_WP so no window probe goes out.
+/// them.
 fn repair_seqs(stream: &TcpStream) -> Result<(u32, u32)> {
-    const TCP_REPAIR_ON: i32 = 1;
-    const TCP_REPAIR_OFF_NO_WP: i32 = -1;
     const TCP_RECV_QUEUE: i32 = 1;
     const TCP_SEND_QUEUE: i32 = 2;
-    let fd = stream.as_raw_fd();
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, &TCP_REPAIR_ON).context("TCP_REPAIR on")?;
-    let read = (|| -> io::Result<(u32, u32)> {
+    in_repair(stream, |fd| {
         setsockopt(
             fd,
             libc::IPPROTO_TCP,
@@ -273,7 +314,18 @@ fn repair_seqs(stream: &TcpStream) -> Result<(u32, u32)> {
         )?;
         let rcv = getsockopt_u32(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
         Ok((snd, rcv))
-    })();
+    })
+    .context("TCP_QUEUE_SEQ")
+}
+
+/// Runs `read` on the socket in repair mode, left again with TCP_REPAIR_OFF_NO_WP so no
+/// window probe goes out.
+fn in_repair<T>(stream: &TcpStream, read: impl FnOnce(i32) -> io::Result<T>) -> Result<T> {
+    const TCP_REPAIR_ON: i32 = 1;
+    const TCP_REPAIR_OFF_NO_WP: i32 = -1;
+    let fd = stream.as_raw_fd();
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, &TCP_REPAIR_ON).context("TCP_REPAIR on")?;
+    let read = read(fd);
     setsockopt(
         fd,
         libc::IPPROTO_TCP,
@@ -281,5 +333,5 @@ fn repair_seqs(stream: &TcpStream) -> Result<(u32, u32)> {
         &TCP_REPAIR_OFF_NO_WP,
     )
     .context("TCP_REPAIR off")?;
-    read.context("TCP_QUEUE_SEQ")
+    Ok(read?)
 }

@@ -56,6 +56,14 @@ impl Kernel {
         self.version >= (6, 1)
     }
 
+    /// 5.19 ("netfilter: conntrack: work around exceeded receive window"): a segment that
+    /// starts past the receiver's window end but overshoots it by no more than the receiver's
+    /// largest window, with an acceptable ACK, is logged as "N bytes more than expected" and
+    /// let through (IGNORE). Before, it was "SEQ is over", INVALID.
+    pub fn window_tolerates_overshoot(&self) -> bool {
+        self.version >= (5, 19)
+    }
+
     /// 6.1 added `nf_tcp_handle_invalid` ("netfilter: conntrack: reduce timeout when
     /// receiving out-of-window fin or rst"): an out-of-window FIN/RST answering the other
     /// side's out-of-window FIN/RST shortens the entry's timeout and logs a second line.

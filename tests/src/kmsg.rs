@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 
 use anyhow::{Context, Result};
@@ -60,12 +60,15 @@ impl Kmsg {
 pub struct CtLog {
     pub protonum: u8,
     pub reason: String,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub sport: Option<u16>,
     pub dport: Option<u16>,
     pub seq: Option<u32>,
     pub ack: Option<u32>,
+    /// ICMP type and code (absent when the header is cut short: nf_log then says
+    /// "INCOMPLETE").
+    pub icmp: Option<(u8, u8)>,
 }
 
 impl CtLog {
@@ -87,12 +90,28 @@ impl CtLog {
             dport: field("DPT").and_then(|v| v.parse().ok()),
             seq: field("SEQ").and_then(|v| v.parse().ok()),
             ack: field("ACK").and_then(|v| v.parse().ok()),
+            icmp: field("TYPE")
+                .and_then(|t| t.parse().ok())
+                .zip(field("CODE").and_then(|c| c.parse().ok())),
         })
     }
 
-    /// The `%u` the 6.1+ window messages carry (older kernels print no number).
+    /// The `%u` bound the 6.1+ window messages carry (older kernels print no number). The
+    /// overshoot line's number is a byte count, not a bound: see `overshoot`.
     pub fn bound(&self) -> Option<u64> {
+        if self.overshoot().is_some() {
+            return None;
+        }
         self.reason.split_whitespace().find_map(|w| w.parse().ok())
+    }
+
+    /// N of "N bytes more than expected" (5.19+: a segment past the receiver's window end
+    /// that conntrack lets pass), which the kernel computes as `end - td_maxend + 1`.
+    pub fn overshoot(&self) -> Option<u64> {
+        self.reason
+            .strip_suffix(" bytes more than expected")?
+            .parse()
+            .ok()
     }
 
     /// Kernel semantics of the window messages since 6.1: logged, but the packet keeps its
@@ -147,6 +166,24 @@ mod tests {
         assert_eq!((log.sport, log.dport), (Some(8080), Some(41234)));
         assert_eq!((log.seq, log.ack), (Some(3107012473), Some(1799)));
         assert!(!log.is_window_ignore());
+    }
+
+    #[test]
+    fn overshoot_count_is_no_bound() {
+        let msg = "nf_ct_proto_6: 12 bytes more than expected IN=veth-client OUT= SRC=10.0.1.2 \
+                   DST=10.0.0.1 LEN=50 PROTO=TCP SPT=8080 DPT=41234 SEQ=5 ACK=7 WINDOW=512";
+        let log = CtLog::parse(msg).unwrap();
+        assert_eq!((log.overshoot(), log.bound()), (Some(12), None));
+        assert!(log.is_window_ignore());
+    }
+
+    #[test]
+    fn icmp_type_is_the_outer_one() {
+        let msg = "nf_ct_proto_1: bad hw icmp checksum IN=veth-client OUT= SRC=10.0.1.2 \
+                   DST=10.0.0.1 LEN=64 PROTO=ICMP TYPE=3 CODE=0 [SRC=10.0.0.1 DST=10.0.1.2 \
+                   LEN=36 PROTO=UDP SPT=7100 DPT=7101 LEN=16 ]";
+        let log = CtLog::parse(msg).unwrap();
+        assert_eq!(log.icmp, Some((3, 0)));
     }
 
     #[test]

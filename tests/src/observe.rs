@@ -5,6 +5,7 @@
 //! tailed, and the counters are read again before the tracer is stopped, so every packet
 //! counted by the kernel in the window happened while the tracer was attached.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -156,7 +157,10 @@ impl<'a> Observer<'a> {
 
 /// Lines about the test networks only (a development host may log other traffic).
 fn is_ours(log: &CtLog) -> bool {
-    let test_net = |a: std::net::Ipv4Addr| a.octets()[0] == 10 && matches!(a.octets()[1], 0 | 96);
+    let test_net = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.octets()[0] == 10 && matches!(a.octets()[1], 0 | 96),
+        IpAddr::V6(a) => crate::topology::is_test_ipv6(a),
+    };
     test_net(log.src) || test_net(log.dst)
 }
 

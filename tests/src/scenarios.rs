@@ -15,7 +15,9 @@ use crate::kernel::Kernel;
 use crate::observe::{Observation, Observer};
 use crate::tools;
 use crate::topology::{API, CLIENT_IP, Nat, SERVER_IP, Service, Topology, WEB, WIRE_TO_CLIENT_IF};
-use crate::{insert_failed, kube, migrate, out_of_sync, owner, pods, table_full};
+use crate::{
+    filters, icmp, insert_failed, kube, migrate, out_of_sync, owner, pods, reasons, table_full,
+};
 
 /// The suite's usual topology: Service DNAT in the client namespace, with kube-proxy's
 /// INVALID drop rule so that injected segments never reset the connection under test.
@@ -102,9 +104,13 @@ pub type Scenario = fn(&Ctx) -> Result<()>;
 pub const ALL: &[(&str, Scenario)] = &[
     ("tcp-window", tcp_window),
     ("tcp-bad-packets", tcp_bad_packets),
+    ("tcp-reasons", reasons::tcp_reasons),
     ("udp-bad-packets", udp_bad_packets),
     ("real-retransmits", real_retransmits),
     ("port-filter", port_filter),
+    ("ipv4-filters", filters::ipv4_filters),
+    ("ipv6-filters", filters::ipv6_filters),
+    ("icmp-errors", icmp::icmp_errors),
     ("kube-proxy-incident", kube::kube_proxy_incident),
     ("out-of-sync-rst", out_of_sync::out_of_sync_rst),
     ("migrating-calls", migrate::migrating_calls),
@@ -525,7 +531,12 @@ pub fn window(
     }
 }
 
-fn plain(what: &'static str, packet: Packet, code: &'static str, text: &'static str) -> Expected {
+pub fn plain(
+    what: &'static str,
+    packet: Packet,
+    code: &'static str,
+    text: &'static str,
+) -> Expected {
     Expected {
         what,
         packet,
@@ -539,7 +550,7 @@ fn plain(what: &'static str, packet: Packet, code: &'static str, text: &'static 
 /// Sends the packets from the backend's namespace (they enter the conntrack namespace
 /// through PRE_ROUTING) inside one observation window with the tracer running with `args`;
 /// `port` is the `--port` filter among them, if any, to which the kernel's lines are held.
-fn inject(
+pub fn inject(
     ctx: &Ctx,
     topo: &Topology,
     args: &[String],
@@ -563,7 +574,7 @@ fn inject(
     })
 }
 
-fn check_injections(
+pub fn check_injections(
     ctx: &Ctx,
     topo: &Topology,
     obs: &Observation,

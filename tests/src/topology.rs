@@ -24,7 +24,7 @@
 //! that state when an IP layer receives it. Delayed on the wire's egress, the original has
 //! left the backend, so the backend really retransmits and the original arrives late.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::process::{Child, Stdio};
 
 use anyhow::{Context, Result};
@@ -36,6 +36,17 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 const WIRE_CLIENT_SIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
 const WIRE_SERVER_SIDE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 254);
+/// A second client address (secondary, never a source): traffic to it meets the client's
+/// conntrack like the client's own, so filters on the destination have something in the
+/// same namespace to leave out.
+pub const CLIENT_IP_OTHER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 9);
+/// The IPv6 plan beside the IPv4 one (`dual_stack`): fd00::/64 on the client side,
+/// fd00:0:0:1::/64 on the server side.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+pub const CLIENT_IP6_OTHER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9);
+pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 2);
+const WIRE_CLIENT_SIDE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0xfe);
+const WIRE_SERVER_SIDE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 0xfe);
 pub const CLIENT_IF: &str = "veth-client";
 const SERVER_IF: &str = "veth-server";
 /// The wire's interface towards the client: netem here delays what the backend sends.
@@ -234,6 +245,61 @@ impl Topology {
         Ok(())
     }
 
+    /// IPv6 on the same links (addresses without duplicate address detection, so they work
+    /// at once), a second client address of each family, and in the conntrack namespace
+    /// what IPv4 has: the INVALID drop rule (it also makes conntrack track IPv6 there) and
+    /// the IPv6 logger for the kernel's log lines.
+    pub fn dual_stack(&self) -> Result<()> {
+        self.client.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT_IP_OTHER}/24"),
+            "dev",
+            CLIENT_IF,
+        ])?;
+        for (ns, dev, addr) in [
+            (&self.client, CLIENT_IF, CLIENT_IP6),
+            (&self.wire, WIRE_TO_CLIENT_IF, WIRE_CLIENT_SIDE_IP6),
+            (&self.wire, WIRE_TO_SERVER_IF, WIRE_SERVER_SIDE_IP6),
+            (&self.server, SERVER_IF, SERVER_IP6),
+        ] {
+            ns.ip(&["addr", "add", &format!("{addr}/64"), "dev", dev, "nodad"])?;
+        }
+        // Deprecated at once, so the client's connections keep CLIENT_IP6 as their source.
+        self.client.ip(&[
+            "addr",
+            "add",
+            &format!("{CLIENT_IP6_OTHER}/64"),
+            "dev",
+            CLIENT_IF,
+            "nodad",
+            "preferred_lft",
+            "0",
+        ])?;
+        self.wire.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        for (ns, via) in [
+            (&self.client, WIRE_CLIENT_SIDE_IP6),
+            (&self.server, WIRE_SERVER_SIDE_IP6),
+        ] {
+            ns.ip(&["-6", "route", "add", "default", "via", &via.to_string()])?;
+        }
+        let ct = self.ct();
+        ct.exec(
+            "ip6tables",
+            &[
+                "-A",
+                "INPUT",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "INVALID",
+                "-j",
+                "DROP",
+            ],
+        )?;
+        ct.sysctl("net.netfilter.nf_log.10", "nf_log_ipv6")
+    }
+
     /// The namespace whose conntrack judges the test traffic.
     pub fn ct(&self) -> &Netns {
         match self.nat {
@@ -274,4 +340,9 @@ impl Drop for Topology {
             }
         }
     }
+}
+
+/// Whether an IPv6 address is one of the test plan's (fd00::/16).
+pub fn is_test_ipv6(a: Ipv6Addr) -> bool {
+    a.segments()[0] == 0xfd00
 }

@@ -2,7 +2,7 @@
 //! kernel's own counters and log lines; the tracer's output is checked against them, never
 //! the other way round.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde_json::Value;
 
@@ -431,8 +431,8 @@ pub fn event_is_packet(ev: &Value, p: &Packet) -> bool {
 
 pub fn log_is_packet(log: &CtLog, p: &Packet) -> bool {
     log.protonum == p.protonum()
-        && log.src == *p.src.ip()
-        && log.dst == *p.dst.ip()
+        && log.src == IpAddr::V4(*p.src.ip())
+        && log.dst == IpAddr::V4(*p.dst.ip())
         && log.sport == Some(p.src.port())
         && log.dport == Some(p.dst.port())
         && p.seq_ack()
@@ -444,6 +444,7 @@ fn event_is_log(ev: &Value, log: &CtLog) -> bool {
         6 => ev["proto"] == "tcp",
         17 => ev["proto"] == "udp",
         1 => ev["proto"] == "icmp",
+        58 => ev["proto"] == "icmpv6",
         _ => false,
     };
     proto_ok
