@@ -222,7 +222,8 @@ pub fn test(release: &Release) -> Result<()> {
         );
     }
     let tracer = dir.join("conntrack-trace");
-    ensure_no_interpreter(&tracer)?;
+    guest_build::ensure_static(&tracer, Arch::X86_64)?;
+    ensure_ldd_finds_nothing(&tracer)?;
     // Nothing of the build may leak in: run with an empty environment from /.
     let run = |args: &[&str]| -> Result<String> {
         let out = Command::new(&tracer)
@@ -310,6 +311,24 @@ fn unpack_and_verify(tarball: &Path, scratch: &Path) -> Result<PathBuf> {
             .args(["--quiet", "-c", "SHA256SUMS"]),
     )?;
     Ok(dir)
+}
+
+/// The host's own `ldd`, as a user on a node would run it: a static-pie still counts as
+/// "statically linked" there; only a plain static executable is "not a dynamic executable".
+fn ensure_ldd_finds_nothing(bin: &Path) -> Result<()> {
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("cannot run ldd")?;
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    if said.trim() != "not a dynamic executable" {
+        bail!(
+            "`ldd {}` says {:?}, not \"not a dynamic executable\"",
+            bin.display(),
+            said.trim()
+        );
+    }
+    Ok(())
 }
 
 /// A dynamic executable names its loader in a PT_INTERP program header; a static (or
