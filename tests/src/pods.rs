@@ -37,6 +37,8 @@ const CONFIG: &str = "/etc/containerd/config.toml";
 const PAUSE_ARCHIVE: &str = "/var/lib/ct-pods/pause.tar";
 const PAUSE_NAME: &str = "docker.io/ct/pause:1";
 const LOG: &str = "/tmp/containerd.log";
+/// How long after the expected events others would have come too.
+const SETTLE: Duration = Duration::from_millis(500);
 /// The CNI bridge and its gateway address in the guest's own namespace.
 const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 
@@ -137,7 +139,7 @@ pub fn cri_pod(ctx: &Ctx) -> Result<()> {
     let mut problems = Vec::new();
 
     // Unfiltered: every pod's event names its pod.
-    let run = traced(&env.pods, &all, 7100)?;
+    let run = traced(&env.pods, &all, 7100, env.pods.len())?;
     for (p, delta) in env.pods.iter().zip(&run.deltas) {
         ensure!(
             *delta == 1,
@@ -169,7 +171,7 @@ pub fn cri_pod(ctx: &Ctx) -> Result<()> {
     let web = &env.pods[0];
     let mut args = all.clone();
     args.extend(["--pod".into(), web.name.into()]);
-    let run = traced(&env.pods, &args, 7200)?;
+    let run = traced(&env.pods, &args, 7200, 1)?;
     for (p, delta) in env.pods.iter().zip(&run.deltas) {
         ensure!(
             *delta == 1,
@@ -198,7 +200,7 @@ pub fn cri_pod(ctx: &Ctx) -> Result<()> {
     let db = &env.pods[1];
     let mut args = all.clone();
     args.extend(["--k8s-namespace".into(), db.namespace.into()]);
-    let run = traced(&env.pods, &args, 7300)?;
+    let run = traced(&env.pods, &args, 7300, 1)?;
     let netns: Vec<&Value> = run
         .events
         .iter()
@@ -241,14 +243,15 @@ struct Run {
 }
 
 /// The tracer with `args` around one INVALID datagram per pod (to `port`).
-fn traced(pods: &[Pod], args: &[String], port: u16) -> Result<Run> {
+/// `want` is how many INVALID events the tracer should print; a filter that let more through
+/// would print them as fast, so a short settle after those shows them.
+fn traced(pods: &[Pod], args: &[String], port: u16, want: usize) -> Result<Run> {
     let tracer = Tracer::start_json(args)?;
     let deltas = inject(pods, port)?;
-    let want = pods.len();
-    // With a filter fewer come: the wait then runs out, and the count is checked after.
-    tracer.wait_for(Duration::from_secs(3), |evs| {
+    tracer.wait_for(Duration::from_secs(5), |evs| {
         evs.iter().filter(|e| e["event"] == "invalid").count() >= want
     });
+    std::thread::sleep(SETTLE);
     let trace = tracer.stop()?;
     let summary = trace.summary.context("the tracer printed no summary")?;
     Ok(Run {
