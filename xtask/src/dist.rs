@@ -25,7 +25,8 @@ pub struct Release {
     pub created: String,
     pub dir: PathBuf,
     pub tarball: PathBuf,
-    /// The same release cross-built for aarch64.
+    /// The same release cross-built for aarch64: its directory and tarball.
+    pub aarch64_dir: PathBuf,
     pub aarch64_tarball: PathBuf,
 }
 
@@ -61,7 +62,7 @@ pub fn build() -> Result<Release> {
     let cross = guest_build::build_for(Arch::Aarch64)?;
     // Man pages and completions come from the CLI's definition, the same on every
     // architecture: the host's binary writes them (the aarch64 one cannot run here).
-    let (_, aarch64_tarball) =
+    let (aarch64_dir, aarch64_tarball) =
         package(Arch::Aarch64, &cross.tracer, &bins.tracer, &version, mtime)?;
     Ok(Release {
         version_line,
@@ -70,6 +71,7 @@ pub fn build() -> Result<Release> {
         created,
         dir,
         tarball,
+        aarch64_dir,
         aarch64_tarball,
     })
 }
