@@ -5,12 +5,13 @@ use std::{
     collections::{BTreeMap, hash_map::Entry},
     net::IpAddr,
     sync::Arc,
+    time::Duration,
 };
 
 use foldhash::HashMap;
 
 use crate::{
-    counters::Stats,
+    counters::{self, Stats},
     owner::{Owner, ScanStats},
     plan::Mode,
     reason::ReasonCode,
@@ -69,7 +70,46 @@ pub struct Summary {
     pub mode: Option<Mode>,
 }
 
+/// What a live session measured besides its events, read when it ends.
+pub struct Ending<'a> {
+    pub lost: u64,
+    pub recursion_misses: u64,
+    pub untracked: u64,
+    pub orphan_reasons: u64,
+    pub seconds: f64,
+    /// Reading kallsyms and BTF into the plan; launch to attached.
+    pub startup: (Duration, Duration),
+    /// The kernel's counters per namespace once attached, and before detaching.
+    pub before: &'a BTreeMap<u64, Stats>,
+    pub after: &'a BTreeMap<u64, Stats>,
+    pub filtered: bool,
+    pub mode: Mode,
+    pub owner_scans: ScanStats,
+}
+
 impl Summary {
+    /// Completes a live session's summary: losses, times, memory, the kernel's counter
+    /// deltas summed over the namespaces present at both ends, and the fullest table.
+    pub fn finish(&mut self, e: Ending) {
+        self.lost = e.lost;
+        self.recursion_misses = e.recursion_misses;
+        self.untracked = e.untracked;
+        self.orphan_reasons = e.orphan_reasons;
+        self.seconds = e.seconds;
+        self.startup_ms = Some((
+            e.startup.0.as_secs_f64() * 1e3,
+            e.startup.1.as_secs_f64() * 1e3,
+        ));
+        self.peak_rss_kib = peak_rss_kib();
+        self.namespaces = e.after.keys().filter(|k| e.before.contains_key(k)).count();
+        self.kernel = Some(counters::delta_common(e.before, e.after));
+        self.fill_start = counters::fullest_table(e.before);
+        self.fill_end = counters::fullest_table(e.after);
+        self.filtered = e.filtered;
+        self.mode = Some(e.mode);
+        self.owner_scans = Some(e.owner_scans);
+    }
+
     /// INVALIDs the kernel counted that were not reported, and why, when that is a surprise.
     pub fn missed(&self) -> Option<String> {
         let counted = self.kernel.as_ref()?.get("invalid")?;
@@ -186,6 +226,13 @@ impl Summary {
             })
             .collect()
     }
+}
+
+/// VmHWM: the most resident memory this process has used.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! summarize against the kernel's own counters when stopped.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io,
     sync::Arc,
     time::{Duration, Instant},
@@ -31,6 +31,7 @@ use crate::{
     plan::{Flavor, Plan, Program, Want},
     privs,
     record::Recorder,
+    summary::Ending,
     verdict::{self, Clock},
 };
 
@@ -109,13 +110,6 @@ fn flush(
         r.flush()?;
     }
     out.flush()
-}
-
-/// VmHWM: the most resident memory this process has used.
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Runs of our programs the kernel skipped because a BPF program was already running on
@@ -244,6 +238,7 @@ async fn serve_detached(
     }
 }
 
+/// Traces until stopped: plan, open and attach (`start`), then the loop, then the summary.
 pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
     let launched = Instant::now();
     // Installed first and kept for the whole run: a Ctrl-C during start-up or between two
@@ -265,169 +260,225 @@ pub async fn run(opts: Options, out: &mut dyn Output) -> Result<()> {
         }
         (Err(e), None) => return Err(e),
     };
-    if let Some(m) = &opts.metrics {
-        m.attached(plan.mode);
+    let mut session = Session::open(&opts, &plan, &mut bpf, owners, (planned, launched))?;
+    let stop = session
+        .run(&opts, &bpf, out, &mut sigint, &mut sigterm)
+        .await?;
+    session.finish(stop, &opts, &plan, bpf, out)
+}
+
+/// A session once attached: what it reads from the kernel side, what it has told the
+/// stream, and what the summary will compare against.
+struct Session {
+    ring: AsyncFd<RingBuf<MapData>>,
+    stats: PerCpuArray<MapData, u64>,
+    /// With --metrics: lost packet events by kind.
+    lost_by: Option<LostBy>,
+    recorder: Option<Recorder<std::io::BufWriter<std::fs::File>>>,
+    events: Events,
+    owners: OwnerCache,
+    /// What the stream has been told so far: ring-full losses, skipped program runs,
+    /// verdicts the kprobe pair could not pair.
+    reported: [u64; 3],
+    /// The kernel's counters per namespace once attached.
+    ns_before: BTreeMap<u64, counters::Stats>,
+    started: Instant,
+    /// Reading kallsyms and BTF into the plan; launch to attached.
+    startup: (Duration, Duration),
+}
+
+impl Session {
+    /// Takes the maps the loop reads, reads the kernel's counters and says it is attached.
+    fn open(
+        opts: &Options,
+        plan: &Plan,
+        bpf: &mut Ebpf,
+        owners: OwnerCache,
+        (planned, launched): (Duration, Instant),
+    ) -> Result<Self> {
+        if let Some(m) = &opts.metrics {
+            m.attached(plan.mode);
+        }
+        if opts.verbose {
+            for a in &plan.attach {
+                eprintln!(
+                    "conntrack-trace: plan: {:<9} {:<30} -> {}",
+                    a.flavor.kind(),
+                    a.program,
+                    a.target
+                );
+            }
+        }
+        for n in &plan.notes {
+            eprintln!("conntrack-trace: note: {n}");
+        }
+        let ring = RingBuf::try_from(bpf.take_map("EVENTS").context("EVENTS map")?)?;
+        let stats: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(bpf.take_map("STATS").context("STATS map")?)?;
+        let lost_by = match &opts.metrics {
+            Some(_) => Some(LostBy {
+                map: PerCpuHashMap::try_from(bpf.take_map("LOST_BY").context("LOST_BY map")?)?,
+                told: HashMap::new(),
+            }),
+            None => None,
+        };
+        // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd
+        // lives.
+        let ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+
+        let ns_before = counters::all_namespaces();
+        let started = Instant::now();
+        let startup = (planned, launched.elapsed());
+        eprintln!(
+            "conntrack-trace: attached {} programs on {} in {} ms (verdicts: {}; window reasons from {:?}); Ctrl-C to stop",
+            plan.attach.len(),
+            plan.release,
+            startup.1.as_millis(),
+            plan.mode.as_str(),
+            plan.window
+        );
+
+        let clock = Clock::now();
+        let recorder = opts
+            .record
+            .as_deref()
+            .map(|p| Recorder::create(p, &clock))
+            .transpose()?;
+        let mut events = Events::new(clock, Hints::new(Node::read()), opts.resets, opts.count);
+        events.metrics = opts.metrics.clone();
+        events.owners = Some(owners.clone());
+        Ok(Self {
+            ring,
+            stats,
+            lost_by,
+            recorder,
+            events,
+            owners,
+            reported: [0; 3],
+            ns_before,
+            started,
+            startup,
+        })
     }
-    if opts.verbose {
-        for a in &plan.attach {
-            eprintln!(
-                "conntrack-trace: plan: {:<9} {:<30} -> {}",
-                a.flavor.kind(),
-                a.program,
-                a.target
-            );
+
+    /// Reads and prints events until a signal, `--duration`, `--count` or a closed output;
+    /// reports losses as they grow. Returns why it stopped (None: a signal or the duration).
+    async fn run(
+        &mut self,
+        opts: &Options,
+        bpf: &Ebpf,
+        out: &mut dyn Output,
+        sigint: &mut tokio::signal::unix::Signal,
+        sigterm: &mut tokio::signal::unix::Signal,
+    ) -> Result<Option<Stop>> {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+        loop {
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let rb = guard.get_inner_mut();
+                    while let Some(item) = rb.next() {
+                        if let Some(r) = self.recorder.as_mut() {
+                            r.write(&item).context("writing the recording")?;
+                        }
+                        if let Err(s) = self.events.handle(&item, out) {
+                            return Ok(Some(s));
+                        }
+                    }
+                    if let Err(e) = flush(out, self.recorder.as_mut()) {
+                        return Ok(Some(Stop::from(e)));
+                    }
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => {
+                    let now = [
+                        stat_total(&self.stats, stat::LOST),
+                        recursion_misses(bpf),
+                        stat_total(&self.stats, stat::UNPAIRED),
+                    ];
+                    if let (Some(l), Some(m)) = (self.lost_by.as_mut(), &opts.metrics) {
+                        l.count(m);
+                    }
+                    let told =
+                        report_losses(out, opts.metrics.as_deref(), &mut self.reported, now);
+                    if told.and_then(|wrote| if wrote { out.flush() } else { Ok(()) }).is_err() {
+                        return Ok(Some(Stop::Closed));
+                    }
+                }
+                _ = sigint.recv() => return Ok(None),
+                _ = sigterm.recv() => return Ok(None),
+                _ = sleep => return Ok(None),
+            }
         }
     }
-    for n in &plan.notes {
-        eprintln!("conntrack-trace: note: {n}");
-    }
-    let ring = RingBuf::try_from(bpf.take_map("EVENTS").context("EVENTS map")?)?;
-    let stats: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(bpf.take_map("STATS").context("STATS map")?)?;
-    let mut lost_by = match &opts.metrics {
-        Some(_) => Some(LostBy {
-            map: PerCpuHashMap::try_from(bpf.take_map("LOST_BY").context("LOST_BY map")?)?,
-            told: HashMap::new(),
-        }),
-        None => None,
-    };
-    // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
 
-    let ns_before = counters::all_namespaces();
-    let fill_start = counters::fullest_table(&ns_before);
-    let started = Instant::now();
-    let startup = (planned, launched.elapsed());
-    eprintln!(
-        "conntrack-trace: attached {} programs on {} in {} ms (verdicts: {}; window reasons from {:?}); Ctrl-C to stop",
-        plan.attach.len(),
-        plan.release,
-        startup.1.as_millis(),
-        plan.mode.as_str(),
-        plan.window
-    );
-
-    let clock = Clock::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    // What the stream has been told so far: ring-full losses, skipped program runs,
-    // verdicts the kprobe pair could not pair.
-    let mut reported = [0u64; 3];
-
-    let mut recorder = opts
-        .record
-        .as_deref()
-        .map(|p| Recorder::create(p, &clock))
-        .transpose()?;
-    let mut events = Events::new(clock, Hints::new(Node::read()), opts.resets, opts.count);
-    events.metrics = opts.metrics.clone();
-    events.owners = Some(owners.clone());
-    let mut stop = None;
-
-    'run: loop {
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    if let Some(r) = recorder.as_mut() {
+    /// Detaches, prints what is still in the ring and the last losses, then the summary.
+    fn finish(
+        mut self,
+        stop: Option<Stop>,
+        opts: &Options,
+        plan: &Plan,
+        bpf: Ebpf,
+        out: &mut dyn Output,
+    ) -> Result<()> {
+        // The kernel's counters are read while the probes are still attached (as they were
+        // at the start): every packet they count was traced, so a busy node cannot show a
+        // gap that is only the moment between detaching and reading. Then detach (dropping
+        // the programs) and take what is still in the ring.
+        let ns_after = counters::all_namespaces();
+        let skipped = recursion_misses(&bpf);
+        drop(bpf);
+        match stop {
+            Some(Stop::Closed) => return Ok(()),
+            Some(Stop::Io(kind)) => bail!("writing output: {}", io::Error::from(kind)),
+            // Past --count, the rest of the ring is not printed, but still counted as seen.
+            Some(Stop::Count) => {}
+            None => {
+                let ring = self.ring.get_mut();
+                while let Some(item) = ring.next() {
+                    if let Some(r) = self.recorder.as_mut() {
                         r.write(&item).context("writing the recording")?;
                     }
-                    if let Err(s) = events.handle(&item, out) {
-                        stop = Some(s);
-                        break 'run;
+                    if self.events.handle(&item, out).is_err() {
+                        break;
                     }
                 }
-                if let Err(e) = flush(out, recorder.as_mut()) {
-                    stop = Some(Stop::from(e));
-                    break 'run;
-                }
-                guard.clear_ready();
-            }
-            _ = tick.tick() => {
-                let now = [
-                    stat_total(&stats, stat::LOST),
-                    recursion_misses(&bpf),
-                    stat_total(&stats, stat::UNPAIRED),
-                ];
-                if let (Some(l), Some(m)) = (lost_by.as_mut(), &opts.metrics) {
-                    l.count(m);
-                }
-                let told = report_losses(out, opts.metrics.as_deref(), &mut reported, now);
-                if told.and_then(|wrote| if wrote { out.flush() } else { Ok(()) }).is_err() {
-                    stop = Some(Stop::Closed);
-                    break 'run;
-                }
-            }
-            _ = sigint.recv() => break 'run,
-            _ = sigterm.recv() => break 'run,
-            _ = sleep => break 'run,
-        }
-    }
-    // The kernel's counters are read while the probes are still attached (as they were at
-    // the start): every packet they count was traced, so a busy node cannot show a gap that
-    // is only the moment between detaching and reading. Then detach (dropping the programs)
-    // and take what is still in the ring.
-    let ns_after = counters::all_namespaces();
-    let skipped = recursion_misses(&bpf);
-    drop(bpf);
-    match stop {
-        Some(Stop::Closed) => return Ok(()),
-        Some(Stop::Io(kind)) => bail!("writing output: {}", io::Error::from(kind)),
-        // Past --count, the rest of the ring is not printed, but still counted as seen.
-        Some(Stop::Count) => {}
-        None => {
-            let ring = ring.get_mut();
-            while let Some(item) = ring.next() {
-                if let Some(r) = recorder.as_mut() {
-                    r.write(&item).context("writing the recording")?;
-                }
-                if events.handle(&item, out).is_err() {
-                    break;
-                }
             }
         }
-    }
-    let mut summary = events.summary;
-    let lost = stat_total(&stats, stat::LOST);
-    if let (Some(l), Some(m)) = (lost_by.as_mut(), &opts.metrics) {
-        l.count(m);
-    }
-    let unpaired = stat_total(&stats, stat::UNPAIRED);
-    let _ = report_losses(
-        out,
-        opts.metrics.as_deref(),
-        &mut reported,
-        [lost, skipped, unpaired],
-    );
-    summary.recursion_misses = skipped;
-    let _ = flush(out, recorder.as_mut());
-    summary.lost = lost;
-    summary.untracked = unpaired;
-    summary.orphan_reasons = stat_total(&stats, stat::ORPHAN_REASON);
-    summary.seconds = started.elapsed().as_secs_f64();
-    summary.startup_ms = Some((startup.0.as_secs_f64() * 1e3, startup.1.as_secs_f64() * 1e3));
-    summary.peak_rss_kib = peak_rss_kib();
-    summary.namespaces = ns_after
-        .keys()
-        .filter(|k| ns_before.contains_key(k))
-        .count();
-    summary.kernel = Some(counters::delta_common(&ns_before, &ns_after));
-    summary.fill_start = fill_start;
-    summary.fill_end = counters::fullest_table(&ns_after);
-    summary.filtered = opts.filter != Filter::any();
-    summary.mode = Some(plan.mode);
-    summary.owner_scans = Some(owners.scan_stats());
-    match out.summary(&summary).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        r => r.context("writing the summary"),
+        let lost = stat_total(&self.stats, stat::LOST);
+        if let (Some(l), Some(m)) = (self.lost_by.as_mut(), &opts.metrics) {
+            l.count(m);
+        }
+        let unpaired = stat_total(&self.stats, stat::UNPAIRED);
+        let metrics = opts.metrics.as_deref();
+        let _ = report_losses(out, metrics, &mut self.reported, [lost, skipped, unpaired]);
+        let _ = flush(out, self.recorder.as_mut());
+        let mut summary = self.events.summary;
+        summary.finish(Ending {
+            lost,
+            recursion_misses: skipped,
+            untracked: unpaired,
+            orphan_reasons: stat_total(&self.stats, stat::ORPHAN_REASON),
+            seconds: self.started.elapsed().as_secs_f64(),
+            startup: self.startup,
+            before: &self.ns_before,
+            after: &ns_after,
+            filtered: opts.filter != Filter::any(),
+            mode: plan.mode,
+            owner_scans: self.owners.scan_stats(),
+        });
+        match out.summary(&summary).and_then(|()| out.flush()) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            r => r.context("writing the summary"),
+        }
     }
 }
 
