@@ -432,7 +432,7 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
         && ct.state.is_some()
     {
         r.window = window::explain(
-            reason.code.as_str(),
+            reason.code,
             reason.value,
             e.ct.seen,
             ct.reply_dir,

@@ -6,7 +6,7 @@ use std::fmt;
 
 use conntrack_trace_common::window::TcpWindow;
 
-use crate::verdict::Tcp;
+use crate::{reason::ReasonCode, verdict::Tcp};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Check {
@@ -124,7 +124,7 @@ fn seg_end(t: &Tcp) -> u32 {
 const SACK_PERM: u8 = 0x02;
 
 pub fn explain(
-    code: &str,
+    code: ReasonCode,
     kernel_bound: Option<u32>,
     seen: [TcpWindow; 2],
     reply_dir: bool,
@@ -143,22 +143,22 @@ pub fn explain(
         .filter(|&s| receiver.flags & SACK_PERM != 0 && s != tcp.ack);
     let ack = sack.unwrap_or(tcp.ack);
     let (check, bound, value) = match code {
-        "seq_over" => (
+        ReasonCode::SeqOver => (
             Check::SeqOver,
             kernel_bound.unwrap_or(sender.maxend.wrapping_add(1)),
             tcp.seq,
         ),
-        "ack_over" => (
+        ReasonCode::AckOver => (
             Check::AckOver,
             kernel_bound.unwrap_or(receiver.end.wrapping_add(1)),
             ack,
         ),
-        "seq_under" => (
+        ReasonCode::SeqUnder => (
             Check::SeqUnder,
             kernel_bound.unwrap_or(sender.end.wrapping_sub(receiver.maxwin).wrapping_sub(1)),
             end,
         ),
-        "ack_under" => (
+        ReasonCode::AckUnder => (
             Check::AckUnder,
             kernel_bound.unwrap_or(
                 receiver
@@ -168,7 +168,7 @@ pub fn explain(
             ),
             ack,
         ),
-        "overshot" => (Check::Overshot, sender.maxend, end),
+        ReasonCode::Overshot => (Check::Overshot, sender.maxend, end),
         _ => return None,
     };
     let excess = match check {
@@ -229,7 +229,7 @@ mod tests {
     fn seq_over_uses_kernel_bound_and_counts_excess() {
         let seen = [w(1000, 966, 65535), w(5000, 70000, 64000)];
         let e = explain(
-            "seq_over",
+            ReasonCode::SeqOver,
             Some(967),
             seen,
             false,
@@ -244,14 +244,21 @@ mod tests {
         );
         assert!(e.to_string().contains("502 << scale 7 = 64256"), "{e}");
         // Same numbers recomputed from the window when the kernel logged no bound (pre-6.1).
-        let e2 = explain("seq_over", None, seen, false, &tcp(1000, 5000, 10, "PA")).unwrap();
+        let e2 = explain(
+            ReasonCode::SeqOver,
+            None,
+            seen,
+            false,
+            &tcp(1000, 5000, 10, "PA"),
+        )
+        .unwrap();
         assert_eq!((e2.bound, e2.excess), (Some(967), Some(34)));
     }
 
     #[test]
     fn direction_picks_sender_and_receiver() {
         let seen = [w(100, 200, 300), w(1000, 2000, 3000)];
-        let e = explain("ack_over", None, seen, true, &tcp(0, 150, 0, "A")).unwrap();
+        let e = explain(ReasonCode::AckOver, None, seen, true, &tcp(0, 150, 0, "A")).unwrap();
         assert_eq!(e.sender, seen[1]);
         assert_eq!(e.bound, Some(101), "receiver (original dir) end + 1");
         assert_eq!(e.excess, Some(50));
@@ -262,7 +269,7 @@ mod tests {
         // Sender end just past zero: the lower edge wraps below 2^32.
         let seen = [w(10, 0, 0), w(0, 0, 100)];
         let e = explain(
-            "seq_under",
+            ReasonCode::SeqUnder,
             None,
             seen,
             false,
@@ -275,7 +282,7 @@ mod tests {
             Some(10u32.wrapping_sub(101).wrapping_sub(u32::MAX - 150) + 1)
         );
         let e = explain(
-            "ack_under",
+            ReasonCode::AckUnder,
             None,
             [w(0, 0, 70000), w(100000, 0, 0)],
             false,
@@ -284,6 +291,6 @@ mod tests {
         .unwrap();
         assert_eq!(e.bound, Some(100000 - 70000 - 1));
         assert_eq!(e.excess, Some(29999 - 10 + 1));
-        assert!(explain("bad_flags", None, seen, false, &tcp(0, 0, 0, "SR")).is_none());
+        assert!(explain(ReasonCode::BadFlags, None, seen, false, &tcp(0, 0, 0, "SR")).is_none());
     }
 }

@@ -5,7 +5,11 @@
 //! rules; what `explain` must satisfy is stated in terms of them (the bound the kernel logs,
 //! the smallest shift of the segment that passes the failed check), not in its formulas.
 
-use conntrack_trace::{verdict::Tcp, window};
+use conntrack_trace::{
+    reason::ReasonCode::{self, AckOver, AckUnder, Overshot, SeqOver, SeqUnder},
+    verdict::Tcp,
+    window,
+};
 use conntrack_trace_common::window::TcpWindow;
 use proptest::prelude::*;
 
@@ -49,7 +53,7 @@ struct Segment {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Verdict {
     Accept,
-    Fail(&'static str, u32),
+    Fail(ReasonCode, u32),
 }
 
 /// The window checks of `tcp_in_window` for a segment from `sender` to `receiver`, past the
@@ -82,18 +86,18 @@ fn tcp_in_window(sender: &State, receiver: &State, s: &Segment) -> Verdict {
             && overshot <= receiver.maxwin
             && before(sack, receiver.end.wrapping_add(1))
         {
-            return Verdict::Fail("overshot", overshot);
+            return Verdict::Fail(Overshot, overshot);
         }
-        return Verdict::Fail("seq_over", sender.maxend.wrapping_add(1));
+        return Verdict::Fail(SeqOver, sender.maxend.wrapping_add(1));
     }
     if !before(sack, receiver.end.wrapping_add(1)) {
-        return Verdict::Fail("ack_over", receiver.end.wrapping_add(1));
+        return Verdict::Fail(AckOver, receiver.end.wrapping_add(1));
     }
     if receiver.maxwin != 0 && !after(end, lower_edge) {
-        return Verdict::Fail("seq_under", lower_edge);
+        return Verdict::Fail(SeqUnder, lower_edge);
     }
     if !after(sack, oldest_ack) {
-        return Verdict::Fail("ack_under", oldest_ack);
+        return Verdict::Fail(AckUnder, oldest_ack);
     }
     Verdict::Accept
 }
@@ -136,11 +140,11 @@ fn window(s: &State) -> TcpWindow {
 }
 
 /// The segment moved by `by` bytes (negative: back) in whichever number `code` is about.
-fn shifted(s: &Segment, code: &str, by: i64) -> Segment {
+fn shifted(s: &Segment, code: ReasonCode, by: i64) -> Segment {
     let mut s = s.clone();
     let by = by as u32; // two's complement: wrapping_add of a negative shift
     match code {
-        "seq_over" | "seq_under" | "overshot" => s.seq = s.seq.wrapping_add(by),
+        SeqOver | SeqUnder | Overshot => s.seq = s.seq.wrapping_add(by),
         _ => {
             s.ack = s.ack.wrapping_add(by);
             s.sack = s.sack.wrapping_add(by);
@@ -213,11 +217,11 @@ fn case() -> impl Strategy<Value = (State, State, Segment)> {
 }
 
 /// The check `code` alone, on a moved segment: whether the kernel would still fail it.
-fn fails(code: &str, sender: &State, receiver: &State, s: &Segment) -> bool {
+fn fails(code: ReasonCode, sender: &State, receiver: &State, s: &Segment) -> bool {
     // Only the number the check is about moves, so no earlier check starts failing; an
     // overshoot is a seq_over the kernel forgives, so it still fails the seq test.
     match tcp_in_window(sender, receiver, s) {
-        Verdict::Fail(c, _) => c == code || (code == "seq_over" && c == "overshot"),
+        Verdict::Fail(c, _) => c == code || (code == SeqOver && c == Overshot),
         Verdict::Accept => false,
     }
 }
@@ -241,7 +245,7 @@ proptest! {
         let t = tcp(&seg);
         let logged_now = window::explain(code, Some(logged), seen, reply, &t).expect("a window code");
         let recomputed = window::explain(code, None, seen, reply, &t).expect("a window code");
-        if code == "overshot" {
+        if code == Overshot {
             // The kernel logs `end - td_maxend + 1`; td_maxend is the first sequence number
             // past the window, so the segment runs one byte less than that past it.
             prop_assert_eq!(logged_now.excess, Some(logged - 1));
@@ -257,11 +261,11 @@ proptest! {
         // The number compared is the SACK edge whenever the kernel used it, and then the
         // sentence says so.
         let sacked = receiver.sack_perm && seg.has_ack && seg.sack != seg.ack;
-        if code.starts_with("ack_") {
+        if matches!(code, AckOver | AckUnder) {
             prop_assert_eq!(sacked, logged_now.to_string().starts_with("SACK right edge"), "{}", logged_now);
         }
         let toward = match code {
-            "seq_over" | "ack_over" => -1,
+            SeqOver | AckOver => -1,
             _ => 1,
         };
         prop_assert!(
@@ -324,7 +328,7 @@ fn model_reproduces_a_recorded_seq_over() {
     };
     assert_eq!(
         tcp_in_window(&sender, &receiver, &seg),
-        Verdict::Fail("seq_over", 2760275922)
+        Verdict::Fail(SeqOver, 2760275922)
     );
     // And a segment inside every bound is accepted.
     let ok = Segment {

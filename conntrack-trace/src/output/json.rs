@@ -861,7 +861,7 @@ mod tests {
                     value: None,
                     ours: false,
                 }),
-                window: window::explain("seq_over", None, [w, w], false, &tcp),
+                window: window::explain(reason::ReasonCode::SeqOver, None, [w, w], false, &tcp),
                 netns: Some(7),
                 owner: Some(Arc::new(nasty_owner(1))),
                 ifindex: Some(0),
