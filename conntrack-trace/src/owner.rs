@@ -20,6 +20,8 @@ use foldhash::HashMap;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use conntrack_trace_common::{closed_set, string_schema};
+
 use crate::cri::{self, Pod};
 
 /// How many processes an owner names (lowest pids first); the rest are only counted.
@@ -61,7 +63,7 @@ pub struct Owner {
     /// From the cgroup's name, when it is one container's: its id, and the runtime when the
     /// name says which.
     pub container_id: Option<String>,
-    pub runtime: Option<&'static str>,
+    pub runtime: Option<Runtime>,
     /// From the cgroup's name, when it lies in one Kubernetes pod's, else from the runtime.
     pub pod_uid: Option<String>,
     /// From the container runtime's CRI API: the pod whose sandbox owns the namespace.
@@ -84,7 +86,7 @@ pub(crate) struct OwnerJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     container_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    runtime: Option<&'static str>,
+    runtime: Option<Runtime>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pod_uid: Option<&'a str>,
     /// The pod's name, from the container runtime's CRI API.
@@ -190,7 +192,7 @@ impl Owner {
                 (Some(pod), None) => parts.push(format!("pod {pod}")),
                 (None, Some(c)) => parts.push(format!(
                     "{} {}",
-                    self.runtime.unwrap_or("container"),
+                    self.runtime.map_or("container", Runtime::as_str),
                     short_id(c)
                 )),
                 (None, None) => {}
@@ -216,7 +218,7 @@ fn printable(s: &str) -> String {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Identity {
     pub container_id: Option<String>,
-    pub runtime: Option<&'static str>,
+    pub runtime: Option<Runtime>,
     pub pod_uid: Option<String>,
 }
 
@@ -263,7 +265,7 @@ pub fn identify(path: &str) -> Identity {
             let name = c.strip_suffix(".scope").unwrap_or(c);
             if is_container_id(name) {
                 id.container_id = Some(name.to_string());
-                id.runtime = (parent == "docker").then_some("docker");
+                id.runtime = (parent == "docker").then_some(Runtime::Docker);
             } else if let Some((prefix, cid)) = name.rsplit_once('-')
                 && let Some(rt) = runtime_of(prefix).filter(|_| is_container_id(cid))
             {
@@ -305,13 +307,25 @@ fn is_container_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+closed_set! {
+    /// The container runtime a cgroup name says made the container: the owner's `runtime`.
+    pub enum Runtime {
+        Containerd = "containerd",
+        CriO = "cri-o",
+        Docker = "docker",
+        Podman = "podman",
+    }
+}
+
+string_schema!(Runtime);
+
 /// The runtime a cgroup name's prefix stands for.
-fn runtime_of(prefix: &str) -> Option<&'static str> {
+fn runtime_of(prefix: &str) -> Option<Runtime> {
     Some(match prefix {
-        "cri-containerd" | "nerdctl" => "containerd",
-        "crio" => "cri-o",
-        "docker" => "docker",
-        "libpod" => "podman",
+        "cri-containerd" | "nerdctl" => Runtime::Containerd,
+        "crio" => Runtime::CriO,
+        "docker" => Runtime::Docker,
+        "libpod" => Runtime::Podman,
         _ => return None,
     })
 }
@@ -738,7 +752,7 @@ mod tests {
     const UID: &str = "0e9a4c1b-2f3d-4e5a-8b6c-7d8e9f0a1b2c";
     const UID_SYSTEMD: &str = "0e9a4c1b_2f3d_4e5a_8b6c_7d8e9f0a1b2c";
 
-    fn id(container: Option<&str>, runtime: Option<&'static str>, pod: Option<&str>) -> Identity {
+    fn id(container: Option<&str>, runtime: Option<Runtime>, pod: Option<&str>) -> Identity {
         Identity {
             container_id: container.map(str::to_string),
             runtime,
@@ -749,9 +763,9 @@ mod tests {
     #[test]
     fn kubelet_systemd_driver() {
         for (scope, runtime) in [
-            (format!("cri-containerd-{ID}.scope"), "containerd"),
-            (format!("crio-{ID}.scope"), "cri-o"),
-            (format!("docker-{ID}.scope"), "docker"),
+            (format!("cri-containerd-{ID}.scope"), Runtime::Containerd),
+            (format!("crio-{ID}.scope"), Runtime::CriO),
+            (format!("docker-{ID}.scope"), Runtime::Docker),
         ] {
             for qos in ["burstable", "besteffort"] {
                 let path = format!(
@@ -772,7 +786,10 @@ mod tests {
             "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/\
              kubelet-kubepods-besteffort-pod{UID_SYSTEMD}.slice/cri-containerd-{ID}.scope"
         );
-        assert_eq!(identify(&kind), id(Some(ID), Some("containerd"), Some(UID)));
+        assert_eq!(
+            identify(&kind),
+            id(Some(ID), Some(Runtime::Containerd), Some(UID))
+        );
         // A static pod's UID is its manifest's hash, no dashes.
         let hash = "487a0dc6dccaeefbcfedba7a7ce1ca18";
         let static_pod = format!(
@@ -780,7 +797,7 @@ mod tests {
         );
         assert_eq!(
             identify(&static_pod),
-            id(Some(ID), Some("cri-o"), Some(hash))
+            id(Some(ID), Some(Runtime::CriO), Some(hash))
         );
         // The pod's own slice (its processes in several containers): the pod, no container.
         let pod = format!(
@@ -798,7 +815,10 @@ mod tests {
             let path = format!("/kubepods{qos}/pod{UID}/{ID}");
             assert_eq!(identify(&path), id(Some(ID), None, Some(UID)), "{path}");
             let crio = format!("/kubepods{qos}/pod{UID}/crio-{ID}");
-            assert_eq!(identify(&crio), id(Some(ID), Some("cri-o"), Some(UID)));
+            assert_eq!(
+                identify(&crio),
+                id(Some(ID), Some(Runtime::CriO), Some(UID))
+            );
         }
         // A process in a sub-cgroup its container made still belongs to the container.
         let sub = format!("/kubepods/besteffort/pod{UID}/{ID}/kube-proxy");
@@ -810,7 +830,7 @@ mod tests {
         );
         assert_eq!(
             identify(&mixed),
-            id(Some(ID), Some("containerd"), Some(UID))
+            id(Some(ID), Some(Runtime::Containerd), Some(UID))
         );
         // `pod…` outside kubepods is not a pod.
         assert_eq!(
@@ -821,7 +841,7 @@ mod tests {
 
     #[test]
     fn docker_podman_containerd() {
-        let docker = Some("docker");
+        let docker = Some(Runtime::Docker);
         assert_eq!(
             identify(&format!("/docker/{ID}")),
             id(Some(ID), docker, None)
@@ -836,7 +856,7 @@ mod tests {
             identify(&format!("/docker/{outer}/docker/{ID}")),
             id(Some(ID), docker, None)
         );
-        let podman = Some("podman");
+        let podman = Some(Runtime::Podman);
         for path in [
             format!("/machine.slice/libpod-{ID}.scope"),
             format!("/machine.slice/libpod-{ID}.scope/container"),
@@ -857,7 +877,7 @@ mod tests {
         );
         assert_eq!(
             identify(&format!("/system.slice/nerdctl-{ID}.scope")),
-            id(Some(ID), Some("containerd"), None)
+            id(Some(ID), Some(Runtime::Containerd), None)
         );
         // containerd without kubelet (ctr, nerdctl with cgroupfs): /<namespace>/<id>.
         assert_eq!(
@@ -1083,7 +1103,7 @@ mod tests {
                 format!(
                     "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_SYSTEMD}.slice/cri-containerd-{ID}.scope"
                 ),
-                Some("containerd"),
+                Some(Runtime::Containerd),
                 Some(UID),
             ),
             (
@@ -1092,11 +1112,16 @@ mod tests {
                 None,
                 Some(UID),
             ),
-            ("docker", format!("/docker/{ID}"), Some("docker"), None),
+            (
+                "docker",
+                format!("/docker/{ID}"),
+                Some(Runtime::Docker),
+                None,
+            ),
             (
                 "podman",
                 format!("/machine.slice/libpod-{ID}.scope"),
-                Some("podman"),
+                Some(Runtime::Podman),
                 None,
             ),
         ];

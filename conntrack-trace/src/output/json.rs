@@ -523,7 +523,7 @@ mod tests {
             }
         }
         if let Some(r) = o.runtime {
-            v["runtime"] = r.into();
+            v["runtime"] = r.as_str().into();
         }
         v
     }
