@@ -14,6 +14,8 @@ pub struct Offsets {
     pub skb_len: u32,
     pub skb_dev: u32,
     pub skb_data: u32,
+    /// Bytes in page fragments: `len - data_len` are in the linear area.
+    pub skb_data_len: u32,
     // struct nf_hook_state
     pub state_hook: u32,
     pub state_pf: u32,
@@ -64,6 +66,7 @@ impl Offsets {
             skb_len: UNKNOWN,
             skb_dev: UNKNOWN,
             skb_data: UNKNOWN,
+            skb_data_len: UNKNOWN,
             state_hook: UNKNOWN,
             state_pf: UNKNOWN,
             state_in: UNKNOWN,

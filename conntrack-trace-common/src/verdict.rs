@@ -41,11 +41,25 @@ pub struct PacketEvent {
     pub skb_len: u32,
     /// `drops::reason` for DROP verdicts.
     pub drop_reason: u8,
-    pub _pad: [u8; 3],
+    /// How many bytes of `headers` lie in the skb's linear area; the rest (in page
+    /// fragments) were not read. 0 in recordings made before it was recorded: all of them.
+    pub linear: u8,
+    pub _pad: [u8; 2],
     /// The packet from its network header on (`skb->head + skb->network_header`).
     pub headers: [u8; SNAP_LEN],
     pub ct: CtSnapshot,
     pub reason: Reason,
+}
+
+impl PacketEvent {
+    /// How many bytes of `headers` are the packet's: those from the linear area (all of
+    /// them in a recording from before `linear` was recorded).
+    pub fn real_headers(&self) -> usize {
+        match self.linear {
+            0 => SNAP_LEN,
+            n => (n as usize).min(SNAP_LEN),
+        }
+    }
 }
 
 #[cfg(feature = "user")]

@@ -66,6 +66,7 @@ pub fn early_drop_ret(ctx: RetProbeContext) -> u32 {
     }
     e.ifindex_in = 0;
     e.skb_len = 0;
+    e.linear = 0;
     // No packet: only the namespace filter can apply, packet filters hide it.
     e.headers[0] = 0;
     if filter::matches(&e.headers, e.netns) {
@@ -122,7 +123,7 @@ pub fn nf_ct_resolve_clash_ret(ctx: RetProbeContext) -> u32 {
     if e.ifindex_in != 0 {
         e.flags |= HAS_IFINDEX;
     }
-    e.skb_len = skb::headers(skb, &mut e.headers);
+    (e.skb_len, e.linear) = skb::headers(skb, &mut e.headers);
     if filter::matches(&e.headers, e.netns) {
         emit_packet(e);
     }

@@ -61,7 +61,9 @@ fn send(skb: u64) {
         e.flags |= HAS_NETNS;
     }
     e.ifindex = skb::ifindex(dev);
-    e.skb_len = skb::headers(skb, &mut e.headers);
+    // The trigger's headers: an RST answers a packet that reached the stack, its headers
+    // pulled into the linear area.
+    e.skb_len = skb::headers(skb, &mut e.headers).0;
     if filter::matches(&e.headers, e.netns) {
         emit(&e);
     }

@@ -191,5 +191,5 @@ fn fill(f: &mut Frame, verdict: u8) {
         e.netns = inum;
         e.flags |= HAS_NETNS;
     }
-    e.skb_len = skb::headers(f.skb, &mut e.headers);
+    (e.skb_len, e.linear) = skb::headers(f.skb, &mut e.headers);
 }

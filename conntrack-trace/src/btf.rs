@@ -366,6 +366,7 @@ impl KernelBtf {
         o.skb_len = self.field("sk_buff", "len", 4)?;
         o.skb_dev = self.field("sk_buff", "dev", 8)?;
         o.skb_data = self.field("sk_buff", "data", 8)?;
+        o.skb_data_len = self.field("sk_buff", "data_len", 4)?;
         // `unsigned int hook` until 5.12, `u8` since: the low byte is the same on x86-64.
         o.state_hook = self.field_sized("nf_hook_state", "hook", &[1, 4])?;
         o.state_pf = self.field("nf_hook_state", "pf", 1)?;

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use conntrack_trace_common::{
-    SNAP_LEN, closed_set, string_schema,
+    closed_set, string_schema,
     verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, LostKey, PacketEvent, verdict},
 };
 use etherparse::{
@@ -409,7 +409,7 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
         verdict,
         ts_ns: e.ts_ns,
         time: clock.wall(e.ts_ns),
-        pkt: Packet::parse(&e.headers, e.skb_len),
+        pkt: Packet::parse(&e.headers[..e.real_headers()], e.skb_len),
         reason: None,
         window: None,
         ct: Conntrack::decode(&e.ct),
@@ -443,11 +443,12 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
 }
 
 impl Packet {
-    /// Decodes the first `min(len, SNAP_LEN)` captured bytes. Header slices, not the owned
-    /// header structs: those are tens of KiB with IPv6 extension buffers, copied per packet.
-    pub fn parse(captured: &[u8; SNAP_LEN], len: u32) -> Self {
+    /// Decodes the first `min(len, captured.len())` captured bytes: `len` is the packet's
+    /// length from its network header. Header slices, not the owned header structs: those
+    /// are tens of KiB with IPv6 extension buffers, copied per packet.
+    pub fn parse(captured: &[u8], len: u32) -> Self {
         let mut r = Packet {
-            headers: captured[..(len as usize).min(SNAP_LEN)].to_vec(),
+            headers: captured[..(len as usize).min(captured.len())].to_vec(),
             ..Default::default()
         };
         let h = &r.headers[..];
@@ -495,30 +496,30 @@ impl Packet {
                         sack: sack(&t),
                     });
                 }
-                Err(_) => raw_transport(&mut r, off),
+                Err(_) => raw_transport(&mut r, off, l4_len),
             },
             17 => match UdpHeaderSlice::from_slice(l4) {
                 Ok(u) => {
                     r.sport = Some(u.source_port());
                     r.dport = Some(u.destination_port());
                 }
-                Err(_) => raw_transport(&mut r, off),
+                Err(_) => raw_transport(&mut r, off, l4_len),
             },
             1 | 58 => {
                 if let [t, c, ..] = l4 {
                     r.icmp = Some((*t, *c));
                 }
             }
-            _ => raw_transport(&mut r, off),
+            _ => raw_transport(&mut r, off, l4_len),
         }
         r
     }
 }
 
 /// What can still be read of a transport header etherparse refused (a TCP data offset below
-/// 5, a cut-off header: exactly the packets conntrack calls truncated). Fields that are not
-/// in the bytes stay unset.
-fn raw_transport(r: &mut Packet, off: usize) {
+/// 5, a header cut off by the snapshot or the linear area). Fields that are not in the
+/// bytes stay unset; the payload length comes from the packet's length and the data offset.
+fn raw_transport(r: &mut Packet, off: usize, l4_len: Option<usize>) {
     let Some(l4) = r.headers.get(off..) else {
         return;
     };
@@ -537,12 +538,18 @@ fn raw_transport(r: &mut Packet, off: usize) {
             (be32(4), be32(8), l4.get(13), be16(14))
     {
         let flags = Flags::from_bits(bits);
+        // A data offset below 5 is conntrack's "truncated packet": no payload to speak of.
+        let doff = l4.get(12).map_or(0, |b| usize::from(b >> 4) * 4);
+        let len = match l4_len {
+            Some(l) if doff >= 20 => l.saturating_sub(doff),
+            _ => 0,
+        };
         r.tcp = Some(Tcp {
             flags,
             seq,
             ack,
             win,
-            len: 0,
+            len: len as u32,
             sack: None,
         });
     }
@@ -586,6 +593,8 @@ fn sack(t: &TcpHeaderSlice) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    use conntrack_trace_common::SNAP_LEN;
+
     use super::*;
 
     fn captured(bytes: &[u8]) -> [u8; SNAP_LEN] {
@@ -658,6 +667,29 @@ mod tests {
                 .sack,
             None
         );
+    }
+
+    /// Headers past the skb's linear area were not the packet's: only the linear bytes are
+    /// decoded, so options lying in page fragments are absent, not garbage; the fixed TCP
+    /// fields and the payload length are still known.
+    #[test]
+    fn bytes_past_the_linear_area_are_not_decoded() {
+        let mut opts = vec![1, 1, 5, 10];
+        opts.extend_from_slice(&1500u32.to_be_bytes());
+        opts.extend_from_slice(&2000u32.to_be_bytes());
+        let p = tcp_with_options(&opts, 0);
+        let mut e: PacketEvent = unsafe { std::mem::zeroed() };
+        e.headers = captured(&p);
+        e.skb_len = 1000;
+        e.linear = 40;
+        let cut = Packet::parse(&e.headers[..e.real_headers()], e.skb_len);
+        let t = cut.tcp.unwrap();
+        assert_eq!((cut.headers.len(), t.ack, t.sack), (40, 1000, None));
+        assert_eq!(t.len, 1000 - 20 - 32, "the data offset says 32 header bytes");
+        // A recording from before `linear` existed: every captured byte counts.
+        e.linear = 0;
+        let all = Packet::parse(&e.headers[..e.real_headers()], e.skb_len);
+        assert_eq!(all.tcp.unwrap().sack, Some(2000));
     }
 
     /// A BIG TCP / GSO packet: the IP length field says 0 (or a fraction), the skb holds
