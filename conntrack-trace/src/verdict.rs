@@ -431,13 +431,7 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
     if let (Some(reason), Some(tcp), Some(ct)) = (&r.reason, &r.pkt.tcp, &r.ct)
         && ct.state.is_some()
     {
-        r.window = window::explain(
-            reason.code,
-            reason.value,
-            e.ct.seen,
-            ct.reply_dir,
-            tcp,
-        );
+        r.window = window::explain(reason.code, reason.value, e.ct.seen, ct.reply_dir, tcp);
     }
     r
 }
@@ -685,7 +679,11 @@ mod tests {
         let cut = Packet::parse(&e.headers[..e.real_headers()], e.skb_len);
         let t = cut.tcp.unwrap();
         assert_eq!((cut.headers.len(), t.ack, t.sack), (40, 1000, None));
-        assert_eq!(t.len, 1000 - 20 - 32, "the data offset says 32 header bytes");
+        assert_eq!(
+            t.len,
+            1000 - 20 - 32,
+            "the data offset says 32 header bytes"
+        );
         // A recording from before `linear` existed: every captured byte counts.
         e.linear = 0;
         let all = Packet::parse(&e.headers[..e.real_headers()], e.skb_len);
