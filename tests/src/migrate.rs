@@ -27,7 +27,7 @@ use crate::topology::{Topology, WEB};
 use crate::verify::{self, Problems};
 
 /// How long the senders run.
-const SENDING: Duration = Duration::from_secs(6);
+const SENDING: Duration = Duration::from_secs(3);
 /// One segment in this many is INVALID (few enough for the tracer to print under TCG).
 const INVALID_EVERY: u32 = 50;
 /// The dynamic preemption switch (Linux 5.12+ built with PREEMPT_DYNAMIC, as Debian's are).
