@@ -645,7 +645,10 @@ mod tests {
         let t = Packet::parse(&captured(&p), p.len() as u32).tcp.unwrap();
         assert_eq!((t.ack, t.sack), (1000, Some(2000)));
         // Timestamps only: no SACK; a SACK option of a length that is no whole block: none.
-        for opts in [&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2][..], &[5, 6, 0, 0, 0, 9, 1, 1]] {
+        for opts in [
+            &[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2][..],
+            &[5, 6, 0, 0, 0, 9, 1, 1],
+        ] {
             let p = tcp_with_options(opts, 0);
             let t = Packet::parse(&captured(&p), p.len() as u32).tcp.unwrap();
             assert_eq!(t.sack, None, "{opts:?}");
