@@ -3,6 +3,7 @@
 //! without touching the system's apt sources, lists or architectures.
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -94,28 +95,18 @@ impl PrivateApt {
         run_cmd(self.command("apt-get").arg("-qq").arg("update"))
     }
 
-    /// Every version of `package` the lists know, each with the SHA256 of its .deb.
-    pub fn versions(&self, package: &str) -> Result<Vec<(String, String)>> {
+    /// Every version of each of `packages` the lists know, each with the SHA256 of its .deb,
+    /// in one apt-cache run (each run reads every list). Packages the lists do not know are
+    /// absent.
+    pub fn versions(&self, packages: &[&str]) -> Result<BTreeMap<String, Vec<(String, String)>>> {
         let out = self
             .command("apt-cache")
             .arg("show")
-            .arg(package)
+            .args(packages)
             .stderr(Stdio::null())
             .output()
             .context("cannot run apt-cache")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        Ok(text
-            .split("\n\n")
-            .filter_map(|record| {
-                let field = |name: &str| {
-                    record
-                        .lines()
-                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
-                        .map(str::to_string)
-                };
-                Some((field("Version")?, field("SHA256")?))
-            })
-            .collect())
+        Ok(parse_show(&String::from_utf8_lossy(&out.stdout)))
     }
 
     /// Downloads `package=version` into `dir` and returns the .deb's path (apt checks it
@@ -146,5 +137,50 @@ impl PrivateApt {
             .find(|p| p.extension().is_some_and(|e| e == "deb"))
             .with_context(|| format!("apt-get download left no .deb in {}", dir.display()))?;
         Ok(deb)
+    }
+}
+
+/// `apt-cache show`'s records: package to its versions, each with its .deb's SHA256.
+fn parse_show(text: &str) -> BTreeMap<String, Vec<(String, String)>> {
+    let mut known: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for record in text.split("\n\n") {
+        let field = |name: &str| {
+            record
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+                .map(str::to_string)
+        };
+        if let (Some(package), Some(version), Some(sum)) =
+            (field("Package"), field("Version"), field("SHA256"))
+        {
+            known.entry(package).or_default().push((version, sum));
+        }
+    }
+    known
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_records_are_grouped_by_package() {
+        let text = "Package: libcap2\nVersion: 1:2.66-4+deb12u3+b1\nSHA256: aa\nSHA256sum-like: x\n\n\
+                    Package: libcap2\nVersion: 1:2.44-1\nSHA256: bb\n\n\
+                    Package: runc\nVersion: 1.1.5+ds1-1+deb12u1\nMD5sum: cc\nSHA256: dd\n\n\
+                    Package: nohash\nVersion: 1\n";
+        let known = parse_show(text);
+        assert_eq!(
+            known["libcap2"],
+            [
+                ("1:2.66-4+deb12u3+b1".to_string(), "aa".to_string()),
+                ("1:2.44-1".to_string(), "bb".to_string())
+            ]
+        );
+        assert_eq!(
+            known["runc"],
+            [("1.1.5+ds1-1+deb12u1".to_string(), "dd".to_string())]
+        );
+        assert!(!known.contains_key("nohash"));
     }
 }

@@ -249,7 +249,13 @@ fn vm_test(arch: Arch, names: &[String], scenarios: &[String], timeout: u64) -> 
     kernels::prune_cache();
     let started = Instant::now();
     let bins = guest_build::build_for(arch)?;
-    let userland = Userland::for_arch(arch, initramfs::TOOLS)?;
+    // The host files whose packages an arm64 guest gets: the tools, and cri-pod's.
+    let host_files: Vec<String> = initramfs::TOOLS
+        .iter()
+        .map(|t| t.to_string())
+        .chain(pods::files(Arch::X86_64))
+        .collect();
+    let userland = Userland::for_arch(arch, &host_files)?;
     let mut total = Tally::default();
     let mut rows = Vec::new();
     for kernel in selected {
@@ -430,8 +436,8 @@ fn boot(
 ) -> Result<qemu::Outcome> {
     let unpacked = kernels::fetch(kernel)?;
     let initrd = initramfs::build(kernel, &unpacked, bins, userland, tracer_args)?;
-    if matches!(mode, Mode::Test) && matches!(userland, Userland::Host) && pods::wanted(scenarios) {
-        pods::append(&initrd, &unpacked.work)?;
+    if matches!(mode, Mode::Test) && pods::wanted(scenarios) {
+        pods::append(&initrd, &unpacked.work, userland)?;
     }
     qemu::run(
         kernel,

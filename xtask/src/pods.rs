@@ -16,23 +16,28 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use crate::{cpio, dist::sha256_hex, run_cmd};
+use crate::{arch::Arch, cpio, dist::sha256_hex, run_cmd, userland::Userland};
 
 /// The scenario that needs them (tests/src/pods.rs).
 pub const SCENARIO: &str = "cri-pod";
 
-/// Host files, copied to the same guest paths.
-const FILES: &[&str] = &[
-    "/usr/bin/containerd",
-    "/usr/bin/containerd-shim-runc-v2",
-    "/usr/bin/ctr",
-    "/usr/sbin/runc",
-    "/usr/lib/cni/bridge",
-    "/usr/lib/cni/host-local",
-    "/usr/lib/cni/loopback",
+/// Guest paths of the files, where `arch`'s packages put them (the host's, for x86_64).
+pub fn files(arch: Arch) -> Vec<String> {
+    [
+        "/usr/bin/containerd",
+        "/usr/bin/containerd-shim-runc-v2",
+        "/usr/bin/ctr",
+        "/usr/sbin/runc",
+        "/usr/lib/cni/bridge",
+        "/usr/lib/cni/host-local",
+        "/usr/lib/cni/loopback",
+    ]
+    .into_iter()
+    .map(str::to_string)
     // runc's one library beyond libc (which the base archive has).
-    "/usr/lib/x86_64-linux-gnu/libseccomp.so.2",
-];
+    .chain([format!("/usr/lib/{}/libseccomp.so.2", arch.triplet())])
+    .collect()
+}
 
 /// Where the guest finds the pause image (tests/src/pods.rs imports it with `ctr`).
 const PAUSE_ARCHIVE: &str = "/var/lib/ct-pods/pause.tar";
@@ -44,14 +49,14 @@ pub fn wanted(scenarios: &[String]) -> bool {
     scenarios.is_empty() || scenarios.iter().any(|s| s == SCENARIO)
 }
 
-/// Appends the pod userland to the initramfs at `initrd`, in `work`.
-pub fn append(initrd: &Path, work: &Path) -> Result<()> {
-    let pause = pause_image(work)?;
+/// Appends the pod userland, from `userland` (the guest's architecture), to the initramfs at
+/// `initrd`, in `work`.
+pub fn append(initrd: &Path, work: &Path, userland: &Userland) -> Result<()> {
+    let pause = pause_image(work, userland)?;
     let mut tree: Vec<(String, Vec<u8>)> = Vec::new();
-    for f in FILES {
-        let host = fs::canonicalize(f)
-            .with_context(|| format!("{f} is missing: run `cargo xtask setup`"))?;
-        tree.push((f.to_string(), fs::read(&host)?));
+    for f in files(userland.arch()) {
+        let here = userland.file(&f)?;
+        tree.push((f, fs::read(&here)?));
     }
     tree.push((PAUSE_ARCHIVE.into(), pause));
     let before = fs::metadata(initrd)?.len();
@@ -85,14 +90,14 @@ pub fn append(initrd: &Path, work: &Path) -> Result<()> {
 
 /// An OCI image layout in one tar: one uncompressed layer holding busybox-static, run as
 /// `busybox sleep` (a sandbox's only job is to hold its namespaces).
-fn pause_image(work: &Path) -> Result<Vec<u8>> {
+fn pause_image(work: &Path, userland: &Userland) -> Result<Vec<u8>> {
     let dir = work.join("pause-image");
     let _ = fs::remove_dir_all(&dir);
     let root = dir.join("rootfs");
     let blobs = dir.join("layout/blobs/sha256");
     fs::create_dir_all(&root)?;
     fs::create_dir_all(&blobs)?;
-    fs::copy("/usr/bin/busybox", root.join("busybox"))
+    fs::copy(userland.busybox()?, root.join("busybox"))
         .context("busybox-static is missing: run `cargo xtask setup`")?;
     let layer_tar = dir.join("layer.tar");
     run_cmd(
@@ -111,7 +116,7 @@ fn pause_image(work: &Path) -> Result<Vec<u8>> {
     };
     let (layer, layer_size) = put(&fs::read(&layer_tar)?)?;
     let config = json!({
-        "architecture": "amd64",
+        "architecture": userland.arch().debian(),
         "os": "linux",
         "config": {"Entrypoint": ["/busybox", "sleep", "2147483647"]},
         // An uncompressed layer's diff id is its digest.
@@ -131,7 +136,7 @@ fn pause_image(work: &Path) -> Result<Vec<u8>> {
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": manifest,
             "size": manifest_size,
-            "platform": {"architecture": "amd64", "os": "linux"},
+            "platform": {"architecture": userland.arch().debian(), "os": "linux"},
             // containerd's importer names the image after this annotation.
             "annotations": {"io.containerd.image.name": PAUSE_NAME, "org.opencontainers.image.ref.name": "1"},
         }],

@@ -28,19 +28,37 @@ pub enum Userland {
 }
 
 impl Userland {
-    /// The guest's userland for `arch`: `tools` are the guest paths of the dynamic tools,
-    /// which on the host decide the packages to fetch for another architecture.
-    pub fn for_arch(arch: Arch, tools: &[&str]) -> Result<Userland> {
+    /// The guest's userland for `arch`: `tools` are the host paths of the dynamic programs
+    /// (and libraries) the guest gets, which decide the packages to fetch for another
+    /// architecture.
+    pub fn for_arch(arch: Arch, tools: &[String]) -> Result<Userland> {
         match arch {
             Arch::X86_64 => Ok(Userland::Host),
             Arch::Aarch64 => fetch(arch, tools),
         }
     }
 
-    fn triplet(&self) -> &'static str {
+    pub fn arch(&self) -> Arch {
         match self {
-            Userland::Host => Arch::X86_64.triplet(),
-            Userland::Packages { arch, .. } => arch.triplet(),
+            Userland::Host => Arch::X86_64,
+            Userland::Packages { arch, .. } => *arch,
+        }
+    }
+
+    fn triplet(&self) -> &'static str {
+        self.arch().triplet()
+    }
+
+    /// The file to copy to the guest path `guest`, which is where its package puts it (across
+    /// the /usr merge).
+    pub fn file(&self, guest: &str) -> Result<PathBuf> {
+        match self {
+            Userland::Host => fs::canonicalize(guest)
+                .with_context(|| format!("{guest} is missing: run `cargo xtask setup`")),
+            Userland::Packages { root, .. } => spellings(guest)
+                .iter()
+                .find_map(|p| in_root(root, Path::new(&p[1..])))
+                .with_context(|| format!("{guest} is not under {}", root.display())),
         }
     }
 
@@ -247,11 +265,11 @@ fn spellings(path: &str) -> [String; 2] {
 
 /// Downloads (once) and unpacks (once per package set) the arm64 builds of the packages the
 /// host's guest files come from.
-fn fetch(arch: Arch, tools: &[&str]) -> Result<Userland> {
+fn fetch(arch: Arch, tools: &[String]) -> Result<Userland> {
     let host = Userland::Host;
     let mut elves = Vec::new();
     for tool in tools {
-        elves.push(host.tool(tool)?);
+        elves.push(host.file(tool)?);
     }
     for (_, dir) in host.plugin_dirs() {
         for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
@@ -271,15 +289,20 @@ fn fetch(arch: Arch, tools: &[&str]) -> Result<Userland> {
     fs::create_dir_all(&debs_dir)
         .with_context(|| format!("cannot create {}", debs_dir.display()))?;
     let apt = PrivateApt::new(arch)?;
-    let mut updated = false;
+    let names: Vec<&str> = packages.keys().map(String::as_str).collect();
+    let picks = |known: &BTreeMap<String, Vec<(String, String)>>| -> Vec<Option<(String, String)>> {
+        packages
+            .iter()
+            .map(|(p, v)| matching_version(known.get(p).map_or(&[][..], Vec::as_slice), v))
+            .collect()
+    };
+    let mut picked = picks(&apt.versions(&names)?);
+    if picked.iter().any(Option::is_none) {
+        apt.update()?;
+        picked = picks(&apt.versions(&names)?);
+    }
     let mut debs = Vec::new();
-    for (package, host_version) in &packages {
-        let mut pick = matching_version(&apt.versions(package)?, host_version);
-        if pick.is_none() && !updated {
-            apt.update()?;
-            updated = true;
-            pick = matching_version(&apt.versions(package)?, host_version);
-        }
+    for ((package, host_version), pick) in packages.iter().zip(picked) {
         let Some((version, sum)) = pick else {
             bail!(
                 "{package} {host_version} (the host's) has no {} build in the Debian archive",
