@@ -124,7 +124,8 @@ fn ring_size(s: &str) -> Result<u32, String> {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Load every program into the running kernel without attaching: report the verifier's
+    /// Load every program into the running kernel without attaching (but for an instant the
+    /// fexit program, to learn whether this kernel can attach it): report the verifier's
     /// verdict per program and which attach points this kernel offers.
     Check,
     /// Decode a file saved with --record and print it like the live tracer would.

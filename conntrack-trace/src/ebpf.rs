@@ -16,6 +16,10 @@ use crate::{
 /// The fexit program on `nf_conntrack_in`.
 pub const FEXIT_PROGRAM: &str = Program::NfConntrackInFexit.as_str();
 
+/// The kernel's internal ENOTSUPP (include/linux/errno.h), which bpf(2) passes on as it is;
+/// libc has no name for it.
+const ENOTSUPP: i32 = 524;
+
 /// Built by build.rs (aya-build) from conntrack-trace-ebpf.
 pub static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrack-trace"));
@@ -135,8 +139,14 @@ pub fn load_fexit(prog: &mut FExit, func: BtfFunc) -> Result<(), ProgramError> {
     prog.load_from_btf_object(func.type_id, fd)
 }
 
-/// Whether the fexit program loads here against `func`, before anything is planned (so with
-/// the object's own globals but this kernel's offsets).
+/// Whether the fexit program loads here against `func` and the kernel can attach it, before
+/// anything is planned (so with the object's own globals but this kernel's offsets).
+///
+/// Loading is not enough: arm64 kernels before 6.4 verify and load an fexit program, then
+/// refuse to attach it with ENOTSUPP (524), since their BPF trampolines reach a kernel
+/// function only through ftrace direct calls, which arm64 gained in 6.4. So the probe also
+/// attaches this throw-away copy and detaches it at once: for that instant it runs against
+/// its own maps, which nothing reads.
 pub fn probe_fexit(func: BtfFunc, offsets: &Offsets) -> FexitProbe {
     let object = match Object::new(offsets) {
         Ok(o) => o,
@@ -158,7 +168,24 @@ pub fn probe_fexit(func: BtfFunc, offsets: &Offsets) -> FexitProbe {
         return FexitProbe::Rejected(format!("{FEXIT_PROGRAM} missing from the eBPF object"));
     };
     match load_fexit(prog, func) {
-        Ok(()) => FexitProbe::Loads(func),
+        Ok(()) => match prog.attach() {
+            Ok(link) => {
+                // Dropping the object would detach it too; a failed detach changes nothing
+                // about what the kernel can do.
+                let _ = prog.detach(link);
+                FexitProbe::Loads(func)
+            }
+            Err(ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(ENOTSUPP) => {
+                FexitProbe::Unavailable(format!(
+                    "the verifier accepts it but attaching fails ({}: ENOTSUPP): this kernel \
+                     has no BPF trampoline for its functions (arm64 before 6.4)",
+                    e.call
+                ))
+            }
+            Err(e) => {
+                FexitProbe::Unavailable(format!("the verifier accepts it but attaching fails: {e}"))
+            }
+        },
         Err(ProgramError::LoadError { io_error, .. })
             if io_error.raw_os_error() == Some(libc::EPERM) =>
         {

@@ -45,9 +45,12 @@ impl Kernel {
     }
 
     /// Whether fexit can attach to `nf_conntrack_in`: its BTF is there (module BTF, or
-    /// conntrack built into vmlinux). `--exact` then uses fexit instead of the kprobe pair.
+    /// conntrack built into vmlinux), and the kernel has BPF trampolines for kernel functions,
+    /// which arm64 has only since 6.4 ("arm64: ftrace: Add direct call support"; before, fexit
+    /// loads and attaching it fails with ENOTSUPP). `--exact` then uses fexit instead of the
+    /// kprobe pair.
     pub fn fexit_attaches(&self) -> bool {
-        self.conntrack_btf
+        self.conntrack_btf && (cfg!(not(target_arch = "aarch64")) || self.version >= (6, 4))
     }
 
     /// 6.1 split window failures: SEQ/ACK *over* stay INVALID, SEQ/ACK *under* became

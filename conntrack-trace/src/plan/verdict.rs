@@ -13,7 +13,7 @@ pub(super) fn plan(ct_in: &str, fexit: &FexitProbe, want: Want) -> Result<(Mode,
     let why_not = fexit.why_not().unwrap_or_default();
     let mode = match (want, fexit) {
         (Want::Force(Mode::Fexit), FexitProbe::Unavailable(_) | FexitProbe::Rejected(_)) => {
-            bail!("fexit on nf_conntrack_in does not load here: {why_not}")
+            bail!("fexit on nf_conntrack_in cannot be used here: {why_not}")
         }
         (Want::Force(mode), _) => mode,
         (Want::Exact, FexitProbe::Loads(_)) => Mode::Fexit,
@@ -29,7 +29,7 @@ pub(super) fn plan(ct_in: &str, fexit: &FexitProbe, want: Want) -> Result<(Mode,
         (Mode::KprobePair, _) => {
             if want == Want::Exact {
                 part.note(format!(
-                    "fexit on nf_conntrack_in does not load here ({why_not}): --exact uses \
+                    "fexit on nf_conntrack_in cannot be used here ({why_not}): --exact uses \
                      a kprobe pair on every packet instead"
                 ));
             }
@@ -43,7 +43,7 @@ pub(super) fn plan(ct_in: &str, fexit: &FexitProbe, want: Want) -> Result<(Mode,
              nf_conntrack_in, sees here; table-full drops name only their namespace",
         ),
         (Mode::Cold, _) => part.note(format!(
-            "no per-packet probe (fexit on nf_conntrack_in does not load here: {why_not}): \
+            "no per-packet probe (fexit on nf_conntrack_in cannot be used here: {why_not}): \
              packets are reported when the kernel logs a reason; INVALIDs it does not log \
              (ICMP errors matching nothing, an RST with no entry before 6.8) need --exact, \
              which adds a kprobe pair on nf_conntrack_in; table-full drops name only their \
