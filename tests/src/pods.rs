@@ -25,6 +25,7 @@ use serde_json::Value;
 
 use crate::counters::Counters;
 use crate::inject::{Packet, RawSender};
+use crate::kernel::Kernel;
 use crate::netns::Netns;
 use crate::owner::cgroup2;
 use crate::scenarios::Ctx;
@@ -104,6 +105,21 @@ struct Env {
 }
 
 static ENV: OnceLock<std::result::Result<Env, String>> = OnceLock::new();
+
+/// The scenario's name in the suite.
+pub const NAME: &str = "cri-pod";
+
+/// Why this kernel cannot run the scenario, where it cannot. Debian's 5.10 cloud kernel
+/// (5.10.0-32): runc 1.1.5's init dies before reading its bootstrap data when containerd
+/// starts the pod sandbox (`runc create failed: unable to start container process: can't
+/// copy bootstrap data to pipe: write init-p: broken pipe`), with nothing in the kernel log;
+/// the same binaries and configuration run pods on 6.1 and later.
+pub fn cannot_run(kernel: &Kernel) -> Option<&'static str> {
+    kernel.release.starts_with("5.10.").then_some(
+        "runc 1.1.5's init dies before reading its bootstrap data when containerd starts a \
+         pod sandbox (can't copy bootstrap data to pipe: write init-p: broken pipe)",
+    )
+}
 
 pub fn cri_pod(ctx: &Ctx) -> Result<()> {
     let env = ENV
@@ -363,6 +379,14 @@ impl Env {
             let tail: Vec<&str> = log.lines().rev().take(25).collect();
             for l in tail.iter().rev() {
                 println!("containerd> {l}");
+            }
+            // What the kernel said while runc set the sandbox up (a killed runc init).
+            if let Ok(out) = Command::new("dmesg").output() {
+                let text = String::from_utf8_lossy(&out.stdout);
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                for l in tail.iter().rev() {
+                    println!("dmesg> {l}");
+                }
             }
         }
         result

@@ -116,7 +116,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("migrating-calls", migrate::migrating_calls),
     ("insert-failed", insert_failed::insert_failed),
     ("netns-owner", owner::netns_owner),
-    ("cri-pod", pods::cri_pod),
+    (pods::NAME, pods::cri_pod),
     // Last: it lowers the global nf_conntrack_max (restored when it ends).
     ("table-full", table_full::table_full),
 ];
