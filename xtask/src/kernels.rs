@@ -158,7 +158,7 @@ pub fn select(arch: Arch, names: &[String]) -> Result<Vec<&'static Kernel>> {
                 self::names(None).collect::<Vec<_>>().join(", ")
             ),
             Some(k) if k.arch != arch => bail!(
-                "kernel '{name}' is a {} kernel: add --arch {}",
+                "kernel '{name}' runs on {}: add --arch {}",
                 k.arch.name(),
                 clap::ValueEnum::to_possible_value(&k.arch)
                     .expect("every Arch has a value")
@@ -383,6 +383,36 @@ mod tests {
                 .contains("vmlinuz")
         );
         let _ = fs::remove_dir_all(&base);
+    }
+}
+
+#[cfg(test)]
+mod selection {
+    use super::*;
+
+    /// Each architecture's run takes its own kernels; naming another's says which flag to add.
+    #[test]
+    fn kernels_are_selected_per_architecture() {
+        let arm: Vec<&str> = select(Arch::Aarch64, &[])
+            .unwrap()
+            .iter()
+            .map(|k| k.name)
+            .collect();
+        assert_eq!(arm, ["6.1-struct-arm64", "6.12-trixie-arm64"]);
+        assert!(
+            select(Arch::X86_64, &[])
+                .unwrap()
+                .iter()
+                .all(|k| k.arch == Arch::X86_64)
+        );
+        let error = |arch, name: &str| match select(arch, &[name.to_string()]) {
+            Ok(_) => panic!("{name} selected for {arch:?}"),
+            Err(e) => e.to_string(),
+        };
+        let wrong = error(Arch::X86_64, "6.12-trixie-arm64");
+        assert!(wrong.contains("add --arch arm64"), "{wrong}");
+        let unknown = error(Arch::Aarch64, "4.19");
+        assert!(unknown.contains("unknown kernel"), "{unknown}");
     }
 }
 
