@@ -55,11 +55,16 @@ pub struct Options {
     pub cri_socket: std::path::PathBuf,
 }
 
-/// Loads and attaches every program in the plan. The return probe goes on before the entry
-/// probe so that no entry is ever pushed without its return being watched.
+/// Loads and attaches every program in the plan. The return probe goes on right before the
+/// entry probe, last: no entry is ever pushed without its return being watched, and few
+/// returns come without their entry in between (those the session's start leaves out).
 fn attach(bpf: &mut Ebpf, plan: &Plan) -> Result<()> {
     let mut order: Vec<_> = plan.attach.iter().collect();
-    order.sort_by_key(|a| a.program == Program::NfConntrackIn);
+    order.sort_by_key(|a| match a.program {
+        Program::NfConntrackInRet => 1,
+        Program::NfConntrackIn => 2,
+        _ => 0,
+    });
     for a in order {
         let prog = bpf
             .program_mut(a.program.as_str())
@@ -280,6 +285,10 @@ struct Session {
     /// What the stream has been told so far: ring-full losses, skipped program runs,
     /// verdicts the kprobe pair could not pair.
     reported: [u64; 3],
+    /// Unpaired returns counted before the session began: calls already running when the
+    /// pair attached, whose entry came before it. Not part of the traced window, as the
+    /// kernel's counters read at the same moment are not.
+    unpaired_before: u64,
     /// The kernel's counters per namespace once attached.
     ns_before: BTreeMap<u64, counters::Stats>,
     started: Instant,
@@ -288,6 +297,10 @@ struct Session {
 }
 
 impl Session {
+    fn unpaired(&self) -> u64 {
+        stat_total(&self.stats, stat::UNPAIRED).saturating_sub(self.unpaired_before)
+    }
+
     /// Takes the maps the loop reads, reads the kernel's counters and says it is attached.
     fn open(
         opts: &Options,
@@ -328,6 +341,7 @@ impl Session {
             .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
 
         let ns_before = counters::all_namespaces();
+        let unpaired_before = stat_total(&stats, stat::UNPAIRED);
         let started = Instant::now();
         let startup = (planned, launched.elapsed());
         eprintln!(
@@ -356,6 +370,7 @@ impl Session {
             events,
             owners,
             reported: [0; 3],
+            unpaired_before,
             ns_before,
             started,
             startup,
@@ -402,7 +417,7 @@ impl Session {
                     let now = [
                         stat_total(&self.stats, stat::LOST),
                         recursion_misses(bpf),
-                        stat_total(&self.stats, stat::UNPAIRED),
+                        self.unpaired(),
                     ];
                     if let (Some(l), Some(m)) = (self.lost_by.as_mut(), &opts.metrics) {
                         l.count(m);
@@ -457,7 +472,7 @@ impl Session {
         if let (Some(l), Some(m)) = (self.lost_by.as_mut(), &opts.metrics) {
             l.count(m);
         }
-        let unpaired = stat_total(&self.stats, stat::UNPAIRED);
+        let unpaired = self.unpaired();
         let metrics = opts.metrics.as_deref();
         let _ = report_losses(out, metrics, &mut self.reported, [lost, skipped, unpaired]);
         let _ = flush(out, self.recorder.as_mut());
