@@ -9,6 +9,7 @@
 //! dropped, does not report it again.
 
 use aya_ebpf::{
+    Global,
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
@@ -106,12 +107,11 @@ pub fn noted(skb: u64, flag: u8) -> bool {
 
 /// `conntrack_trace_common::Mode` as a `u8`, set by userspace from the attach plan.
 #[unsafe(no_mangle)]
-static MODE: u8 = Mode::KprobePair as u8;
+static MODE: Global<u8> = Global::new(Mode::KprobePair as u8);
 
 #[inline(always)]
 pub fn mode() -> u8 {
-    // SAFETY: .rodata global patched by userspace; volatile so it is not constant-folded.
-    unsafe { core::ptr::read_volatile(&raw const MODE) }
+    MODE.load()
 }
 
 #[inline(always)]
