@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use object::{Object as _, ObjectSection as _};
 
 /// What the scenarios need. `a|b`: the first of these that the kernel has (5.10 predates
 /// nf_log_syslog); a leading `?`: load it when the kernel has it.
@@ -220,44 +221,15 @@ fn depends(elf: &[u8]) -> Result<Vec<String>> {
         .unwrap_or_default())
 }
 
-/// A section's bytes from a little-endian ELF64 file.
+/// A section's bytes from an ELF file.
 pub fn section<'a>(elf: &'a [u8], wanted: &str) -> Result<&'a [u8]> {
-    let bytes = |off: usize, len: usize| {
-        off.checked_add(len)
-            .and_then(|end| elf.get(off..end))
-            .context("truncated ELF")
-    };
-    let u16_at =
-        |off| -> Result<usize> { Ok(u16::from_le_bytes(bytes(off, 2)?.try_into()?) as usize) };
-    let u32_at =
-        |off| -> Result<usize> { Ok(u32::from_le_bytes(bytes(off, 4)?.try_into()?) as usize) };
-    let u64_at =
-        |off| -> Result<usize> { Ok(u64::from_le_bytes(bytes(off, 8)?.try_into()?) as usize) };
-    if bytes(0, 6)? != b"\x7fELF\x02\x01" {
-        bail!("not a little-endian ELF64 file");
-    }
-    let (shoff, shentsize, shnum, shstrndx) =
-        (u64_at(0x28)?, u16_at(0x3a)?, u16_at(0x3c)?, u16_at(0x3e)?);
-    // Offset of field `field` in section header `i`, without overflow on a corrupt file.
-    let field = |i: usize, field: usize| -> Result<usize> {
-        i.checked_mul(shentsize)
-            .and_then(|o| o.checked_add(shoff))
-            .and_then(|o| o.checked_add(field))
-            .context("bad section header offset")
-    };
-    let contents =
-        |i: usize| -> Result<&[u8]> { bytes(u64_at(field(i, 24)?)?, u64_at(field(i, 32)?)?) };
-    let names = contents(shstrndx)?;
-    for i in 0..shnum {
-        let name = names
-            .get(u32_at(field(i, 0)?)?..)
-            .context("bad section name offset")?;
-        let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
-        if name == wanted.as_bytes() {
-            return contents(i);
-        }
-    }
-    bail!("no {wanted} section")
+    let file = object::File::parse(elf).context("not an ELF file")?;
+    let section = file
+        .section_by_name(wanted)
+        .with_context(|| format!("no {wanted} section"))?;
+    section
+        .data()
+        .with_context(|| format!("reading the {wanted} section"))
 }
 
 #[cfg(test)]
