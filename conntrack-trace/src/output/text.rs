@@ -263,7 +263,7 @@ impl<W: Write> Output for Text<W> {
         if s.untracked > 0 {
             writeln!(
                 o,
-                "WARNING: {} nf_conntrack_in verdicts not seen (an entry probe without its return probe or the reverse)",
+                "WARNING: at most {} nf_conntrack_in verdicts not seen (an entry probe without its return probe or the reverse; a bound: a call that moved CPU and back counts twice)",
                 s.untracked
             )?;
         }
