@@ -568,7 +568,7 @@ fn sack(t: &TcpHeaderSlice) -> Option<u32> {
                     return None;
                 }
                 let blocks = &opts[2..size];
-                if *kind == SACK && !blocks.is_empty() && blocks.len() % 8 == 0 {
+                if *kind == SACK && !blocks.is_empty() && blocks.len().is_multiple_of(8) {
                     let mut sack = t.acknowledgment_number();
                     for b in blocks.chunks_exact(8) {
                         let right = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
