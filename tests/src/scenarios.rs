@@ -101,6 +101,13 @@ impl Ctx {
 
 pub type Scenario = fn(&Ctx) -> Result<()>;
 
+/// Scenarios run in the default mode only. What they test does not depend on how verdicts
+/// are observed: the kernel-side filter, which every mode's programs apply alike before
+/// an event goes out, and owner and pod attribution, done in userspace for every event.
+/// They are the suite's slowest (many tracer starts, containerd); one pass keeps the whole
+/// CI run well inside its budget.
+pub const DEFAULT_MODE_ONLY: &[&str] = &["netns-owner", "cri-pod", "ipv4-filters", "ipv6-filters"];
+
 pub const ALL: &[(&str, Scenario)] = &[
     ("tcp-window", tcp_window),
     ("tcp-bad-packets", tcp_bad_packets),

@@ -88,8 +88,8 @@ enum Task {
     /// Build the release and the image, and test them as `test` does (root: the image test
     /// runs the image's root filesystem in a private mount namespace).
     ReleaseTest,
-    /// Set up, run the host tests and the release test, then the VM suite on every kernel,
-    /// x86_64 and arm64.
+    /// Set up, run the host tests and the release test, then the VM suite on every x86_64
+    /// kernel (the arm64 suite, `vm-test --arch arm64`, does not fit the CI budget).
     Test {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
@@ -152,10 +152,9 @@ fn run(task: Task) -> Result<bool> {
             if !host_ok {
                 println!("xtask test: host tests FAILED; running the VM tests anyway");
             }
-            // arm64 under qemu-system-aarch64 costs about 1.3 times an x86_64 kernel's guest
-            // run (README, "Supported kernels"), two kernels: a few minutes of CI.
-            let vm_ok = vm_test(Arch::X86_64, &[], &[], timeout)?
-                & vm_test(Arch::Aarch64, &[], &[], timeout)?;
+            // Not arm64: with it the CI run would pass 45 minutes (README, "Supported
+            // kernels"); `vm-test --arch arm64` runs it.
+            let vm_ok = vm_test(Arch::X86_64, &[], &[], timeout)?;
             if !host_ok {
                 println!(
                     "xtask test: FAILED because the host tests failed (see their output above)"
