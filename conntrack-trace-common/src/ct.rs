@@ -23,6 +23,9 @@ pub const TUPLE_SIZE: usize = 40;
 /// `CtSnapshot::flags` bits.
 pub const CT_VALID: u8 = 1;
 pub const CT_HAS_TCP: u8 = 2;
+/// The entry has the seqadj extension (a NAT helper changed a payload's length):
+/// `PacketEvent::seqadj` holds it.
+pub const CT_HAS_SEQADJ: u8 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -39,4 +42,18 @@ pub struct CtSnapshot {
     pub tuples: [Tuple; 2],
     /// `proto.tcp.seen[0]` (original direction's sender) and `seen[1]`.
     pub seen: [TcpWindow; 2],
+}
+
+/// `struct nf_ct_seqadj` of the entry's seqadj extension, for the direction opposite the
+/// packet's (`seq[!dir]`): the one `tcp_in_window` takes the packet's ACK back through, as
+/// `nf_ct_seq_offset(ct, !dir, ack - 1)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqAdj {
+    /// Sequence number of the segment whose length the helper changed last.
+    pub correction_pos: u32,
+    /// The offset for sequence numbers up to `correction_pos`, and for those after it.
+    pub offset_before: i32,
+    pub offset_after: i32,
+    pub _pad: u32,
 }

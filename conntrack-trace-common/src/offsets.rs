@@ -49,6 +49,17 @@ pub struct Offsets {
     pub tcp_td_maxack: u32,
     pub tcp_td_scale: u32,
     pub tcp_flags: u32,
+    /// `nf_conn.ext`, the extension area's pointer.
+    pub ct_ext: u32,
+    /// `nf_ct_ext.offset[NF_CT_EXT_SEQADJ]` (0: no seqadj extension); the id from BTF.
+    pub ext_seqadj: u32,
+    /// `nf_conn_seqadj.seq[0]`, and the size of one direction's `struct nf_ct_seqadj`.
+    pub seqadj_seq: u32,
+    pub seqadj_size: u32,
+    // struct nf_ct_seqadj
+    pub seqadj_pos: u32,
+    pub seqadj_before: u32,
+    pub seqadj_after: u32,
     // struct nf_tcp_invalid_log (only kernels with the fixed-args nf_tcp_log_invalid)
     pub log_type: u32,
     pub log_value: u32,
@@ -89,6 +100,13 @@ impl Offsets {
             tcp_td_maxack: UNKNOWN,
             tcp_td_scale: UNKNOWN,
             tcp_flags: UNKNOWN,
+            ct_ext: UNKNOWN,
+            ext_seqadj: UNKNOWN,
+            seqadj_seq: UNKNOWN,
+            seqadj_size: UNKNOWN,
+            seqadj_pos: UNKNOWN,
+            seqadj_before: UNKNOWN,
+            seqadj_after: UNKNOWN,
             log_type: UNKNOWN,
             log_value: UNKNOWN,
             task_nr_migrations: UNKNOWN,

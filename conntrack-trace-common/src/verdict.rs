@@ -1,6 +1,10 @@
 //! What `nf_conntrack_in` decided about a packet: the one event per packet the tracer emits.
 
-use crate::{SNAP_LEN, ct::CtSnapshot, reason::Reason};
+use crate::{
+    SNAP_LEN,
+    ct::{CtSnapshot, SeqAdj},
+    reason::Reason,
+};
 
 /// `PacketEvent::verdict`.
 #[allow(clippy::module_inception)] // verdict::verdict::INVALID reads as what it is.
@@ -49,6 +53,9 @@ pub struct PacketEvent {
     pub headers: [u8; SNAP_LEN],
     pub ct: CtSnapshot,
     pub reason: Reason,
+    /// Part of the entry's snapshot, valid with `ct::CT_HAS_SEQADJ`. Last, so a recording
+    /// made before it existed reads as this event with it zeroed (`record` pads them).
+    pub seqadj: SeqAdj,
 }
 
 impl PacketEvent {

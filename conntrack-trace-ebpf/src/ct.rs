@@ -1,6 +1,9 @@
 //! Snapshot of a `struct nf_conn`: tuples, TCP state and both directions' window.
 
-use conntrack_trace_common::ct::{CT_HAS_TCP, CT_VALID, CtSnapshot, TUPLE_SIZE};
+use conntrack_trace_common::ct::{
+    CT_HAS_SEQADJ, CT_HAS_TCP, CT_VALID, CtSnapshot, SeqAdj, TUPLE_SIZE,
+};
+use conntrack_trace_common::offsets::UNKNOWN;
 use conntrack_trace_common::window::TcpWindow;
 
 use crate::read::{bytes, field, offsets};
@@ -9,10 +12,10 @@ use crate::read::{bytes, field, offsets};
 const IP_CT_IS_REPLY: u64 = 3;
 const NFCT_INFOMASK: u64 = 7;
 
-/// Reads `ct` into `snap`. `nfct` is the packet's `skb->_nfct` at the time, which says the
-/// packet's direction.
+/// Reads `ct` into `snap` (and, for TCP, its seqadj extension into `adj`). `nfct` is the
+/// packet's `skb->_nfct` at the time, which says the packet's direction.
 #[inline(always)]
-pub fn snapshot(ct: u64, nfct: u64, snap: &mut CtSnapshot) {
+pub fn snapshot(ct: u64, nfct: u64, snap: &mut CtSnapshot, adj: &mut SeqAdj) {
     let off = offsets();
     if ct == 0 || !off.has_ct() {
         return;
@@ -45,7 +48,41 @@ pub fn snapshot(ct: u64, nfct: u64, snap: &mut CtSnapshot) {
             window(ct, off.ct_tcp_seen + off.tcp_seen_size, &mut snap.seen[1]);
         }
         snap.flags |= CT_HAS_TCP;
+        if seqadj(ct, snap.dir, adj) {
+            snap.flags |= CT_HAS_SEQADJ;
+        }
     }
+}
+
+/// `nfct_seqadj(ct)->seq[!dir]`, when the entry has the extension: a few reads, made only
+/// for packets being reported.
+#[inline(always)]
+fn seqadj(ct: u64, dir: u8, adj: &mut SeqAdj) -> bool {
+    let off = offsets();
+    if off.seqadj_seq == UNKNOWN || off.seqadj_size == UNKNOWN {
+        return false;
+    }
+    let Some(ext) = field::<u64>(ct, off.ct_ext) else {
+        return false;
+    };
+    // `nf_ct_ext.offset[NF_CT_EXT_SEQADJ]`: 0 when the extension is absent.
+    let at = match field::<u8>(ext, off.ext_seqadj) {
+        Some(at) if at != 0 => at,
+        _ => return false,
+    };
+    let base =
+        ext + at as u64 + off.seqadj_seq as u64 + u64::from(dir ^ 1) * off.seqadj_size as u64;
+    let (Some(pos), Some(before), Some(after)) = (
+        field::<u32>(base, off.seqadj_pos),
+        field::<i32>(base, off.seqadj_before),
+        field::<i32>(base, off.seqadj_after),
+    ) else {
+        return false;
+    };
+    adj.correction_pos = pos;
+    adj.offset_before = before;
+    adj.offset_after = after;
+    true
 }
 
 #[inline(always)]

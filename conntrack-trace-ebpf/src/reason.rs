@@ -87,7 +87,7 @@ fn record(ctx: &ProbeContext, conn: u64, state: u64, proto: u8, fmt_idx: u64) ->
     if r.fmt[0] == b'%' && r.fmt[1] == b's' {
         fmt_into(r.args[0], &mut r.arg);
     }
-    ct::snapshot(conn, nfct, &mut f.event.ct);
+    ct::snapshot(conn, nfct, &mut f.event.ct, &mut f.event.seqadj);
     if r.l4proto == 0 {
         r.l4proto = f.event.ct.tuples[0].protonum;
     }

@@ -89,7 +89,7 @@ pub fn nf_tcp_log_invalid_struct(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn finish(f: &mut Frame, skb: u64, conn: u64) {
     let (nfct, _) = ct::of_skb(skb);
-    ct::snapshot(conn, nfct, &mut f.event.ct);
+    ct::snapshot(conn, nfct, &mut f.event.ct, &mut f.event.seqadj);
     f.event.flags |= HAS_REASON;
     verdict::reason_logged(f);
 }

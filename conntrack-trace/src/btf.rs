@@ -319,6 +319,45 @@ impl KernelBtf {
         Ok(self.composite(name)?.size())
     }
 
+    /// The value of `member` in `enum name`: ids like `enum nf_ct_ext_id`'s depend on the
+    /// kernel's configuration.
+    fn enum_value(&self, name: &str, member: &str) -> Result<u32> {
+        let types = self.btf.resolve_types_by_name(name).unwrap_or_default();
+        let e = types
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Enum(e) if !e.members.is_empty() => Some(e),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("BTF has no enum {name}"))?;
+        e.members
+            .iter()
+            .find(|m| self.btf.resolve_name(*m).is_ok_and(|n| n == member))
+            .map(|m| m.val())
+            .ok_or_else(|| anyhow!("enum {name} has no {member}"))
+    }
+
+    /// Where the kernel side finds the seqadj extension of an entry (`nfct_seqadj`), for the
+    /// ACK correction `tcp_in_window` makes. Its `struct nf_ct_ext` changed between
+    /// versions and the extension's id depends on the kernel's configuration.
+    fn seqadj_offsets(&self, o: &mut Offsets) -> Result<()> {
+        let id = self.enum_value("nf_ct_ext_id", "NF_CT_EXT_SEQADJ")?;
+        let (offsets, size) = self.offset_of("nf_ct_ext", "offset")?;
+        if id as usize >= size {
+            bail!("NF_CT_EXT_SEQADJ is {id}, past nf_ct_ext.offset[{size}]");
+        }
+        let pos = self.field("nf_ct_seqadj", "correction_pos", 4)?;
+        let before = self.field("nf_ct_seqadj", "offset_before", 4)?;
+        let after = self.field("nf_ct_seqadj", "offset_after", 4)?;
+        let seq = self.offset_of("nf_conn_seqadj", "seq[0]")?.0;
+        let dir_size = self.struct_size("nf_ct_seqadj")? as u32;
+        o.ct_ext = self.field("nf_conn", "ext", 8)?;
+        o.ext_seqadj = offsets + id;
+        (o.seqadj_seq, o.seqadj_size) = (seq, dir_size);
+        (o.seqadj_pos, o.seqadj_before, o.seqadj_after) = (pos, before, after);
+        Ok(())
+    }
+
     /// The BTF type id of function `name` (in the module's split BTF when it is there, whose
     /// ids continue vmlinux's), and the name of the kernel BTF object that holds it.
     pub fn func_id(&self, name: &str) -> Option<(u32, &'static str)> {
@@ -455,6 +494,12 @@ impl KernelBtf {
                     "window flags",
                     self.field("ip_ct_tcp_state", "flags", 1),
                 );
+                // Left UNKNOWN where BTF lacks any of it: the ACK checks are then explained
+                // without the NAT helpers' sequence adjustment. No plan note: nothing on
+                // the node could supply it.
+                if let Err(e) = self.seqadj_offsets(&mut o) {
+                    log::debug!("seqadj extension: {e:#}");
+                }
             }
         }
         if self.composite("nf_tcp_invalid_log").is_ok() {
@@ -540,6 +585,25 @@ mod tests {
                 o.tcp_td_maxack
             ),
             (0, 4, 8, 12)
+        );
+        // struct nf_ct_seqadj { u32 correction_pos; s32 offset_before; s32 offset_after; },
+        // one per direction, found through the extension area's offset table.
+        assert_eq!(
+            (
+                o.seqadj_pos,
+                o.seqadj_before,
+                o.seqadj_after,
+                o.seqadj_seq,
+                o.seqadj_size
+            ),
+            (0, 4, 8, 0, 12),
+            "{notes:?}"
+        );
+        assert_ne!(o.ct_ext, offsets_unknown());
+        let (table, len) = k.offset_of("nf_ct_ext", "offset").unwrap();
+        assert!(
+            o.ext_seqadj > table && o.ext_seqadj < table + len as u32,
+            "{o:?}"
         );
     }
 

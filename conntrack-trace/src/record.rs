@@ -3,7 +3,9 @@
 //! incident, and as real captured fixtures for the tests and benchmarks.
 //!
 //! Format: magic, the ABI's struct sizes (a file from another ABI is refused, not misread),
-//! the recording machine's boot time, then `u32 length (LE) + record` repeated. A file ends
+//! the recording machine's boot time, then `u32 length (LE) + record` repeated. One older
+//! ABI is read: the one before `PacketEvent::seqadj`, whose packet records are that much
+//! shorter and are padded with zeros (no seqadj extension). A file ends
 //! after any whole record; a tracer killed mid-write leaves a cut last record, which `replay`
 //! reports with its offset after printing the rest.
 
@@ -16,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use conntrack_trace_common::{reset::ResetEvent, verdict::PacketEvent};
+use conntrack_trace_common::{ct::SeqAdj, kind, reset::ResetEvent, verdict::PacketEvent};
 
 use crate::{
     events::{Events, Stop},
@@ -34,6 +36,12 @@ fn sizes() -> [u32; 2] {
         size_of::<PacketEvent>() as u32,
         size_of::<ResetEvent>() as u32,
     ]
+}
+
+/// The struct sizes of recordings made before `PacketEvent` ended with `seqadj`.
+fn sizes_before_seqadj() -> [u32; 2] {
+    let [packet, reset] = sizes();
+    [packet - size_of::<SeqAdj>() as u32, reset]
 }
 
 pub struct Recorder<W: Write> {
@@ -127,6 +135,8 @@ pub struct Reader<R> {
     clock: Clock,
     /// Bytes consumed so far: where the next record starts.
     offset: u64,
+    /// A recording from before `PacketEvent::seqadj`: packet records get it zeroed.
+    before_seqadj: bool,
 }
 
 impl<R: Read> Reader<R> {
@@ -142,7 +152,8 @@ impl<R: Read> Reader<R> {
         }
         let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         let got = [word(8), word(12)];
-        if got != sizes() {
+        let before_seqadj = got == sizes_before_seqadj();
+        if got != sizes() && !before_seqadj {
             bail!(
                 "recorded with another event ABI (struct sizes {got:?}, this build {:?})",
                 sizes()
@@ -155,6 +166,7 @@ impl<R: Read> Reader<R> {
             input,
             clock: Clock::from_boot_wall(boot),
             offset: HEADER as u64,
+            before_seqadj,
         })
     }
 
@@ -195,6 +207,12 @@ impl<R: Read> Reader<R> {
             });
         }
         self.offset = start + 4 + n as u64;
+        if self.before_seqadj
+            && n == sizes_before_seqadj()[0] as usize
+            && buf[..4] == kind::PACKET.to_ne_bytes()
+        {
+            buf.resize(size_of::<PacketEvent>(), 0);
+        }
         Ok(true)
     }
 }
@@ -296,6 +314,35 @@ mod tests {
                 .contains("another event ABI")
         );
         assert!(read(&buf[..buf.len() - 1]).is_err(), "truncated");
+    }
+
+    /// A recording made before `PacketEvent::seqadj` existed reads on, its packet records
+    /// padded to the current event with the extension absent; other records stay as they are.
+    #[test]
+    fn a_recording_from_before_seqadj_reads_as_events_without_it() {
+        let [old_packet, reset] = sizes_before_seqadj();
+        let mut file = MAGIC.to_vec();
+        for s in [old_packet, reset] {
+            file.extend_from_slice(&s.to_le_bytes());
+        }
+        file.extend_from_slice(&0u64.to_le_bytes());
+        let mut packet = vec![0x5a; old_packet as usize];
+        packet[..4].copy_from_slice(&kind::PACKET.to_ne_bytes());
+        let other = [7u8; 12];
+        for rec in [&packet[..], &other[..]] {
+            file.extend_from_slice(&(rec.len() as u32).to_le_bytes());
+            file.extend_from_slice(rec);
+        }
+        let (_, recs) = read(&file[..]).unwrap();
+        assert_eq!(recs[0].len(), size_of::<PacketEvent>());
+        assert_eq!(
+            recs[0][..packet.len()],
+            packet[..],
+            "the old bytes kept in place"
+        );
+        let ev = crate::verdict::parse(&recs[0]).unwrap();
+        assert_eq!(ev.seqadj, SeqAdj::default());
+        assert_eq!(recs[1], other);
     }
 
     fn recording(records: &[&[u8]]) -> Vec<u8> {

@@ -363,8 +363,14 @@ mod tests {
         ] {
             inv.pkt.tcp.as_mut().unwrap().ack = ack;
             let (seen, tcp) = ([w(1, 65535), w(5000, 65535)], inv.pkt.tcp.as_ref().unwrap());
-            inv.window =
-                window::explain(crate::reason::ReasonCode::AckOver, None, seen, false, tcp);
+            inv.window = window::explain(
+                crate::reason::ReasonCode::AckOver,
+                None,
+                seen,
+                false,
+                None,
+                tcp,
+            );
             assert_eq!(incident(&inv).effect(), want, "ack {ack}");
         }
     }

@@ -181,6 +181,10 @@ pub struct WindowLine {
     /// Bytes past the bound.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub excess: Option<u32>,
+    /// ACK checks on an entry a NAT helper changed a payload length of: what the kernel
+    /// added to the ACK (and SACK edge) before comparing, when not 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seqadj: Option<i32>,
     /// The check in words, with the numbers.
     pub explain: String,
 }
@@ -671,6 +675,7 @@ mod from_records {
                     receiver: SideLine::of(&w.receiver),
                     bound: w.bound,
                     excess: w.excess,
+                    seqadj: w.seqadj,
                     explain: w.to_string(),
                 }),
                 ct: r.ct.as_ref().map(CtLine::of),

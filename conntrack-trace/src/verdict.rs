@@ -10,7 +10,9 @@ use std::{
 
 use anyhow::{Result, bail};
 use conntrack_trace_common::{
-    closed_set, string_schema,
+    closed_set,
+    ct::CT_HAS_SEQADJ,
+    string_schema,
     verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, LostKey, PacketEvent, verdict},
 };
 use etherparse::{
@@ -431,7 +433,15 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
     if let (Some(reason), Some(tcp), Some(ct)) = (&r.reason, &r.pkt.tcp, &r.ct)
         && ct.state.is_some()
     {
-        r.window = window::explain(reason.code, reason.value, e.ct.seen, ct.reply_dir, tcp);
+        let seqadj = (e.ct.flags & CT_HAS_SEQADJ != 0).then_some(&e.seqadj);
+        r.window = window::explain(
+            reason.code,
+            reason.value,
+            e.ct.seen,
+            ct.reply_dir,
+            seqadj,
+            tcp,
+        );
     }
     r
 }

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use conntrack_trace_common::window::TcpWindow;
+use conntrack_trace_common::{ct::SeqAdj, window::TcpWindow};
 
 use crate::{reason::ReasonCode, verdict::Tcp};
 
@@ -27,11 +27,16 @@ pub struct Explained {
     pub bound: Option<u32>,
     /// How far past the bound the packet was, in bytes (at least 1 when the check failed).
     pub excess: Option<u32>,
+    /// For the ACK checks, what the NAT helpers' sequence adjustment added to the packet's
+    /// ACK before the kernel compared it (the negated `nf_ct_seq_offset`), when not 0.
+    pub seqadj: Option<i32>,
     check: Check,
     /// The packet's number the check was about (seq, ack or segment end), and its window.
     value: u32,
-    /// For the ACK checks, the header's ACK when a SACK block moved the number compared.
+    /// For the ACK checks, the header's ACK when a SACK block or the sequence adjustment
+    /// moved the number compared, and whether a SACK block did.
     header_ack: Option<u32>,
+    sack: bool,
     win: u16,
     syn: bool,
 }
@@ -91,12 +96,31 @@ impl Explained {
 impl Explained {
     /// The number the ACK checks compared: the header's ACK, or the SACK edge that replaced it.
     fn write_ack(&self, out: &mut Vec<u8>) {
-        let v = self.value;
-        match self.header_ack {
-            Some(ack) => put!(out; "SACK right edge " v " (extending ack " ack ")"),
-            None => put!(out; "ack " v),
+        let (v, ack) = (self.value, self.header_ack.unwrap_or(self.value));
+        match (self.sack, self.seqadj) {
+            (true, None) => put!(out; "SACK right edge " v " (extending ack " ack ")"),
+            (true, Some(adj)) => {
+                put!(out; "SACK right edge " v " (extending ack " ack ", ");
+                write_seqadj(out, adj);
+                put!(out; " applied)")
+            }
+            (false, Some(adj)) => {
+                put!(out; "ack " v " (");
+                write_seqadj(out, adj);
+                put!(out; " applied to ack " ack ")")
+            }
+            (false, None) => put!(out; "ack " v),
         }
     }
+}
+
+/// "NAT helper sequence adjustment -6", with the sign either way.
+fn write_seqadj(out: &mut Vec<u8>, adj: i32) {
+    put!(out; "NAT helper sequence adjustment ");
+    if adj > 0 {
+        out.push(b'+');
+    }
+    put!(out; adj);
 }
 
 impl fmt::Display for Explained {
@@ -123,11 +147,24 @@ fn seg_end(t: &Tcp) -> u32 {
 /// `IP_CT_TCP_FLAG_SACK_PERM`: the receiver agreed to SACK, so the kernel reads SACK blocks.
 const SACK_PERM: u8 = 0x02;
 
+/// `nf_ct_seq_offset`: the offset a NAT helper's length change put on sequence numbers
+/// after its correction position (`after(seq, correction_pos)`), or the one before.
+fn seq_offset(adj: &SeqAdj, seq: u32) -> i32 {
+    if (adj.correction_pos.wrapping_sub(seq) as i32) < 0 {
+        adj.offset_after
+    } else {
+        adj.offset_before
+    }
+}
+
+/// `seqadj` is the entry's seqadj extension for the direction opposite the packet's, when it
+/// has one.
 pub fn explain(
     code: ReasonCode,
     kernel_bound: Option<u32>,
     seen: [TcpWindow; 2],
     reply_dir: bool,
+    seqadj: Option<&SeqAdj>,
     tcp: &Tcp,
 ) -> Option<Explained> {
     let (sender, receiver) = if reply_dir {
@@ -141,7 +178,10 @@ pub fn explain(
     let sack = tcp
         .sack
         .filter(|&s| receiver.flags & SACK_PERM != 0 && s != tcp.ack);
-    let ack = sack.unwrap_or(tcp.ack);
+    // Then both are taken back by the NAT helpers' sequence adjustment of what the ACK
+    // acknowledges: `ack -= nf_ct_seq_offset(ct, !dir, ack - 1)`, the same for `sack`.
+    let offset = seqadj.map_or(0, |a| seq_offset(a, tcp.ack.wrapping_sub(1)));
+    let ack = sack.unwrap_or(tcp.ack).wrapping_sub(offset as u32);
     let (check, bound, value) = match code {
         ReasonCode::SeqOver => (
             Check::SeqOver,
@@ -181,18 +221,19 @@ pub fn explain(
             .map(|n| n.wrapping_sub(1))
             .unwrap_or(end.wrapping_sub(sender.maxend)),
     };
-    let header_ack = match check {
-        Check::AckOver | Check::AckUnder => sack.map(|_| tcp.ack),
-        _ => None,
-    };
+    let ack_check = matches!(check, Check::AckOver | Check::AckUnder);
+    let seqadj = (ack_check && offset != 0).then(|| offset.wrapping_neg());
+    let header_ack = (ack_check && (sack.is_some() || seqadj.is_some())).then_some(tcp.ack);
     Some(Explained {
         sender,
         receiver,
         bound: Some(bound),
         excess: Some(excess),
+        seqadj,
         check,
         value,
         header_ack,
+        sack: ack_check && sack.is_some(),
         win: tcp.win,
         syn: tcp.flags.contains(b'S'),
     })
@@ -233,6 +274,7 @@ mod tests {
             Some(967),
             seen,
             false,
+            None,
             &tcp(1000, 5000, 10, "PA"),
         )
         .unwrap();
@@ -249,6 +291,7 @@ mod tests {
             None,
             seen,
             false,
+            None,
             &tcp(1000, 5000, 10, "PA"),
         )
         .unwrap();
@@ -258,7 +301,15 @@ mod tests {
     #[test]
     fn direction_picks_sender_and_receiver() {
         let seen = [w(100, 200, 300), w(1000, 2000, 3000)];
-        let e = explain(ReasonCode::AckOver, None, seen, true, &tcp(0, 150, 0, "A")).unwrap();
+        let e = explain(
+            ReasonCode::AckOver,
+            None,
+            seen,
+            true,
+            None,
+            &tcp(0, 150, 0, "A"),
+        )
+        .unwrap();
         assert_eq!(e.sender, seen[1]);
         assert_eq!(e.bound, Some(101), "receiver (original dir) end + 1");
         assert_eq!(e.excess, Some(50));
@@ -273,6 +324,7 @@ mod tests {
             None,
             seen,
             false,
+            None,
             &tcp(u32::MAX - 200, 0, 50, "A"),
         )
         .unwrap();
@@ -286,11 +338,148 @@ mod tests {
             None,
             [w(0, 0, 70000), w(100000, 0, 0)],
             false,
+            None,
             &tcp(0, 10, 0, "A"),
         )
         .unwrap();
         assert_eq!(e.bound, Some(100000 - 70000 - 1));
         assert_eq!(e.excess, Some(29999 - 10 + 1));
-        assert!(explain(ReasonCode::BadFlags, None, seen, false, &tcp(0, 0, 0, "SR")).is_none());
+        assert!(
+            explain(
+                ReasonCode::BadFlags,
+                None,
+                seen,
+                false,
+                None,
+                &tcp(0, 0, 0, "SR")
+            )
+            .is_none()
+        );
+    }
+
+    fn adj(correction_pos: u32, offset_before: i32, offset_after: i32) -> SeqAdj {
+        SeqAdj {
+            correction_pos,
+            offset_before,
+            offset_after,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn ack_over_takes_the_helpers_offset_off_the_ack() {
+        // The client (original direction) sent up to td_end 2000; an FTP helper grew its
+        // segment at seq 1500 by 6 bytes, so the server acknowledges in a space 6 ahead.
+        // A reply ACK 2010: ack - 1 = 2009 is after 1500, offset_after 6 applies, the
+        // kernel compares 2010 - 6 = 2004 with td_end + 1 = 2001: 2004 - 2000 = 4 bytes over.
+        let seen = [w(2000, 0, 0), w(9000, 0, 0)];
+        let a = adj(1500, 0, 6);
+        let t = tcp(9000, 2010, 0, "A");
+        let e = explain(ReasonCode::AckOver, None, seen, true, Some(&a), &t).unwrap();
+        assert_eq!(
+            (e.bound, e.excess, e.seqadj),
+            (Some(2001), Some(4), Some(-6))
+        );
+        assert!(
+            e.to_string().starts_with(
+                "ack 2004 (NAT helper sequence adjustment -6 applied to ack 2010) is 4 bytes \
+                 past the highest sequence the other side sent (2000);"
+            ),
+            "{e}"
+        );
+        // The kernel's own bound (6.1+) gives the same number.
+        let k = explain(ReasonCode::AckOver, Some(2001), seen, true, Some(&a), &t).unwrap();
+        assert_eq!(k.excess, Some(4));
+    }
+
+    #[test]
+    fn the_offset_is_chosen_by_ack_minus_one_against_the_correction_position() {
+        let seen = [w(2000, 0, 0), w(9000, 0, 0)];
+        // ack 1501: ack - 1 = 1500 is not after 1500, so offset_before (-2) applies and
+        // the kernel compares 1501 + 2 = 1503 with td_end + 1 = 2001: under, not over. Asked
+        // as AckOver anyway, the excess wraps, which shows the -2 was taken.
+        let a = adj(1500, -2, 6);
+        let e = explain(
+            ReasonCode::AckUnder,
+            None,
+            [w(0, 0, 70000), w(100000, 0, 0)],
+            false,
+            Some(&a),
+            &tcp(0, 1501, 0, "A"),
+        )
+        .unwrap();
+        // bound = receiver end 100000 - max(70000, 66000) - 1 = 29999;
+        // excess = 29999 - 1503 + 1 = 28497.
+        assert_eq!(
+            (e.bound, e.excess, e.seqadj),
+            (Some(29999), Some(28497), Some(2))
+        );
+        assert!(e.to_string().starts_with(
+            "ack 1503 (NAT helper sequence adjustment +2 applied to ack 1501) is 28497 bytes below"
+        ), "{e}");
+        // ack 1502: ack - 1 = 1501 is after 1500, offset_after 6: 1502 - 6 = 1496.
+        let e = explain(
+            ReasonCode::AckUnder,
+            None,
+            [w(0, 0, 70000), w(100000, 0, 0)],
+            false,
+            Some(&a),
+            &tcp(0, 1502, 0, "A"),
+        )
+        .unwrap();
+        assert_eq!((e.excess, e.seqadj), (Some(29999 - 1496 + 1), Some(-6)));
+        // Across the wrap: correction at 2^32 - 10, ack 5 (ack - 1 = 4 is 14 after it).
+        let a = adj(u32::MAX - 9, 0, 3);
+        let e = explain(
+            ReasonCode::AckOver,
+            None,
+            seen,
+            true,
+            Some(&a),
+            &tcp(0, 5, 0, "A"),
+        );
+        // 5 - 3 = 2 compared with bound 2001: excess 2 - 2001 + 1 wraps to 2^32 - 1998.
+        assert_eq!(e.unwrap().excess, Some(u32::MAX - 1997));
+    }
+
+    #[test]
+    fn a_zero_offset_changes_nothing_and_seq_checks_ignore_it() {
+        let seen = [w(2000, 0, 0), w(9000, 0, 0)];
+        let a = adj(1500, 0, 0);
+        let t = tcp(9000, 2010, 0, "A");
+        let e = explain(ReasonCode::AckOver, None, seen, true, Some(&a), &t).unwrap();
+        let plain = explain(ReasonCode::AckOver, None, seen, true, None, &t).unwrap();
+        assert_eq!((e.excess, e.seqadj), (Some(10), None));
+        assert_eq!(e.to_string(), plain.to_string());
+        // The SEQ checks are about the packet's own numbers, which seqadj does not touch.
+        let a = adj(0, 100, 100);
+        let s = [w(1000, 966, 65535), w(5000, 70000, 64000)];
+        let t = tcp(1000, 5000, 10, "PA");
+        let e = explain(ReasonCode::SeqOver, None, s, false, Some(&a), &t).unwrap();
+        assert_eq!((e.excess, e.seqadj), (Some(34), None));
+    }
+
+    #[test]
+    fn sack_edge_and_offset_together() {
+        // Receiver permitted SACK; header ack 2000, SACK edge 2100; ack - 1 = 1999 is after
+        // 1500: offset 6 off the edge gives 2094, against bound 2001: 2094 - 2000 = 94 over.
+        let mut receiver = w(2000, 0, 0);
+        receiver.flags = SACK_PERM;
+        let seen = [receiver, w(9000, 0, 0)];
+        let mut t = tcp(9000, 2000, 0, "A");
+        t.sack = Some(2100);
+        let e = explain(
+            ReasonCode::AckOver,
+            None,
+            seen,
+            true,
+            Some(&adj(1500, 0, 6)),
+            &t,
+        );
+        let e = e.unwrap();
+        assert_eq!((e.excess, e.seqadj), (Some(94), Some(-6)));
+        assert!(e.to_string().starts_with(
+            "SACK right edge 2094 (extending ack 2000, NAT helper sequence adjustment -6 applied)"
+        ), "{e}");
     }
 }

@@ -482,7 +482,7 @@ fn unreadable_or_corrupt_recordings_are_refused() {
         &["not a conntrack-trace recording (bad magic)"],
     );
     let mut other_abi = good.clone();
-    other_abi[8] ^= 0x10;
+    other_abi[8] ^= 0x01;
     corrupt(
         "other-abi",
         &other_abi,

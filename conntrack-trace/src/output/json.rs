@@ -167,6 +167,7 @@ fn write_event(o: &mut Vec<u8>, r: &Record, time: Stamp, hint: Option<HintOut>) 
         field!(o, "receiver", side(&w.receiver));
         field!(o, "bound"?, num(w.bound));
         field!(o, "excess"?, num(w.excess));
+        field!(o, "seqadj"?, num(w.seqadj));
         key!(o, "explain");
         o.push(b'"');
         w.write_into(o);
@@ -477,6 +478,9 @@ mod tests {
                 }
                 if let Some(e) = w.excess {
                     x["excess"] = e.into();
+                }
+                if let Some(a) = w.seqadj {
+                    x["seqadj"] = a.into();
                 }
                 x
             }),
@@ -861,7 +865,14 @@ mod tests {
                     value: None,
                     ours: false,
                 }),
-                window: window::explain(reason::ReasonCode::SeqOver, None, [w, w], false, &tcp),
+                window: window::explain(
+                    reason::ReasonCode::SeqOver,
+                    None,
+                    [w, w],
+                    false,
+                    None,
+                    &tcp,
+                ),
                 netns: Some(7),
                 owner: Some(Arc::new(nasty_owner(1))),
                 ifindex: Some(0),
