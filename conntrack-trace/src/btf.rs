@@ -2,13 +2,15 @@
 //! `/sys/kernel/btf/vmlinux` and the split module BTF `/sys/kernel/btf/nf_conntrack`.
 
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use btf_rs::{Backend, Btf, BtfType as _, Type};
 use conntrack_trace_common::{ct::TUPLE_SIZE, offsets::Offsets};
+
+use crate::bpf_sys::{self, Object};
 
 pub struct KernelBtf {
     /// vmlinux, with nf_conntrack's split BTF on top when the kernel has module BTF.
@@ -59,41 +61,8 @@ pub struct BtfFunc {
 impl BtfFunc {
     /// A file descriptor for the BTF object, as `BPF_PROG_LOAD` wants it.
     pub fn object_fd(&self) -> std::io::Result<OwnedFd> {
-        object_fd(self.object_id)
+        bpf_sys::fd_by_id(Object::Btf, self.object_id)
     }
-}
-
-/// A file descriptor for the kernel BTF object with this id.
-fn object_fd(id: u32) -> std::io::Result<OwnedFd> {
-    let mut attr = IdAttr {
-        id,
-        ..Default::default()
-    };
-    let fd = bpf(BPF_BTF_GET_FD_BY_ID, &mut attr)?;
-    // SAFETY: the kernel returned a new fd that nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-// bpf(2) commands (uapi `enum bpf_cmd`; libc does not carry them).
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
-const BPF_BTF_GET_FD_BY_ID: libc::c_int = 19;
-const BPF_BTF_GET_NEXT_ID: libc::c_int = 23;
-
-/// `union bpf_attr` as the `*_GET_NEXT_ID` / `*_GET_FD_BY_ID` commands read it.
-#[repr(C)]
-#[derive(Default)]
-struct IdAttr {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
-
-/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
-#[repr(C)]
-struct InfoAttr {
-    fd: u32,
-    info_len: u32,
-    info: u64,
 }
 
 /// `struct bpf_btf_info` (5.11+ with name and kernel_btf).
@@ -108,58 +77,30 @@ struct BtfInfo {
     kernel_btf: u32,
 }
 
-/// bpf(2) with `attr` as the command's prefix of `union bpf_attr` (a `#[repr(C)]` struct
-/// with no padding, since the kernel rejects non-zero bytes it does not know). `attr` is
-/// mutable: the kernel writes results into it (`next_id`).
-pub fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> std::io::Result<i32> {
-    // SAFETY: attr is a live, fully initialised prefix of `union bpf_attr` of the given size.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(r as i32)
-}
-
 /// The id of the kernel's BTF object called `name` ("vmlinux" or a module), from the kernel's
 /// list of loaded BTF objects. None when the kernel has none by that name (before 5.11 module
 /// BTF is never listed).
 pub fn kernel_object_id(name: &str) -> std::io::Result<Option<u32>> {
-    let mut attr = IdAttr::default();
-    loop {
-        match bpf(BPF_BTF_GET_NEXT_ID, &mut attr) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        attr.id = attr.next_id;
+    for id in bpf_sys::ids(Object::Btf)? {
         // An object can go away between the two calls (a program's BTF, an unloaded module).
-        let Ok(fd) = object_fd(attr.id) else { continue };
+        let Ok(fd) = bpf_sys::fd_by_id(Object::Btf, id) else {
+            continue;
+        };
         let mut buf = [0u8; 64];
         let mut info = BtfInfo {
             name: buf.as_mut_ptr() as u64,
             name_len: buf.len() as u32,
             ..Default::default()
         };
-        let mut get = InfoAttr {
-            fd: fd.as_raw_fd() as u32,
-            info_len: std::mem::size_of::<BtfInfo>() as u32,
-            info: &raw mut info as u64,
-        };
-        if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut get).is_err() || info.kernel_btf == 0 {
+        if bpf_sys::info(fd.as_fd(), &mut info).is_err() || info.kernel_btf == 0 {
             continue;
         }
         let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
         if &buf[..len] == name.as_bytes() {
-            return Ok(Some(attr.id));
+            return Ok(Some(id));
         }
     }
+    Ok(None)
 }
 
 impl KernelBtf {

@@ -1,6 +1,7 @@
 //! conntrack-trace: see, live, every packet netfilter conntrack marks INVALID, and why.
 //! The library holds everything; `main.rs` is the command line.
 
+pub mod bpf_sys;
 pub mod btf;
 pub mod check;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod events;
 pub mod filter;
 pub mod hints;
 pub mod metrics;
+pub mod misses;
 pub mod output;
 pub mod owner;
 pub mod plan;

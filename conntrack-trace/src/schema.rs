@@ -299,6 +299,10 @@ pub struct SummaryLine<'a> {
     pub drop: u64,
     pub lost: u64,
     pub recursion_misses: u64,
+    /// Hits the kernel could not run a kprobe or kretprobe of ours for; absent where the
+    /// kernel does not report them (before 6.7) and in a replay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kprobe_misses: Option<u64>,
     pub untracked: u64,
     pub orphan_reasons: u64,
     pub resets: u64,

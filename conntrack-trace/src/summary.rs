@@ -38,7 +38,11 @@ pub struct Summary {
     pub lost: u64,
     /// Runs of our programs the kernel skipped (`recursion_misses` of each program).
     pub recursion_misses: u64,
-    /// `nf_conntrack_in` calls nested too deep to track (their verdicts were not seen).
+    /// Hits of our kprobes and kretprobes the kernel could not run them for (their links'
+    /// `missed`); None where the kernel does not report them (before 6.7) or in a replay.
+    pub kprobe_misses: Option<u64>,
+    /// `nf_conntrack_in` calls the kprobe pair could not pair (their verdicts were not
+    /// seen): an upper bound.
     pub untracked: u64,
     /// Reasons the kernel logged for a packet whose `nf_conntrack_in` call was not being
     /// tracked (`--exact`; e.g. a call already running when the probes attached): not reported.
@@ -74,6 +78,7 @@ pub struct Summary {
 pub struct Ending<'a> {
     pub lost: u64,
     pub recursion_misses: u64,
+    pub kprobe_misses: Option<u64>,
     pub untracked: u64,
     pub orphan_reasons: u64,
     pub seconds: f64,
@@ -93,6 +98,7 @@ impl Summary {
     pub fn finish(&mut self, e: Ending) {
         self.lost = e.lost;
         self.recursion_misses = e.recursion_misses;
+        self.kprobe_misses = e.kprobe_misses;
         self.untracked = e.untracked;
         self.orphan_reasons = e.orphan_reasons;
         self.seconds = e.seconds;

@@ -26,6 +26,7 @@ use crate::{
     events::{Events, Stop},
     hints::{Hints, Node},
     metrics::Metrics,
+    misses::{self, Misses},
     output::{Loss, Output},
     owner::OwnerCache,
     plan::{Flavor, Plan, Program, Want},
@@ -117,39 +118,22 @@ fn flush(
     out.flush()
 }
 
-/// Runs of our programs the kernel skipped because a BPF program was already running on
-/// that CPU: `recursion_misses` in each program's fdinfo (5.12+; absent before, then 0).
-fn recursion_misses(bpf: &Ebpf) -> u64 {
-    bpf.programs()
-        .filter_map(|(_, p)| p.fd().ok())
-        .filter_map(program_recursion_misses)
-        .sum()
-}
-
-fn program_recursion_misses(fd: &aya::programs::ProgramFd) -> Option<u64> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let raw = fd.as_fd().as_raw_fd();
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("recursion_misses:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Writes a `lost` line for each cause (ring full, skipped runs) that grew since `reported`,
 /// which it updates, and counts it in the metrics; true when it wrote any.
 fn report_losses(
     out: &mut dyn Output,
     metrics: Option<&Metrics>,
-    reported: &mut [u64; 3],
-    now: [u64; 3],
+    reported: &mut [u64; 4],
+    now: [u64; 4],
 ) -> io::Result<bool> {
     let mut wrote = false;
-    for ((told, now), cause) in
-        reported
-            .iter_mut()
-            .zip(now)
-            .zip([Loss::RingFull, Loss::Recursion, Loss::Unpaired])
-    {
+    let causes = [
+        Loss::RingFull,
+        Loss::Recursion,
+        Loss::Unpaired,
+        Loss::KprobeMissed,
+    ];
+    for ((told, now), cause) in reported.iter_mut().zip(now).zip(causes) {
         if now > *told {
             if let Some(m) = metrics {
                 m.lost(cause, now - *told);
@@ -283,12 +267,16 @@ struct Session {
     events: Events,
     owners: OwnerCache,
     /// What the stream has been told so far: ring-full losses, skipped program runs,
-    /// verdicts the kprobe pair could not pair.
-    reported: [u64; 3],
+    /// verdicts the kprobe pair could not pair, kprobe hits the kernel missed.
+    reported: [u64; 4],
     /// Unpaired returns counted before the session began: calls already running when the
     /// pair attached, whose entry came before it. Not part of the traced window, as the
     /// kernel's counters read at the same moment are not.
     unpaired_before: u64,
+    /// The kprobe links, to read what the kernel missed; and what it had missed before the
+    /// session began, left out as `unpaired_before` is.
+    misses: Misses,
+    kprobe_before: u64,
     /// The kernel's counters per namespace once attached.
     ns_before: BTreeMap<u64, counters::Stats>,
     started: Instant,
@@ -299,6 +287,12 @@ struct Session {
 impl Session {
     fn unpaired(&self) -> u64 {
         stat_total(&self.stats, stat::UNPAIRED).saturating_sub(self.unpaired_before)
+    }
+
+    /// None where the kernel does not report kprobe misses.
+    fn kprobe_missed(&self) -> Option<u64> {
+        let now = self.misses.kprobe()?;
+        Some(now.saturating_sub(self.kprobe_before))
     }
 
     /// Takes the maps the loop reads, reads the kernel's counters and says it is attached.
@@ -342,6 +336,8 @@ impl Session {
 
         let ns_before = counters::all_namespaces();
         let unpaired_before = stat_total(&stats, stat::UNPAIRED);
+        let misses = Misses::find(bpf, plan.kprobe_missed);
+        let kprobe_before = misses.kprobe().unwrap_or(0);
         let started = Instant::now();
         let startup = (planned, launched.elapsed());
         eprintln!(
@@ -369,8 +365,10 @@ impl Session {
             recorder,
             events,
             owners,
-            reported: [0; 3],
+            reported: [0; 4],
             unpaired_before,
+            misses,
+            kprobe_before,
             ns_before,
             started,
             startup,
@@ -416,8 +414,9 @@ impl Session {
                 _ = tick.tick() => {
                     let now = [
                         stat_total(&self.stats, stat::LOST),
-                        recursion_misses(bpf),
+                        misses::recursion(bpf),
                         self.unpaired(),
+                        self.kprobe_missed().unwrap_or(0),
                     ];
                     if let (Some(l), Some(m)) = (self.lost_by.as_mut(), &opts.metrics) {
                         l.count(m);
@@ -449,7 +448,8 @@ impl Session {
         // gap that is only the moment between detaching and reading. Then detach (dropping
         // the programs) and take what is still in the ring.
         let ns_after = counters::all_namespaces();
-        let skipped = recursion_misses(&bpf);
+        let skipped = misses::recursion(&bpf);
+        let kprobe_missed = self.kprobe_missed();
         drop(bpf);
         match stop {
             Some(Stop::Closed) => return Ok(()),
@@ -474,12 +474,14 @@ impl Session {
         }
         let unpaired = self.unpaired();
         let metrics = opts.metrics.as_deref();
-        let _ = report_losses(out, metrics, &mut self.reported, [lost, skipped, unpaired]);
+        let now = [lost, skipped, unpaired, kprobe_missed.unwrap_or(0)];
+        let _ = report_losses(out, metrics, &mut self.reported, now);
         let _ = flush(out, self.recorder.as_mut());
         let mut summary = self.events.summary;
         summary.finish(Ending {
             lost,
             recursion_misses: skipped,
+            kprobe_misses: kprobe_missed,
             untracked: unpaired,
             orphan_reasons: stat_total(&self.stats, stat::ORPHAN_REASON),
             seconds: self.started.elapsed().as_secs_f64(),
@@ -494,28 +496,5 @@ impl Session {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
             r => r.context("writing the summary"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use aya::programs::KProbe;
-    use conntrack_trace_common::filter::Filter;
-
-    use crate::{
-        ebpf,
-        plan::{Plan, Program, Want},
-    };
-
-    /// The kernel's skip counter is found in a loaded program's fdinfo (5.12+; this host).
-    #[test]
-    fn recursion_misses_are_read_from_fdinfo() {
-        let (plan, _) = Plan::for_running_kernel(Want::Exact).unwrap();
-        let mut bpf = ebpf::open(&plan, 1 << 16, &Filter::any()).unwrap();
-        let early_drop = Program::EarlyDrop.as_str();
-        let p: &mut KProbe = bpf.program_mut(early_drop).unwrap().try_into().unwrap();
-        p.load().unwrap();
-        assert_eq!(super::program_recursion_misses(p.fd().unwrap()), Some(0));
-        assert_eq!(super::recursion_misses(&bpf), 0);
     }
 }

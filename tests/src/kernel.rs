@@ -89,6 +89,12 @@ impl Kernel {
         self.version >= (6, 17)
     }
 
+    /// 6.7 ("bpf: Add missed value to kprobe perf link info") reports in `bpf_link_info`
+    /// how many hits a kprobe or kretprobe link could not run its program for.
+    pub fn reports_kprobe_misses(&self) -> bool {
+        self.version >= (6, 7)
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "kernel {} ({}), nf_conntrack BTF {}",

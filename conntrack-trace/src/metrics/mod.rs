@@ -81,7 +81,9 @@ impl Metrics {
         registry.register(
             "lost_events",
             "Events missing from the stream: ring_full (the ring buffer had no room; still \
-             counted in events_total by reason), recursion (program runs the kernel skipped)",
+             counted in events_total by reason), recursion (program runs the kernel skipped), \
+             unpaired (nf_conntrack_in calls the kprobe pair could not pair), kprobe_missed \
+             (kprobe hits the kernel could not run a program for, 6.7+)",
             lost.clone(),
         );
         let attached = Family::<AttachLabels, Gauge>::default();

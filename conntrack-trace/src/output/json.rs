@@ -369,6 +369,7 @@ impl<W: Write> Output for Json<W> {
             drop: s.drops,
             lost: s.lost,
             recursion_misses: s.recursion_misses,
+            kprobe_misses: s.kprobe_misses,
             untracked: s.untracked,
             orphan_reasons: s.orphan_reasons,
             resets: s.resets,

@@ -48,6 +48,10 @@ closed_set! {
         /// return without its entry (a probe the kernel skipped or could not run): that
         /// call's verdict was not seen.
         Unpaired = "unpaired",
+        /// The kernel could not run one of our kprobes or kretprobes for a hit (one was
+        /// already running on that CPU, or no return instance was free): its link's
+        /// `missed` count (6.7+). That call's verdict, reason or drop was not seen.
+        KprobeMissed = "kprobe_missed",
     }
 }
 

@@ -225,6 +225,12 @@ impl<W: Write> Output for Text<W> {
                 "{c}WARNING: {n} nf_conntrack_in verdicts not seen (the kernel ran the entry \
                  probe without the return probe or the reverse): those packets may be missing{reset}"
             ),
+            Loss::KprobeMissed => writeln!(
+                self.out,
+                "{c}WARNING: the kernel could not run the tracer's kprobes for {n} hits (one \
+                 already running on that CPU, or no free kretprobe instance): those packets may \
+                 be missing{reset}"
+            ),
         }
     }
 
@@ -243,9 +249,15 @@ impl<W: Write> Output for Text<W> {
                 }
             )?;
         }
+        // A replay does not know (no mode); a live run on a kernel before 6.7 cannot tell.
+        let kprobe = match (s.kprobe_misses, s.mode) {
+            (Some(n), _) => format!(", {n} kprobe hits missed"),
+            (None, Some(_)) => ", kprobe misses not reported by this kernel".to_string(),
+            (None, None) => String::new(),
+        };
         writeln!(
             o,
-            "events: {} invalid, {} ignored, {} dropped; {} lost, {} program runs skipped",
+            "events: {} invalid, {} ignored, {} dropped; {} lost, {} program runs skipped{kprobe}",
             s.invalid, s.ignored, s.drops, s.lost, s.recursion_misses
         )?;
         writeln!(
@@ -258,6 +270,12 @@ impl<W: Write> Output for Text<W> {
                 o,
                 "WARNING: {} runs of the tracer's programs skipped by the kernel (recursion)",
                 s.recursion_misses
+            )?;
+        }
+        if let Some(n) = s.kprobe_misses.filter(|&n| n > 0) {
+            writeln!(
+                o,
+                "WARNING: {n} hits of the tracer's kprobes the kernel could not run them for (one already running on that CPU, or no free kretprobe instance): those calls' verdicts, reasons or drops may be missing"
             )?;
         }
         if s.untracked > 0 {

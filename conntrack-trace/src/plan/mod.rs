@@ -176,6 +176,9 @@ pub struct Plan {
     pub fexit: FexitProbe,
     pub window: WindowSource,
     pub attach: Vec<Attach>,
+    /// Where `struct bpf_link_info` has a kprobe link's `missed` count (6.7+): the hits the
+    /// kernel could not run a kprobe or kretprobe for. None where it does not report them.
+    pub kprobe_missed: Option<usize>,
     /// What is degraded on this kernel, in words a user can act on.
     pub notes: Vec<String>,
 }
@@ -248,6 +251,21 @@ impl Plan {
         all.extend(drops::plan(&kernel, mode));
         let (reset_tp, part) = reset::plan(&kernel);
         all.extend(part);
+        let kprobe_missed = btf
+            .offset_of("bpf_link_info", "perf_event.kprobe.missed")
+            .ok()
+            .map(|(at, _)| at as usize);
+        let kprobes = all
+            .attach
+            .iter()
+            .any(|a| matches!(a.flavor, Flavor::KProbe | Flavor::KRetProbe));
+        if kprobe_missed.is_none() && kprobes {
+            all.note(
+                "this kernel does not report kprobe misses (6.7+ does): a hit it could not run \
+                 a kprobe or kretprobe for (one already running on that CPU, no free return \
+                 instance) is not counted",
+            );
+        }
         Ok(Self {
             release: release.to_string(),
             offsets,
@@ -257,6 +275,7 @@ impl Plan {
             fexit,
             window,
             attach: all.attach,
+            kprobe_missed,
             notes: all.notes,
         })
     }

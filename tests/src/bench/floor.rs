@@ -12,6 +12,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Context, Result, bail};
+use conntrack_trace::bpf_sys::bpf_fd;
 use conntrack_trace::btf::{self, KernelBtf};
 
 use super::progs::{self, Prog};
@@ -76,7 +77,7 @@ impl Floor {
             prog_fd: prog.as_raw_fd() as u32,
             pad: 0,
         };
-        let link = bpf(BPF_RAW_TRACEPOINT_OPEN, &mut attr)
+        let link = bpf_fd(BPF_RAW_TRACEPOINT_OPEN, &mut attr)
             .with_context(|| format!("attach the {name}"))?;
         Ok(Floor {
             progs: vec![(name, prog)],
@@ -199,7 +200,7 @@ impl Load {
 }
 
 fn load(mut attr: Load) -> Result<OwnedFd> {
-    Ok(bpf(BPF_PROG_LOAD, &mut attr)?)
+    Ok(bpf_fd(BPF_PROG_LOAD, &mut attr)?)
 }
 
 /// `union bpf_attr` for `BPF_RAW_TRACEPOINT_OPEN` (a tracing program's attach point is its
@@ -209,13 +210,6 @@ struct RawTpAttr {
     name: u64,
     prog_fd: u32,
     pad: u32,
-}
-
-/// A bpf(2) command that returns a new file descriptor.
-fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> std::io::Result<OwnedFd> {
-    let fd = btf::bpf(cmd, attr)?;
-    // SAFETY: the kernel returned a new fd that nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// `struct perf_event_attr` up to `config2` (PERF_ATTR_SIZE_VER1).
