@@ -71,11 +71,13 @@ pub mod note {
 /// Adds `flags` to the notes about `skb`.
 #[inline(always)]
 pub fn add_note(skb: u64, flags: u8) {
-    let old = SKB_NOTES.get_ptr(&skb).map_or(0, |p| {
-        // SAFETY: a map value pointer, valid for this program run.
-        unsafe { *p }
-    });
-    let _ = SKB_NOTES.insert(&skb, &(old | flags), 0);
+    match SKB_NOTES.get_ptr_mut(&skb) {
+        // SAFETY: a map value pointer, valid for this program run; one task handles one skb.
+        Some(p) => unsafe { *p |= flags },
+        None => {
+            let _ = SKB_NOTES.insert(&skb, &flags, 0);
+        }
+    }
 }
 
 /// Whether `flag` is noted for `skb`; forgets it if so.
