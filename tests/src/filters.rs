@@ -125,19 +125,8 @@ pub fn ipv4_filters(ctx: &Ctx) -> Result<()> {
     let topo = Topology::build("f4", DROP_INVALID)?;
     topo.dual_stack()?;
     let server = &topo.server;
-    server.iptables(&[
-        "-A",
-        "INPUT",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "INVALID",
-        "-j",
-        "DROP",
-    ])?;
-    server.sysctl("net.netfilter.nf_conntrack_log_invalid", "255")?;
-    server.sysctl("net.netfilter.nf_log.2", "nf_log_ipv4")?;
-    server.sysctl("net.netfilter.nf_conntrack_checksum", "1")?;
+    server.on_invalid("iptables", "DROP")?;
+    server.log_invalid()?;
     let _resident = Resident::spawn(server)?;
     let (wire, client) = (&topo.wire, &topo.client);
     let other_source = std::net::Ipv4Addr::new(10, 0, 1, 3);

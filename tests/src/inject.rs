@@ -158,22 +158,27 @@ impl Packet {
         pseudo.extend_from_slice(&[0, self.protonum()]);
         pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
         pseudo.extend_from_slice(&l4);
-        let good = internet_checksum(&pseudo);
-        let sum = match (self.bad_checksum, good) {
-            // 0 and 0xffff are the same number in ones' complement: keep away from both.
-            (true, 0 | 0xffff) => 0x1234,
-            (true, _) => !good,
-            // In UDP an all-zero checksum means "none"; send the equivalent 0xffff instead.
-            (false, 0) => 0xffff,
-            (false, _) => good,
-        };
+        let sum = transport_checksum(&pseudo, self.bad_checksum);
         l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
         l4
     }
 }
 
+/// The checksum of a transport header over `summed` (its pseudo-header, then the segment),
+/// or, when `bad`, one that is wrong on purpose.
+pub fn transport_checksum(summed: &[u8], bad: bool) -> u16 {
+    match (bad, internet_checksum(summed)) {
+        // 0 and 0xffff are the same number in ones' complement: keep away from both.
+        (true, 0 | 0xffff) => 0x1234,
+        (true, good) => !good,
+        // In UDP an all-zero checksum means "none"; send the equivalent 0xffff instead.
+        (false, 0) => 0xffff,
+        (false, good) => good,
+    }
+}
+
 /// RFC 1071 ones'-complement sum.
-fn internet_checksum(data: &[u8]) -> u16 {
+pub fn internet_checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data
         .chunks(2)
         .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)

@@ -136,6 +136,23 @@ impl Netns {
         self.exec("iptables", args)
     }
 
+    /// Makes conntrack judge this namespace's traffic (an INPUT rule that needs its state, as
+    /// kube-proxy's do) and sends INVALID packets to `target`: `DROP` as a node does, or
+    /// `ACCEPT` to let them through. `tool` is iptables or ip6tables.
+    pub fn on_invalid(&self, tool: &str, target: &str) -> Result<()> {
+        let rule = ["-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", target];
+        self.exec(tool, &rule).map(drop)
+    }
+
+    /// The kernel's own log as an oracle: conntrack logs every INVALID/IGNORE reason of every
+    /// protocol (255), per IPv4 packet, with the bound the tracer must report; checksums are
+    /// checked as on a node.
+    pub fn log_invalid(&self) -> Result<()> {
+        self.sysctl("net.netfilter.nf_conntrack_log_invalid", "255")?;
+        self.sysctl("net.netfilter.nf_log.2", "nf_log_ipv4")?;
+        self.sysctl("net.netfilter.nf_conntrack_checksum", "1")
+    }
+
     /// Writes a per-namespace sysctl (`net.*` files resolve against the writer's netns).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));

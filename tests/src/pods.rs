@@ -501,16 +501,7 @@ fn run_pod(name: &'static str, namespace: &'static str, uid: &'static str) -> Re
         "pod {name} shares the guest's namespace"
     );
     // Conntrack runs in a namespace once a rule there needs it (as kube-proxy's do).
-    netns.iptables(&[
-        "-A",
-        "INPUT",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "INVALID",
-        "-j",
-        "ACCEPT",
-    ])?;
+    netns.on_invalid("iptables", "ACCEPT")?;
     let addr = netns.ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
     let ip: Ipv4Addr = addr
         .split_whitespace()

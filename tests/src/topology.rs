@@ -188,23 +188,9 @@ impl Topology {
             ])?;
         }
         if nat == (Nat::Client { drop_invalid: true }) {
-            client.iptables(&[
-                "-A",
-                "INPUT",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "INVALID",
-                "-j",
-                "DROP",
-            ])?;
+            client.on_invalid("iptables", "DROP")?;
         }
-
-        // The kernel's own log is an oracle: every INVALID/IGNORE reason, per packet, with
-        // the same %u bound the tracer must report. 255 = log every protocol.
-        ct.sysctl("net.netfilter.nf_conntrack_log_invalid", "255")?;
-        ct.sysctl("net.netfilter.nf_log.2", "nf_log_ipv4")?;
-        ct.sysctl("net.netfilter.nf_conntrack_checksum", "1")?;
+        ct.log_invalid()?;
         let (from_server_ifindex, from_client_ifindex) = match nat {
             Nat::Client { .. } => (ifindex(&client, CLIENT_IF)?, 0),
             Nat::Node => (
@@ -284,19 +270,7 @@ impl Topology {
             ns.ip(&["-6", "route", "add", "default", "via", &via.to_string()])?;
         }
         let ct = self.ct();
-        ct.exec(
-            "ip6tables",
-            &[
-                "-A",
-                "INPUT",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "INVALID",
-                "-j",
-                "DROP",
-            ],
-        )?;
+        ct.on_invalid("ip6tables", "DROP")?;
         ct.sysctl("net.netfilter.nf_log.10", "nf_log_ipv6")
     }
 

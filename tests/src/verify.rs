@@ -147,11 +147,10 @@ pub fn tracer_reported_injections(
             format!("event should be \"{}\"", e.verdict.event()),
         );
         let code = ev["reason_code"].as_str().unwrap_or("");
-        let code_ok = match e.reason_code.strip_suffix('*') {
-            Some(prefix) => code.starts_with(prefix),
-            None => code == e.reason_code,
-        };
-        check(code_ok, format!("reason_code should be {}", e.reason_code));
+        check(
+            code_matches(code, e.reason_code),
+            format!("reason_code should be {}", e.reason_code),
+        );
         check(
             ev["netns"].as_u64() == Some(topo.ct().inode()),
             format!("netns should be {}", topo.ct().inode()),
@@ -183,18 +182,7 @@ pub fn tracer_reported_injections(
             }
         }
         match obs.logs.iter().find(|l| log_is_packet(l, &e.packet)) {
-            Some(log) => {
-                check(
-                    ev["reason"].as_str() == Some(log.reason.as_str()),
-                    format!("reason should be the kernel's \"{}\"", log.reason),
-                );
-                if let Some(bound) = log.bound() {
-                    check(
-                        ev["window"]["bound"].as_u64() == Some(bound),
-                        format!("window.bound should be the kernel's {bound}"),
-                    );
-                }
-            }
+            Some(log) => agrees_with_log(ev, log, &mut check),
             None => check(
                 ev["reason_code"] == "unknown",
                 "the kernel logged no reason, so reason_code should be unknown".into(),
@@ -229,6 +217,29 @@ pub fn tracer_reported_injections(
                 );
             }
         }
+    }
+}
+
+/// Whether `code` is the expected reason_code: exactly, or by prefix when `expected` ends
+/// in `*`.
+pub fn code_matches(code: &str, expected: &str) -> bool {
+    match expected.strip_suffix('*') {
+        Some(prefix) => code.starts_with(prefix),
+        None => code == expected,
+    }
+}
+
+/// The event's reason and window bound against the kernel's log line for its packet.
+pub fn agrees_with_log(ev: &Value, log: &CtLog, check: &mut impl FnMut(bool, String)) {
+    check(
+        ev["reason"].as_str() == Some(log.reason.as_str()),
+        format!("reason should be the kernel's \"{}\"", log.reason),
+    );
+    if let Some(bound) = log.bound() {
+        check(
+            ev["window"]["bound"].as_u64() == Some(bound),
+            format!("window.bound should be the kernel's {bound}"),
+        );
     }
 }
 
