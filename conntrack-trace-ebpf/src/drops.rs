@@ -16,7 +16,7 @@ use conntrack_trace_common::{
 
 use crate::{
     filter,
-    frame::{frames, mode},
+    frame::{frames, mode, note_drop_reason, note_early_drop_net, take_early_drop_net},
     ring::emit_packet,
     skb,
 };
@@ -31,9 +31,7 @@ static SCRATCH: PerCpuArray<PacketEvent> = PerCpuArray::with_max_entries(1, 0);
 /// its namespace costs nothing on a healthy node. With a verdict probe the packet names it.
 #[kprobe]
 pub fn early_drop(ctx: ProbeContext) -> u32 {
-    if let Some(frames) = frames() {
-        frames.early_drop_net = ctx.arg::<u64>(0).unwrap_or(0);
-    }
+    note_early_drop_net(ctx.arg::<u64>(0).unwrap_or(0));
     0
 }
 
@@ -46,14 +44,13 @@ pub fn early_drop_ret(ctx: RetProbeContext) -> u32 {
     if ctx.ret::<u64>() & 0xff != 0 {
         return 0;
     }
-    let Some(frames) = frames() else { return 0 };
     if mode() != conntrack_trace_common::Mode::Cold as u8 {
         // The verdict probe's return takes it: the call ends in NF_DROP, which fexit too
         // sees.
-        frames.drop_reason = reason::TABLE_FULL;
+        note_drop_reason(reason::TABLE_FULL);
         return 0;
     }
-    let net = core::mem::take(&mut frames.early_drop_net);
+    let net = take_early_drop_net();
     let Some(e) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };

@@ -10,6 +10,7 @@
 
 use aya_ebpf::{
     Global,
+    helpers::bpf_get_current_task,
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
@@ -34,11 +35,6 @@ pub struct Frames {
     /// Cold mode: the one event being built by a reason hook (hooks do not nest per CPU).
     pub cold: Frame,
     pub depth: u32,
-    /// Set by `early_drop` inside the call in flight; taken by its return.
-    pub drop_reason: u8,
-    pub _pad: [u8; 3],
-    /// Cold mode: the namespace `early_drop` was called for, until it returns.
-    pub early_drop_net: u64,
     /// The skb `nf_ct_resolve_clash` is deciding about (confirm does not nest: BH is off).
     pub clash_skb: u64,
     pub frame: [Frame; MAX_NEST],
@@ -54,6 +50,53 @@ static FRAMES: PerCpuArray<Frames> = PerCpuArray::with_max_entries(1, 0);
 /// note nobody takes (a packet that never reached the hook that takes it) ages out.
 #[map]
 static SKB_NOTES: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
+
+/// What a table-full `early_drop` tells the `nf_conntrack_in` call it runs inside (the drop
+/// reason), and in cold mode what its entry tells its return (the namespace), by task: the
+/// call can move to another CPU in between on a preemptible kernel, and a task pointer,
+/// unlike a pid, is one CPU's own for its idle task. Touched only while the table is full.
+#[map]
+static TASK_DROP_REASON: LruHashMap<u64, u8> = LruHashMap::with_max_entries(1024, 0);
+#[map]
+static TASK_EARLY_DROP_NET: LruHashMap<u64, u64> = LruHashMap::with_max_entries(1024, 0);
+
+#[inline(always)]
+pub fn current_task() -> u64 {
+    // SAFETY: the helper has no preconditions; it returns the current task's address.
+    unsafe { bpf_get_current_task() }
+}
+
+/// Leaves `reason` for the drop the current task's `nf_conntrack_in` call is heading to.
+#[inline(always)]
+pub fn note_drop_reason(reason: u8) {
+    let _ = TASK_DROP_REASON.insert(&current_task(), &reason, 0);
+}
+
+/// The reason left for the current task's call, which returned NF_DROP (0: none).
+#[inline(always)]
+pub fn take_drop_reason() -> u8 {
+    take_for_task(&TASK_DROP_REASON).unwrap_or(0)
+}
+
+/// Cold mode: the namespace `early_drop` is running for, until it returns.
+#[inline(always)]
+pub fn note_early_drop_net(net: u64) {
+    let _ = TASK_EARLY_DROP_NET.insert(&current_task(), &net, 0);
+}
+
+#[inline(always)]
+pub fn take_early_drop_net() -> u64 {
+    take_for_task(&TASK_EARLY_DROP_NET).unwrap_or(0)
+}
+
+#[inline(always)]
+fn take_for_task<V: Copy>(map: &LruHashMap<u64, V>) -> Option<V> {
+    let task = current_task();
+    // SAFETY: a map value, read once.
+    let v = *unsafe { map.get(&task) }?;
+    let _ = map.remove(&task);
+    Some(v)
+}
 
 /// Flags in `SKB_NOTES`.
 pub mod note {

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::{fexit, kprobe, kretprobe},
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
@@ -12,7 +12,9 @@ use conntrack_trace_common::verdict::{HAS_IFINDEX, HAS_NETNS, HAS_REASON, verdic
 
 use crate::{
     args, ct, filter,
-    frame::{Call, Frame, Frames, add_note, frames, mode, note, pop, push, take},
+    frame::{
+        Call, Frame, add_note, current_task, frames, mode, note, pop, push, take, take_drop_reason,
+    },
     read::{field, offsets},
     ring::emit_packet,
     skb,
@@ -40,13 +42,15 @@ pub fn nf_conntrack_in(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn nf_conntrack_in_ret(ctx: RetProbeContext) -> u32 {
     let Some(frames) = frames() else { return 0 };
-    let drop_reason = take_drop_reason(frames);
+    let ret = ctx.ret::<i32>();
+    // Taken whether or not the call pairs, so it cannot be left for a later one.
+    let drop_reason = if ret == NF_DROP { take_drop_reason() } else { 0 };
     let call = Call {
         sp: args::sp_at_return(&ctx),
         migrations: migrations(),
     };
     if let Some(f) = pop(frames, call) {
-        decide(f, ctx.ret::<i32>(), drop_reason);
+        decide(f, ret, drop_reason);
     }
     0
 }
@@ -55,19 +59,7 @@ pub fn nf_conntrack_in_ret(ctx: RetProbeContext) -> u32 {
 /// entry and return has its frame on another CPU's stack.
 #[inline(always)]
 fn migrations() -> u64 {
-    // SAFETY: the helper has no preconditions; it returns the current task's address.
-    let task = unsafe { bpf_get_current_task() };
-    field::<u64>(task, offsets().task_nr_migrations).unwrap_or(0)
-}
-
-/// The drop reason `early_drop` left for the call returning now (cleared for the next one).
-#[inline(always)]
-fn take_drop_reason(frames: &mut Frames) -> u8 {
-    let r = frames.drop_reason;
-    if r != 0 {
-        frames.drop_reason = 0;
-    }
-    r
+    field::<u64>(current_task(), offsets().task_nr_migrations).unwrap_or(0)
 }
 
 /// One program instead of the pair, where fexit can attach. Reason hooks report logged
@@ -86,7 +78,7 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
         return 0;
     }
     let Some(frames) = frames() else { return 0 };
-    let drop_reason = take_drop_reason(frames);
+    let drop_reason = if ret == NF_DROP { take_drop_reason() } else { 0 };
     if take(skb, note::REPORTED) {
         return 0;
     }
