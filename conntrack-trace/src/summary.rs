@@ -137,11 +137,24 @@ impl Summary {
                 "the kernel counted {missed} more INVALID packets than it logged a reason for; \
                  run with --exact to see those too"
             )
+        } else if self.unseen() > 0 {
+            format!(
+                "the kernel counted {missed} more INVALID packets than were reported; the tracer \
+                 counted {} probe runs it could not see or pair (the warnings above), which can \
+                 account for them",
+                self.unseen()
+            )
         } else {
             format!(
                 "the kernel counted {missed} more INVALID packets than were reported (namespaces that came or went during the trace are not compared)"
             )
         })
+    }
+
+    /// Runs of the tracer's programs the kernel skipped or missed, and calls it could not
+    /// pair: each a verdict, reason or drop that may be missing.
+    fn unseen(&self) -> u64 {
+        self.recursion_misses + self.kprobe_misses.unwrap_or(0) + self.untracked
     }
 
     pub fn record(&mut self, r: &Record) {
@@ -297,6 +310,10 @@ mod tests {
         assert!(s.missed().unwrap().contains("--exact"));
         s.filtered = true;
         assert!(s.missed().unwrap().contains("filter"));
+        s.filtered = false;
+        s.mode = Some(Mode::KprobePair);
+        s.kprobe_misses = Some(4);
+        assert!(s.missed().unwrap().contains("counted 4 probe runs"));
         assert_eq!(
             Summary::default().missed(),
             None,
