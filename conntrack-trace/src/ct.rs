@@ -12,6 +12,9 @@ use crate::verdict::addr;
 
 /// `IPS_CONFIRMED`: the entry is in the table (not one being created for this packet).
 const IPS_CONFIRMED: u32 = 1 << 3;
+/// `IPS_SEQ_ADJUST`: a NAT helper changed a payload's length, so the entry has a seqadj
+/// extension with a non-zero offset.
+const IPS_SEQ_ADJUST: u32 = 1 << 6;
 
 closed_set! {
     /// `enum tcp_conntrack`, in kernel order: a TCP entry's state, JSON `ct.state`.
@@ -102,6 +105,11 @@ impl Conntrack {
             reply_dir: s.dir != 0,
             status: s.status,
         })
+    }
+
+    /// Whether a NAT helper shifted the entry's sequence numbers.
+    pub fn seq_adjusted(&self) -> bool {
+        self.status & IPS_SEQ_ADJUST != 0
     }
 
     /// Whether the entry is DNAT'd: the reply does not come from where the original went.

@@ -368,7 +368,7 @@ mod tests {
                 None,
                 seen,
                 false,
-                None,
+                window::Adjust::None,
                 tcp,
             );
             assert_eq!(incident(&inv).effect(), want, "ack {ack}");

@@ -433,7 +433,13 @@ pub fn decode(e: &PacketEvent, clock: &Clock) -> Record {
     if let (Some(reason), Some(tcp), Some(ct)) = (&r.reason, &r.pkt.tcp, &r.ct)
         && ct.state.is_some()
     {
-        let seqadj = (e.ct.flags & CT_HAS_SEQADJ != 0).then_some(&e.seqadj);
+        let seqadj = if e.ct.flags & CT_HAS_SEQADJ != 0 {
+            window::Adjust::Known(&e.seqadj)
+        } else if ct.seq_adjusted() {
+            window::Adjust::Unknown
+        } else {
+            window::Adjust::None
+        };
         r.window = window::explain(
             reason.code,
             reason.value,

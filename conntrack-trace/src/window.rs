@@ -30,6 +30,9 @@ pub struct Explained {
     /// For the ACK checks, what the NAT helpers' sequence adjustment added to the packet's
     /// ACK before the kernel compared it (the negated `nf_ct_seq_offset`), when not 0.
     pub seqadj: Option<i32>,
+    /// For the ACK checks, the entry is adjusted but by how much was not read: `excess` is
+    /// then unknown.
+    seqadj_unknown: bool,
     check: Check,
     /// The packet's number the check was about (seq, ack or segment end), and its window.
     value: u32,
@@ -71,15 +74,22 @@ impl Explained {
                 " bytes past the receiver's window end " above " (td_maxend of the sender)"),
             Check::AckOver => {
                 self.write_ack(out);
-                put!(out; " is " excess
-                    " bytes past the highest sequence the other side sent (" above ")")
+                match self.excess {
+                    Some(excess) => put!(out; " is " excess " bytes"),
+                    None => put!(out; " is"),
+                }
+                put!(out; " past the highest sequence the other side sent (" above ")")
             }
             Check::SeqUnder => put!(out; "segment ends at " v ", " excess
                 " bytes below the lower edge " below " of the window (sender end " end
                 " - receiver max window " maxwin "): data already acknowledged"),
             Check::AckUnder => {
                 self.write_ack(out);
-                put!(out; " is " excess " bytes below the oldest acceptable ACK " below)
+                match self.excess {
+                    Some(excess) => put!(out; " is " excess " bytes"),
+                    None => put!(out; " is"),
+                }
+                put!(out; " below the oldest acceptable ACK " below)
             }
             Check::Overshot => put!(out; "segment ends at " v ", " excess
                 " bytes past the receiver's window end " maxend),
@@ -110,6 +120,9 @@ impl Explained {
                 put!(out; " applied to ack " ack ")")
             }
             (false, None) => put!(out; "ack " v),
+        }
+        if self.seqadj_unknown {
+            put!(out; ", less a NAT helper's sequence adjustment the tracer cannot read here,");
         }
     }
 }
@@ -157,14 +170,24 @@ fn seq_offset(adj: &SeqAdj, seq: u32) -> i32 {
     }
 }
 
-/// `seqadj` is the entry's seqadj extension for the direction opposite the packet's, when it
-/// has one.
+/// What is known of the NAT helpers' sequence adjustment on the packet's entry.
+#[derive(Clone, Copy, Debug)]
+pub enum Adjust<'a> {
+    /// None: the entry's status has no `IPS_SEQ_ADJUST`.
+    None,
+    /// The entry's seqadj extension, for the direction opposite the packet's.
+    Known(&'a SeqAdj),
+    /// The entry is adjusted (`IPS_SEQ_ADJUST`) but its extension was not read (BTF does
+    /// not describe it): the ACK the kernel compared is not known.
+    Unknown,
+}
+
 pub fn explain(
     code: ReasonCode,
     kernel_bound: Option<u32>,
     seen: [TcpWindow; 2],
     reply_dir: bool,
-    seqadj: Option<&SeqAdj>,
+    adjust: Adjust,
     tcp: &Tcp,
 ) -> Option<Explained> {
     let (sender, receiver) = if reply_dir {
@@ -180,7 +203,10 @@ pub fn explain(
         .filter(|&s| receiver.flags & SACK_PERM != 0 && s != tcp.ack);
     // Then both are taken back by the NAT helpers' sequence adjustment of what the ACK
     // acknowledges: `ack -= nf_ct_seq_offset(ct, !dir, ack - 1)`, the same for `sack`.
-    let offset = seqadj.map_or(0, |a| seq_offset(a, tcp.ack.wrapping_sub(1)));
+    let offset = match adjust {
+        Adjust::Known(a) => seq_offset(a, tcp.ack.wrapping_sub(1)),
+        Adjust::None | Adjust::Unknown => 0,
+    };
     let ack = sack.unwrap_or(tcp.ack).wrapping_sub(offset as u32);
     let (check, bound, value) = match code {
         ReasonCode::SeqOver => (
@@ -223,13 +249,15 @@ pub fn explain(
     };
     let ack_check = matches!(check, Check::AckOver | Check::AckUnder);
     let seqadj = (ack_check && offset != 0).then(|| offset.wrapping_neg());
+    let seqadj_unknown = ack_check && matches!(adjust, Adjust::Unknown);
     let header_ack = (ack_check && (sack.is_some() || seqadj.is_some())).then_some(tcp.ack);
     Some(Explained {
         sender,
         receiver,
         bound: Some(bound),
-        excess: Some(excess),
+        excess: (!seqadj_unknown).then_some(excess),
         seqadj,
+        seqadj_unknown,
         check,
         value,
         header_ack,
@@ -274,7 +302,7 @@ mod tests {
             Some(967),
             seen,
             false,
-            None,
+            Adjust::None,
             &tcp(1000, 5000, 10, "PA"),
         )
         .unwrap();
@@ -291,7 +319,7 @@ mod tests {
             None,
             seen,
             false,
-            None,
+            Adjust::None,
             &tcp(1000, 5000, 10, "PA"),
         )
         .unwrap();
@@ -306,7 +334,7 @@ mod tests {
             None,
             seen,
             true,
-            None,
+            Adjust::None,
             &tcp(0, 150, 0, "A"),
         )
         .unwrap();
@@ -324,7 +352,7 @@ mod tests {
             None,
             seen,
             false,
-            None,
+            Adjust::None,
             &tcp(u32::MAX - 200, 0, 50, "A"),
         )
         .unwrap();
@@ -338,7 +366,7 @@ mod tests {
             None,
             [w(0, 0, 70000), w(100000, 0, 0)],
             false,
-            None,
+            Adjust::None,
             &tcp(0, 10, 0, "A"),
         )
         .unwrap();
@@ -350,7 +378,7 @@ mod tests {
                 None,
                 seen,
                 false,
-                None,
+                Adjust::None,
                 &tcp(0, 0, 0, "SR")
             )
             .is_none()
@@ -375,7 +403,7 @@ mod tests {
         let seen = [w(2000, 0, 0), w(9000, 0, 0)];
         let a = adj(1500, 0, 6);
         let t = tcp(9000, 2010, 0, "A");
-        let e = explain(ReasonCode::AckOver, None, seen, true, Some(&a), &t).unwrap();
+        let e = explain(ReasonCode::AckOver, None, seen, true, Adjust::Known(&a), &t).unwrap();
         assert_eq!(
             (e.bound, e.excess, e.seqadj),
             (Some(2001), Some(4), Some(-6))
@@ -388,7 +416,15 @@ mod tests {
             "{e}"
         );
         // The kernel's own bound (6.1+) gives the same number.
-        let k = explain(ReasonCode::AckOver, Some(2001), seen, true, Some(&a), &t).unwrap();
+        let k = explain(
+            ReasonCode::AckOver,
+            Some(2001),
+            seen,
+            true,
+            Adjust::Known(&a),
+            &t,
+        )
+        .unwrap();
         assert_eq!(k.excess, Some(4));
     }
 
@@ -404,7 +440,7 @@ mod tests {
             None,
             [w(0, 0, 70000), w(100000, 0, 0)],
             false,
-            Some(&a),
+            Adjust::Known(&a),
             &tcp(0, 1501, 0, "A"),
         )
         .unwrap();
@@ -423,7 +459,7 @@ mod tests {
             None,
             [w(0, 0, 70000), w(100000, 0, 0)],
             false,
-            Some(&a),
+            Adjust::Known(&a),
             &tcp(0, 1502, 0, "A"),
         )
         .unwrap();
@@ -435,7 +471,7 @@ mod tests {
             None,
             seen,
             true,
-            Some(&a),
+            Adjust::Known(&a),
             &tcp(0, 5, 0, "A"),
         );
         // 5 - 3 = 2 compared with bound 2001: excess 2 - 2001 + 1 wraps to 2^32 - 1998.
@@ -447,16 +483,38 @@ mod tests {
         let seen = [w(2000, 0, 0), w(9000, 0, 0)];
         let a = adj(1500, 0, 0);
         let t = tcp(9000, 2010, 0, "A");
-        let e = explain(ReasonCode::AckOver, None, seen, true, Some(&a), &t).unwrap();
-        let plain = explain(ReasonCode::AckOver, None, seen, true, None, &t).unwrap();
+        let e = explain(ReasonCode::AckOver, None, seen, true, Adjust::Known(&a), &t).unwrap();
+        let plain = explain(ReasonCode::AckOver, None, seen, true, Adjust::None, &t).unwrap();
         assert_eq!((e.excess, e.seqadj), (Some(10), None));
         assert_eq!(e.to_string(), plain.to_string());
         // The SEQ checks are about the packet's own numbers, which seqadj does not touch.
         let a = adj(0, 100, 100);
         let s = [w(1000, 966, 65535), w(5000, 70000, 64000)];
         let t = tcp(1000, 5000, 10, "PA");
-        let e = explain(ReasonCode::SeqOver, None, s, false, Some(&a), &t).unwrap();
+        let e = explain(ReasonCode::SeqOver, None, s, false, Adjust::Known(&a), &t).unwrap();
         assert_eq!((e.excess, e.seqadj), (Some(34), None));
+    }
+
+    #[test]
+    fn an_adjusted_entry_whose_extension_was_not_read_gets_no_excess() {
+        // 5.10's BTF does not describe the extension: the kernel compared ack - offset, and
+        // the offset is not known, so neither is how far over it was.
+        let seen = [w(2000, 0, 0), w(9000, 0, 0)];
+        let t = tcp(9000, 2010, 0, "A");
+        let e = explain(ReasonCode::AckOver, None, seen, true, Adjust::Unknown, &t).unwrap();
+        assert_eq!((e.bound, e.excess, e.seqadj), (Some(2001), None, None));
+        assert!(
+            e.to_string().starts_with(
+                "ack 2010, less a NAT helper's sequence adjustment the tracer cannot read \
+                 here, is past the highest sequence the other side sent (2000);"
+            ),
+            "{e}"
+        );
+        // The SEQ checks do not depend on it.
+        let s = [w(1000, 966, 65535), w(5000, 70000, 64000)];
+        let t = tcp(1000, 5000, 10, "PA");
+        let e = explain(ReasonCode::SeqOver, None, s, false, Adjust::Unknown, &t).unwrap();
+        assert_eq!(e.excess, Some(34));
     }
 
     #[test]
@@ -473,7 +531,7 @@ mod tests {
             None,
             seen,
             true,
-            Some(&adj(1500, 0, 6)),
+            Adjust::Known(&adj(1500, 0, 6)),
             &t,
         );
         let e = e.unwrap();

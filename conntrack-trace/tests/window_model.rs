@@ -243,8 +243,8 @@ proptest! {
             [window(&sender), window(&receiver)]
         };
         let t = tcp(&seg);
-        let logged_now = window::explain(code, Some(logged), seen, reply, None, &t).expect("a window code");
-        let recomputed = window::explain(code, None, seen, reply, None, &t).expect("a window code");
+        let logged_now = window::explain(code, Some(logged), seen, reply, window::Adjust::None, &t).expect("a window code");
+        let recomputed = window::explain(code, None, seen, reply, window::Adjust::None, &t).expect("a window code");
         if code == Overshot {
             // The kernel logs `end - td_maxend + 1`; td_maxend is the first sequence number
             // past the window, so the segment runs one byte less than that past it.
@@ -285,7 +285,7 @@ proptest! {
         let Verdict::Fail(code, logged) = tcp_in_window(&sender, &receiver, &seg) else {
             return Ok(());
         };
-        let e = window::explain(code, Some(logged), [window(&sender), window(&receiver)], false, None, &tcp(&seg))
+        let e = window::explain(code, Some(logged), [window(&sender), window(&receiver)], false, window::Adjust::None, &tcp(&seg))
             .expect("a window code");
         let text = e.to_string();
         let scaled = u32::from(seg.win) << sender.scale;

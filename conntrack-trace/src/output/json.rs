@@ -871,7 +871,7 @@ mod tests {
                     None,
                     [w, w],
                     false,
-                    None,
+                    window::Adjust::None,
                     &tcp,
                 ),
                 netns: Some(7),
