@@ -131,16 +131,8 @@ impl Flow {
 
 /// `Flow::seqs` for any connection, given both of its ends.
 pub fn quiet_seqs(client: &TcpStream, server: &TcpStream) -> Result<Seqs> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while outq(client)? + outq(server)? > 0 {
-        ensure!(
-            Instant::now() < deadline,
-            "connection did not go quiet within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (server_next, server_expects) = repair_seqs(server)?;
-    let (client_next, client_expects) = repair_seqs(client)?;
+    let [(client_next, client_expects), (server_next, server_expects)] =
+        quiet_ends(client, server)?;
     ensure!(
         server_next == client_expects && client_next == server_expects,
         "ends disagree: server snd {server_next} rcv {server_expects}, client snd {client_next} rcv {client_expects}"
@@ -149,6 +141,21 @@ pub fn quiet_seqs(client: &TcpStream, server: &TcpStream) -> Result<Seqs> {
         server_next,
         client_next,
     })
+}
+
+/// Each end's (next byte it sends, next byte it expects), client first, once neither has
+/// unacknowledged data. Not cross-checked: behind a NAT helper that changed a payload's
+/// length the two ends count in sequence spaces that differ by that change.
+pub fn quiet_ends(client: &TcpStream, server: &TcpStream) -> Result<[(u32, u32); 2]> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outq(client)? + outq(server)? > 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "connection did not go quiet within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok([repair_seqs(client)?, repair_seqs(server)?])
 }
 
 /// A recognisable byte pattern, so corruption or misordering shows.

@@ -34,6 +34,7 @@ mod pods;
 mod probe;
 mod reasons;
 mod scenarios;
+mod seqadj;
 mod table_full;
 mod tools;
 mod topology;

@@ -16,7 +16,8 @@ use crate::observe::{Observation, Observer};
 use crate::tools;
 use crate::topology::{API, CLIENT_IP, Nat, SERVER_IP, Service, Topology, WEB, WIRE_TO_CLIENT_IF};
 use crate::{
-    filters, icmp, insert_failed, kube, migrate, out_of_sync, owner, pods, reasons, table_full,
+    filters, icmp, insert_failed, kube, migrate, out_of_sync, owner, pods, reasons, seqadj,
+    table_full,
 };
 
 /// The suite's usual topology: Service DNAT in the client namespace, with kube-proxy's
@@ -103,15 +104,23 @@ pub type Scenario = fn(&Ctx) -> Result<()>;
 
 /// Scenarios run in the default mode only. What they test does not depend on how verdicts
 /// are observed: the kernel-side filter, which every mode's programs apply alike before
-/// an event goes out, and owner and pod attribution, done in userspace for every event.
-/// They are the suite's slowest (many tracer starts, containerd); one pass keeps the whole
-/// CI run well inside its budget.
-pub const DEFAULT_MODE_ONLY: &[&str] = &["netns-owner", "cri-pod", "ipv4-filters", "ipv6-filters"];
+/// an event goes out, owner and pod attribution, done in userspace for every event, and
+/// the NAT helper's sequence adjustment, read with the entry by the reason hooks of every
+/// mode. Most are the suite's slowest (many tracer starts, containerd); one pass keeps the
+/// whole CI run well inside its budget.
+pub const DEFAULT_MODE_ONLY: &[&str] = &[
+    "netns-owner",
+    "cri-pod",
+    "ipv4-filters",
+    "ipv6-filters",
+    seqadj::NAME,
+];
 
 pub const ALL: &[(&str, Scenario)] = &[
     ("tcp-window", tcp_window),
     ("tcp-bad-packets", tcp_bad_packets),
     ("tcp-reasons", reasons::tcp_reasons),
+    (seqadj::NAME, seqadj::nat_helper_seqadj),
     ("udp-bad-packets", udp_bad_packets),
     ("real-retransmits", real_retransmits),
     ("port-filter", port_filter),

@@ -49,6 +49,9 @@ const WANTED: &[&str] = &[
     "xt_addrtype",
     "xt_statistic",
     "xt_CT",
+    // The nat-helper-seqadj scenario's FTP helper, which changes a payload's length.
+    "nf_conntrack_ftp",
+    "nf_nat_ftp",
     // The insert-failed scenario holds a packet between conntrack and confirm.
     "xt_NFQUEUE",
     "nfnetlink_queue",
