@@ -10,7 +10,7 @@ use conntrack_trace::{
     verdict::Tcp,
     window,
 };
-use conntrack_trace_common::window::TcpWindow;
+use conntrack_trace_common::{ct::SeqAdj, window::TcpWindow};
 use proptest::prelude::*;
 
 /// `before(a, b)` of include/net/tcp.h: a comes first in sequence space.
@@ -57,7 +57,7 @@ enum Verdict {
 }
 
 /// The window checks of `tcp_in_window` for a segment from `sender` to `receiver`, past the
-/// connection set-up branches (both directions seen, no NAT sequence offset).
+/// connection set-up branches (both directions seen; a NAT sequence offset is `adjusted`'s).
 fn tcp_in_window(sender: &State, receiver: &State, s: &Segment) -> Verdict {
     let end = s
         .seq
@@ -100,6 +100,26 @@ fn tcp_in_window(sender: &State, receiver: &State, s: &Segment) -> Verdict {
         return Verdict::Fail(AckUnder, oldest_ack);
     }
     Verdict::Accept
+}
+
+/// `nf_ct_seq_offset`: a NAT helper's offset for sequence numbers after its correction
+/// position, or the one for those up to it.
+fn seq_offset(adj: &SeqAdj, seq: u32) -> i32 {
+    if after(seq, adj.correction_pos) {
+        adj.offset_after
+    } else {
+        adj.offset_before
+    }
+}
+
+/// The segment as `tcp_in_window` checks it on an entry with a seqadj extension: before any
+/// check, `ack` and `sack` both lose `nf_ct_seq_offset(ct, !dir, ack - 1)`.
+fn adjusted(s: &Segment, adj: &SeqAdj) -> (Segment, i32) {
+    let offset = seq_offset(adj, s.ack.wrapping_sub(1));
+    let mut s = s.clone();
+    s.ack = s.ack.wrapping_sub(offset as u32);
+    s.sack = s.sack.wrapping_sub(offset as u32);
+    (s, offset)
 }
 
 fn flags(s: &Segment) -> String {
@@ -275,6 +295,62 @@ proptest! {
         prop_assert!(
             fails(code, &sender, &receiver, &shifted(&seg, code, toward * (excess - 1))),
             "moved by less than the excess {} the segment already passes {}", excess, code
+        );
+    }
+
+    /// On an entry a NAT helper adjusted, the kernel checks the ACK and SACK edge taken back
+    /// by the helper's offset: `explain` names the bound it logs, and its excess is the
+    /// smallest move of the number the kernel compared that passes the check.
+    #[test]
+    fn explain_takes_the_helpers_offset_off_like_the_kernel(
+        (sender, receiver, seg) in case(),
+        reply in any::<bool>(),
+        // The correction position often right at the ACK, where `ack - 1` decides.
+        (pos, offset_before, offset_after) in (
+            prop_oneof![-3i64..3, -100_000i64..100_000],
+            -600i32..600,
+            -600i32..600,
+        ),
+    ) {
+        let adj = SeqAdj {
+            correction_pos: seg.ack.wrapping_add(pos as u32),
+            offset_before,
+            offset_after,
+            _pad: 0,
+        };
+        let (checked, offset) = adjusted(&seg, &adj);
+        let Verdict::Fail(code, logged) = tcp_in_window(&sender, &receiver, &checked) else {
+            return Ok(());
+        };
+        let seen = if reply {
+            [window(&receiver), window(&sender)]
+        } else {
+            [window(&sender), window(&receiver)]
+        };
+        let e = window::explain(code, Some(logged), seen, reply, window::Adjust::Known(&adj), &tcp(&seg))
+            .expect("a window code");
+        if code == Overshot {
+            prop_assert_eq!(e.excess, Some(logged - 1));
+            return Ok(());
+        }
+        prop_assert_eq!(e.bound, Some(logged));
+        let ack_check = matches!(code, AckOver | AckUnder);
+        let moved = ack_check && seg.has_ack && offset != 0;
+        prop_assert_eq!(e.seqadj, moved.then_some(-offset));
+        prop_assert_eq!(moved, e.to_string().contains("NAT helper sequence adjustment"), "{}", e);
+        let excess = i64::from(e.excess.expect("an excess"));
+        prop_assert!(excess >= 1, "a failed check is at least one byte past: {}", excess);
+        let toward = match code {
+            SeqOver | AckOver => -1,
+            _ => 1,
+        };
+        prop_assert!(
+            !fails(code, &sender, &receiver, &shifted(&checked, code, toward * excess)),
+            "moved by the excess {} the checked segment still fails {}", excess, code
+        );
+        prop_assert!(
+            fails(code, &sender, &receiver, &shifted(&checked, code, toward * (excess - 1))),
+            "moved by less than the excess {} the checked segment already passes {}", excess, code
         );
     }
 
