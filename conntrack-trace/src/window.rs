@@ -104,7 +104,8 @@ impl Explained {
 }
 
 impl Explained {
-    /// The number the ACK checks compared: the header's ACK, or the SACK edge that replaced it.
+    /// The number the ACK checks compared: the header's ACK, or the SACK edge that replaced
+    /// it, less the NAT helpers' sequence adjustment (or a word that it could not be read).
     fn write_ack(&self, out: &mut Vec<u8>) {
         let (v, ack) = (self.value, self.header_ack.unwrap_or(self.value));
         match (self.sack, self.seqadj) {
