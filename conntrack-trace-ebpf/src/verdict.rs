@@ -44,7 +44,11 @@ pub fn nf_conntrack_in_ret(ctx: RetProbeContext) -> u32 {
     let Some(frames) = frames() else { return 0 };
     let ret = ctx.ret::<i32>();
     // Taken whether or not the call pairs, so it cannot be left for a later one.
-    let drop_reason = if ret == NF_DROP { take_drop_reason() } else { 0 };
+    let drop_reason = if ret == NF_DROP {
+        take_drop_reason()
+    } else {
+        0
+    };
     let call = Call {
         sp: args::sp_at_return(&ctx),
         migrations: migrations(),
@@ -78,7 +82,11 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
         return 0;
     }
     let Some(frames) = frames() else { return 0 };
-    let drop_reason = if ret == NF_DROP { take_drop_reason() } else { 0 };
+    let drop_reason = if ret == NF_DROP {
+        take_drop_reason()
+    } else {
+        0
+    };
     if take(skb, note::REPORTED) {
         return 0;
     }

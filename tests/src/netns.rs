@@ -140,7 +140,16 @@ impl Netns {
     /// kube-proxy's do) and sends INVALID packets to `target`: `DROP` as a node does, or
     /// `ACCEPT` to let them through. `tool` is iptables or ip6tables.
     pub fn on_invalid(&self, tool: &str, target: &str) -> Result<()> {
-        let rule = ["-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", target];
+        let rule = [
+            "-A",
+            "INPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            target,
+        ];
         self.exec(tool, &rule).map(drop)
     }
 
