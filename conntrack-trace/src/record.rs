@@ -174,6 +174,12 @@ impl<R: Read> Reader<R> {
         &self.clock
     }
 
+    /// How many bytes of the input the reader has consumed: the header and every record
+    /// yielded so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// The next record into `buf` (replacing its contents); `Ok(false)` at a clean end.
     pub fn next_into(&mut self, buf: &mut Vec<u8>) -> Result<bool, ReadError> {
         let start = self.offset;
