@@ -44,11 +44,7 @@ pub fn nf_conntrack_in_ret(ctx: RetProbeContext) -> u32 {
     let Some(frames) = frames() else { return 0 };
     let ret = ctx.ret::<i32>();
     // Taken whether or not the call pairs, so it cannot be left for a later one.
-    let drop_reason = if ret == NF_DROP {
-        take_drop_reason()
-    } else {
-        0
-    };
+    let drop_reason = drop_reason(ret);
     let call = Call {
         sp: args::sp_at_return(&ctx),
         migrations: migrations(),
@@ -57,6 +53,17 @@ pub fn nf_conntrack_in_ret(ctx: RetProbeContext) -> u32 {
         decide(f, ret, drop_reason);
     }
     0
+}
+
+/// The reason `early_drop` left for the current task's call, for a call that returned
+/// NF_DROP (which takes it); 0 for any other.
+#[inline(always)]
+fn drop_reason(ret: i32) -> u8 {
+    if ret == NF_DROP {
+        take_drop_reason()
+    } else {
+        0
+    }
 }
 
 /// How often the current task has changed CPU: a kprobe pair call whose task moved between
@@ -82,11 +89,7 @@ pub fn nf_conntrack_in_fexit(ctx: FExitContext) -> u32 {
         return 0;
     }
     let Some(frames) = frames() else { return 0 };
-    let drop_reason = if ret == NF_DROP {
-        take_drop_reason()
-    } else {
-        0
-    };
+    let drop_reason = drop_reason(ret);
     if take(skb, note::REPORTED) {
         return 0;
     }
